@@ -1,18 +1,18 @@
-"""Per-example gradients of linear layers by Goodfellow's trick, and the two references.
+r"""Per-example gradients of linear layers by Goodfellow's trick, and the two references.
 
-For a linear layer :math:`Z = A W^\\top + b` applied to a batch, example :math:`i` only touches
+For a linear layer :math:`Z = A W^\top + b` applied to a batch, example :math:`i` only touches
 row :math:`i` of :math:`A` and :math:`Z`. Its own loss :math:`L_i` therefore has the gradient
 
 .. math::
 
-    \\frac{\\partial L_i}{\\partial W} = G_i A_i^\\top, \\qquad
-    \\frac{\\partial L_i}{\\partial b} = G_i, \\qquad
-    G_i = \\frac{\\partial L_i}{\\partial Z_i},
+    \frac{\partial L_i}{\partial W} = G_i A_i^\top, \qquad
+    \frac{\partial L_i}{\partial b} = G_i, \qquad
+    G_i = \frac{\partial L_i}{\partial Z_i},
 
 an outer product of a ``(d_out,)`` and a ``(d_in,)`` vector. Autograd hands out
-:math:`\\partial \\mathcal{L} / \\partial Z` for the batch loss :math:`\\mathcal{L}`: with
-``reduction="sum"`` (:math:`\\mathcal{L} = \\sum_i L_i`) its row ``i`` is :math:`G_i`; with
-``reduction="mean"`` (:math:`\\mathcal{L} = \\frac1n \\sum_i L_i`) it is :math:`G_i / n`, so it
+:math:`\partial \mathcal{L} / \partial Z` for the batch loss :math:`\mathcal{L}`: with
+``reduction="sum"`` (:math:`\mathcal{L} = \sum_i L_i`) its row ``i`` is :math:`G_i`; with
+``reduction="mean"`` (:math:`\mathcal{L} = \frac1n \sum_i L_i`) it is :math:`G_i / n`, so it
 has to be multiplied by the batch size :math:`n` first. All per-example outer products are then
 one batched matrix product, ``einsum("no,ni->noi")``.
 
@@ -46,11 +46,11 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 def batch_size_factor(loss_reduction: str, batch_size: int) -> int:
-    """The factor that turns a row of the batch loss's gradient into an example's own gradient.
+    r"""The factor that turns a row of the batch loss's gradient into an example's own gradient.
 
     Args:
-        loss_reduction: ``"sum"`` (batch loss :math:`\\sum_i L_i`) or ``"mean"``
-            (:math:`\\frac1n \\sum_i L_i`).
+        loss_reduction: ``"sum"`` (batch loss :math:`\sum_i L_i`) or ``"mean"``
+            (:math:`\frac1n \sum_i L_i`).
         batch_size: The number of examples ``n`` the batch loss was reduced over.
 
     Returns:
@@ -68,12 +68,12 @@ def batch_size_factor(loss_reduction: str, batch_size: int) -> int:
 
 
 def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
-    """Per-example weight gradients of one linear layer: one batched outer product.
+    r"""Per-example weight gradients of one linear layer: one batched outer product.
 
     Index letters: ``n`` example, ``t`` position inside an example (absent for plain vectors),
     ``o`` output feature, ``i`` input feature. The result is
     ``einsum("nto,nti->noi", grad_outputs, inputs)``: for inputs of shape ``(n, d_in)`` it is the
-    outer product :math:`G_i A_i^\\top`; for inputs with extra dimensions ``(n, ..., d_in)`` the
+    outer product :math:`G_i A_i^\top`; for inputs with extra dimensions ``(n, ..., d_in)`` the
     layer is applied at every position and an example's gradient sums over its positions.
 
     Args:
@@ -159,11 +159,11 @@ def goodfellow_backprop(
     loss_reduction: str = "sum",
     out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Per-example gradients of every weight and bias of an MLP, by Goodfellow's trick.
+    r"""Per-example gradients of every weight and bias of an MLP, by Goodfellow's trick.
 
     The trick is one einsum per layer, ``"no,ni->noi"`` (``n`` example, ``o`` output feature,
-    ``i`` input feature): :math:`\\partial L_i/\\partial W_l = c\\,G_{l,i} A_{l-1,i}^\\top` and
-    :math:`\\partial L_i/\\partial b_l = c\\,G_{l,i}`, with :math:`c = 1` for ``"sum"`` and
+    ``i`` input feature): :math:`\partial L_i/\partial W_l = c\,G_{l,i} A_{l-1,i}^\top` and
+    :math:`\partial L_i/\partial b_l = c\,G_{l,i}`, with :math:`c = 1` for ``"sum"`` and
     :math:`c = n` for ``"mean"``.
 
     Args:
@@ -172,8 +172,8 @@ def goodfellow_backprop(
         linear_grads: ``torch.autograd.grad(loss, linear_combs)``, ``linear_grads[l]`` of shape
             ``(n, d_{l+1})``. Pass ``create_graph=True`` there to differentiate the result again.
         loss_reduction: How the batch loss was reduced over examples: ``"sum"``
-            (:math:`\\sum_i L_i`, the per-example gradients sum to the batch gradient) or
-            ``"mean"`` (:math:`\\frac1n\\sum_i L_i`, they average to it).
+            (:math:`\sum_i L_i`, the per-example gradients sum to the batch gradient) or
+            ``"mean"`` (:math:`\frac1n\sum_i L_i`, they average to it).
         out: Optional list of preallocated tensors in the layout of the result; the results are
             written into them (saves the allocation when called every step). Not allowed when
             the result needs to be differentiable.
@@ -192,6 +192,20 @@ def goodfellow_backprop(
     scale = batch_size_factor(loss_reduction, n)
     if out is not None:
         out = _check_out(out, activations, linear_grads)
+    # Without create_graph upstream the linear grads are constants; differentiating the result
+    # through the activations alone would give a silently partial second derivative, so the result
+    # is made a plain tensor instead (and in-place writes into `out` become legal).
+    differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in linear_grads)
+    with torch.set_grad_enabled(differentiable):
+        return _outer_products(activations, linear_grads, scale, out)
+
+
+def _outer_products(
+    activations: Sequence[Tensor],
+    linear_grads: Sequence[Tensor],
+    scale: int,
+    out: Sequence[Tensor] | None,
+) -> list[Tensor]:
     grads: list[Tensor] = []
     for layer, (a, g) in enumerate(zip(activations, linear_grads)):
         g = g * scale if scale != 1 else g  # (n, o): example i's own dL_i/dZ_i
@@ -221,7 +235,8 @@ def _check_out(
         )
     n = activations[0].shape[0]
     for layer, (a, g) in enumerate(zip(activations, linear_grads)):
-        for k, shape in ((2 * layer, (n, g.shape[1], a.shape[1])), (2 * layer + 1, (n, g.shape[1]))):
+        weight_shape, bias_shape = (n, g.shape[1], a.shape[1]), (n, g.shape[1])
+        for k, shape in ((2 * layer, weight_shape), (2 * layer + 1, bias_shape)):
             buffer = out[k]
             if not isinstance(buffer, Tensor):
                 raise TypeError(f"out[{k}] must be a tensor, got {type(buffer).__name__}.")
@@ -240,16 +255,16 @@ def per_example_norms(
     linear_grads: Sequence[Tensor],
     loss_reduction: str = "sum",
 ) -> Tensor:
-    """L2 norms of each example's whole gradient, without materializing the gradients.
+    r"""L2 norms of each example's whole gradient, without materializing the gradients.
 
     The Frobenius norm of an outer product factorizes,
-    :math:`\\|G_i A_i^\\top\\|^2 = \\|G_i\\|^2 \\|A_i\\|^2`, so with the bias
+    :math:`\|G_i A_i^\top\|^2 = \|G_i\|^2 \|A_i\|^2`, so with the bias
 
     .. math::
 
-        \\|g_i\\|^2 = c^2 \\sum_l \\|G_{l,i}\\|^2 \\left(\\|A_{l-1,i}\\|^2 + 1\\right),
+        \|g_i\|^2 = c^2 \sum_l \|G_{l,i}\|^2 \left(\|A_{l-1,i}\|^2 + 1\right),
 
-    which costs :math:`O(n \\sum_l (d_{l-1} + d_l))` instead of :math:`O(nP)`.
+    which costs :math:`O(n \sum_l (d_{l-1} + d_l))` instead of :math:`O(nP)`.
 
     Args:
         activations: As for :func:`goodfellow_backprop`, ``activations[l]`` of shape
@@ -259,15 +274,17 @@ def per_example_norms(
         loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow_backprop`.
 
     Returns:
-        Tensor of shape ``(n,)``: :math:`\\|\\nabla_\\theta L_i\\|_2` over all weights and biases.
+        Tensor of shape ``(n,)``: :math:`\|\nabla_\theta L_i\|_2` over all weights and biases.
         Differentiable when ``linear_grads`` were computed with ``create_graph=True``.
     """
     n = _check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
-    squared = torch.zeros(n, dtype=activations[0].dtype, device=activations[0].device)
-    for a, g in zip(activations, linear_grads):
-        squared = squared + g.square().sum(1) * (a.square().sum(1) + 1)  # (n,)
-    return squared.sqrt() * scale  # (n,)
+    differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in linear_grads)
+    with torch.set_grad_enabled(differentiable):
+        squared = torch.zeros(n, dtype=activations[0].dtype, device=activations[0].device)
+        for a, g in zip(activations, linear_grads):
+            squared = squared + g.square().sum(1) * (a.square().sum(1) + 1)  # (n,)
+        return squared.sqrt() * scale  # (n,)
 
 
 def _model_output(output: Tensor | tuple) -> Tensor:

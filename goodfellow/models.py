@@ -1,20 +1,20 @@
-"""A multilayer perceptron that hands out what Goodfellow's trick needs.
+r"""A multilayer perceptron that hands out what Goodfellow's trick needs.
 
 The model is the chain
 
 .. math::
 
-    A_0 \\xrightarrow{W_1, b_1} Z_1 \\xrightarrow{\\sigma} A_1
-    \\xrightarrow{W_2, b_2} Z_2 \\xrightarrow{\\sigma} \\cdots
-    \\xrightarrow{W_L, b_L} Z_L = \\hat y,
+    A_0 \xrightarrow{W_1, b_1} Z_1 \xrightarrow{\sigma} A_1
+    \xrightarrow{W_2, b_2} Z_2 \xrightarrow{\sigma} \cdots
+    \xrightarrow{W_L, b_L} Z_L = \hat y,
 
-with :math:`Z_l = A_{l-1} W_l^\\top + b_l` (PyTorch's ``nn.Linear`` layout: ``W_l`` is
+with :math:`Z_l = A_{l-1} W_l^\top + b_l` (PyTorch's ``nn.Linear`` layout: ``W_l`` is
 ``(out, in)``) and no non-linearity after the last layer. ``forward`` returns the output and the
 two lists of intermediate tensors, one entry per linear layer:
 
 * ``activations[l]`` is :math:`A_l`, the input of linear layer ``l + 1`` (``activations[0]`` is
   the network's input);
-* ``linear_combs[l]`` is :math:`Z_{l+1}`, that layer's output (the last one is :math:`\\hat y`).
+* ``linear_combs[l]`` is :math:`Z_{l+1}`, that layer's output (the last one is :math:`\hat y`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,375 @@
+"""Goodfellow's trick against the naive loop, torch.func and autograd's batch gradient.
+
+Settings are a list of cases (model, input, loss, reduction, seed) in the BackPACK style; every
+test runs the same case through the routes it compares.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import goodfellow
+from goodfellow import (
+    MLP,
+    goodfellow_backprop,
+    naive_per_example_grads,
+    per_example_grads,
+    per_example_norms,
+    torch_func_per_example_grads,
+)
+from tests.conftest import TOLERANCES
+
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+WIDTHS_BY_DEPTH = {1: [], 2: [7], 3: [1, 32], 4: [16, 5, 9]}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One setting: an MLP, a batch, a loss and its reduction."""
+
+    depth: int
+    activation: str
+    batch: int
+    loss: str
+    reduction: str
+    input_size: int = 6
+    seed: int = 0
+
+    @property
+    def output_size(self) -> int:
+        # cross-entropy needs at least two classes; MSE is tested with 1 and with several outputs
+        return 4 if self.loss == "cross_entropy" else 1 + (self.depth % 2) * 2
+
+    @property
+    def id(self) -> str:
+        return (
+            f"depth{self.depth}-{self.activation}-n{self.batch}-{self.loss}-{self.reduction}"
+            f"-out{self.output_size}"
+        )
+
+    def make(self, dtype: torch.dtype = torch.float64):
+        """Build the model, the batch and the loss function of this case."""
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        model = MLP(
+            self.input_size,
+            WIDTHS_BY_DEPTH[self.depth],
+            self.output_size,
+            activation=ACTIVATIONS[self.activation],
+        ).to(dtype)
+        x = torch.randn(self.batch, self.input_size, generator=generator, dtype=dtype)
+        if self.loss == "cross_entropy":
+            y = torch.randint(0, self.output_size, (self.batch,), generator=generator)
+            loss_fn = nn.CrossEntropyLoss(reduction=self.reduction)
+        else:
+            y = torch.randn(self.batch, self.output_size, generator=generator, dtype=dtype)
+            loss_fn = nn.MSELoss(reduction=self.reduction)
+        return model, x, y, loss_fn
+
+
+CASES = [
+    Case(depth, activation, batch, loss, reduction)
+    for depth, activation, batch, loss, reduction in itertools.product(
+        [1, 2, 3, 4], ["relu", "tanh", "sigmoid"], [1, 2, 64], ["mse", "cross_entropy"],
+        ["sum", "mean"],
+    )
+]
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+def goodfellow_route(model, x, y, loss_fn, create_graph=False):
+    prediction, activations, linear_combs = model(x)
+    loss = loss_fn(prediction, y)
+    # keep the graph: some tests differentiate the same loss w.r.t. the parameters afterwards
+    linear_grads = torch.autograd.grad(
+        loss, linear_combs, retain_graph=True, create_graph=create_graph
+    )
+    return activations, linear_grads, loss
+
+
+def assert_lists_close(actual, expected, dtype=torch.float64):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+def test_goodfellow_matches_naive_loop_and_torch_func(case):
+    model, x, y, loss_fn = case.make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, case.reduction)
+    # L_i is the same loss on example i alone, whatever the batch reduction
+    naive = naive_per_example_grads(model, loss_fn, x, y)
+    functional = torch_func_per_example_grads(model, loss_fn, x, y)
+    assert_lists_close(grads, naive)
+    assert_lists_close(functional, naive)
+
+
+def test_layout_is_pytorch_out_in(case):
+    model, x, y, loss_fn = case.make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, case.reduction)
+    for g, p in zip(grads, model.parameters()):
+        assert g.shape == (case.batch, *p.shape)
+
+
+def test_per_example_grads_reduce_to_the_batch_gradient(case):
+    model, x, y, loss_fn = case.make()
+    activations, linear_grads, loss = goodfellow_route(model, x, y, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, case.reduction)
+    batch_grads = torch.autograd.grad(loss, list(model.parameters()))
+    reduce = torch.mean if case.reduction == "mean" else torch.sum
+    assert_lists_close([reduce(g, dim=0) for g in grads], list(batch_grads))
+
+
+def test_norms_match_materialized_gradients(case):
+    model, x, y, loss_fn = case.make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, case.reduction)
+    flat = torch.cat([g.reshape(case.batch, -1) for g in grads], dim=1)  # (n, P)
+    norms = per_example_norms(activations, linear_grads, case.reduction)
+    assert norms.shape == (case.batch,)
+    torch.testing.assert_close(norms, flat.norm(dim=1), **TOLERANCES[torch.float64])
+
+
+FLOAT32_CASES = [c for c in CASES if c.batch == 64 and c.activation == "tanh"]
+
+
+@pytest.mark.parametrize("case32", FLOAT32_CASES, ids=[c.id for c in FLOAT32_CASES])
+def test_float32_agrees_with_float64_reference(case32):
+    """float32 results stay within the stated tolerance of the float64 naive loop."""
+    model64, x64, y64, loss_fn = case32.make(torch.float64)
+    model32 = MLP(
+        case32.input_size, WIDTHS_BY_DEPTH[case32.depth], case32.output_size, torch.tanh
+    )
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    y32 = y64 if case32.loss == "cross_entropy" else y64.float()
+    activations, linear_grads, _ = goodfellow_route(model32, x64.float(), y32, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, case32.reduction)
+    naive = naive_per_example_grads(model64, loss_fn, x64, y64)
+    assert_lists_close([g.double() for g in grads], naive, dtype=torch.float32)
+
+
+def test_convenience_route_reads_the_reduction_of_the_loss(case):
+    model, x, y, loss_fn = case.make()
+    assert_lists_close(
+        per_example_grads(model, loss_fn, x, y), naive_per_example_grads(model, loss_fn, x, y)
+    )
+
+
+def test_out_buffers_are_filled_and_reused():
+    model, x, y, loss_fn = Case(3, "tanh", 64, "cross_entropy", "mean").make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    expected = goodfellow_backprop(activations, linear_grads, "mean")
+    buffers = [torch.full_like(g, float("nan")) for g in expected]
+    result = goodfellow_backprop(activations, linear_grads, "mean", out=buffers)
+    assert all(r.data_ptr() == b.data_ptr() for r, b in zip(result, buffers))
+    assert_lists_close(result, expected)
+
+
+def test_second_order_gradient_of_mean_squared_norm_matches_torch_func():
+    """d/dθ mean_i ||g_i||², through goodfellow_backprop, equals torch.func's."""
+    torch.manual_seed(3)
+    model = MLP(5, [6, 4], 3, activation=torch.tanh).double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    loss_fn = nn.CrossEntropyLoss(reduction="mean")
+
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn, create_graph=True)
+    grads = goodfellow_backprop(activations, linear_grads, "mean")
+    objective = sum(g.reshape(9, -1).square().sum(1) for g in grads).mean()
+    ours = torch.autograd.grad(objective, list(model.parameters()), retain_graph=True)
+    # the same objective through per_example_norms, which never materializes g_i
+    norms = per_example_norms(activations, linear_grads, "mean")
+    ours_from_norms = torch.autograd.grad(norms.square().mean(), list(model.parameters()))
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],))[0], yi[None])
+
+    def mean_squared_norm(p):
+        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
+        return sum(g.reshape(9, -1).square().sum(1) for g in per_example.values()).mean()
+
+    reference = grad(mean_squared_norm)(params)
+    expected = [reference[name] for name, _ in model.named_parameters()]
+    assert_lists_close(list(ours), expected)
+    assert_lists_close(list(ours_from_norms), expected)
+
+
+# --- hypothesis: random shapes -----------------------------------------------------------------
+
+
+@given(
+    input_size=st.integers(1, 12),
+    hidden=st.lists(st.integers(1, 12), min_size=0, max_size=3),
+    output_size=st.integers(1, 5),
+    batch=st.integers(1, 16),
+    reduction=st.sampled_from(["sum", "mean"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_mlps_agree_with_torch_func(
+    input_size, hidden, output_size, batch, reduction, seed
+):
+    torch.manual_seed(seed)
+    model = MLP(input_size, hidden, output_size, activation=torch.tanh).double()
+    x = torch.randn(batch, input_size, dtype=torch.float64)
+    y = torch.randn(batch, output_size, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    activations, linear_grads, loss = goodfellow_route(model, x, y, loss_fn)
+    grads = goodfellow_backprop(activations, linear_grads, reduction)
+    assert_lists_close(grads, torch_func_per_example_grads(model, loss_fn, x, y))
+    flat = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
+    torch.testing.assert_close(
+        per_example_norms(activations, linear_grads, reduction), flat.norm(dim=1),
+        **TOLERANCES[torch.float64],
+    )
+
+
+@given(
+    batch=st.integers(1, 8),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    positions=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    seed=st.integers(0, 2**16),
+)
+def test_property_batched_outer_is_the_sum_of_outer_products(batch, d_in, d_out, positions, seed):
+    generator = torch.Generator().manual_seed(seed)
+    grad_outputs = torch.randn(batch, *positions, d_out, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(batch, *positions, d_in, generator=generator, dtype=torch.float64)
+    result = goodfellow.batched_outer(grad_outputs, inputs)
+    g = grad_outputs.reshape(batch, -1, d_out)
+    a = inputs.reshape(batch, -1, d_in)
+    for i in range(batch):
+        expected = sum(torch.outer(g[i, t], a[i, t]) for t in range(g.shape[1]))
+        torch.testing.assert_close(result[i], expected, **TOLERANCES[torch.float64])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_chain():
+    model, x, y, loss_fn = Case(3, "relu", 5, "mse", "sum").make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    return list(activations), list(linear_grads)
+
+
+def test_refuses_lists_of_different_lengths(small_chain):
+    activations, linear_grads = small_chain
+    with pytest.raises(ValueError, match="one entry per linear layer"):
+        goodfellow_backprop(activations[:-1], linear_grads)
+
+
+def test_refuses_empty_lists():
+    with pytest.raises(ValueError, match="empty"):
+        goodfellow_backprop([], [])
+
+
+def test_refuses_batch_sizes_that_differ(small_chain):
+    activations, linear_grads = small_chain
+    linear_grads[1] = linear_grads[1][:-1]
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        goodfellow_backprop(activations, linear_grads)
+
+
+@pytest.mark.parametrize("bad_shape", [(5,), (5, 3, 2)])
+def test_refuses_tensors_of_the_wrong_rank(small_chain, bad_shape):
+    activations, linear_grads = small_chain
+    activations[0] = torch.randn(*bad_shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"shape \(n, features\)"):
+        goodfellow_backprop(activations, linear_grads)
+
+
+def test_refuses_layers_that_do_not_chain(small_chain):
+    activations, linear_grads = small_chain
+    activations[1] = torch.randn(5, activations[1].shape[1] + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="do not describe one chain"):
+        goodfellow_backprop(activations, linear_grads)
+
+
+def test_refuses_swapped_lists(small_chain):
+    activations, linear_grads = small_chain
+    with pytest.raises(ValueError, match="do not describe one chain"):
+        goodfellow_backprop(linear_grads, activations)
+
+
+def test_refuses_unknown_reduction(small_chain):
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        goodfellow_backprop(*small_chain, loss_reduction="average")
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        per_example_norms(*small_chain, loss_reduction="none")
+
+
+def test_refuses_non_tensors(small_chain):
+    activations, linear_grads = small_chain
+    activations[0] = activations[0].tolist()
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        goodfellow_backprop(activations, linear_grads)
+    with pytest.raises(TypeError, match="list or tuple of tensors"):
+        goodfellow_backprop(torch.randn(3, 2), linear_grads)
+
+
+def test_refuses_empty_batch():
+    model = MLP(3, [4], 2).double()
+    x = torch.randn(0, 3, dtype=torch.float64)
+    _, activations, linear_combs = model(x)
+    linear_grads = [torch.zeros_like(z) for z in linear_combs]
+    with pytest.raises(ValueError, match="batch is empty"):
+        goodfellow_backprop(activations, linear_grads)
+    with pytest.raises(ValueError, match="batch is empty"):
+        naive_per_example_grads(model, nn.MSELoss(), x, torch.zeros(0, 2, dtype=torch.float64))
+
+
+def test_refuses_mixed_dtypes(small_chain):
+    activations, linear_grads = small_chain
+    linear_grads[0] = linear_grads[0].float()
+    with pytest.raises(ValueError, match="one dtype on one device"):
+        goodfellow_backprop(activations, linear_grads)
+
+
+def test_refuses_out_buffers_that_do_not_fit(small_chain):
+    expected = goodfellow_backprop(*small_chain)
+    buffers = [torch.empty_like(g) for g in expected]
+    buffers[0] = torch.empty(1, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"out\[0\] must be"):
+        goodfellow_backprop(*small_chain, out=buffers)
+    with pytest.raises(ValueError, match="2 tensors per layer"):
+        goodfellow_backprop(*small_chain, out=buffers[:2])
+
+
+def test_refuses_out_buffers_when_differentiating():
+    model, x, y, loss_fn = Case(2, "tanh", 4, "mse", "sum").make()
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn, create_graph=True)
+    buffers = [torch.empty_like(g) for g in goodfellow_backprop(activations, linear_grads)]
+    with pytest.raises(ValueError, match="not differentiable"):
+        goodfellow_backprop(activations, linear_grads, out=buffers)
+
+
+def test_references_refuse_mismatched_batches():
+    model = MLP(3, [4], 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        naive_per_example_grads(model, nn.MSELoss(), x, torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        torch_func_per_example_grads(lambda t: t, nn.MSELoss(), x, x)
+
+
+def test_convenience_route_refuses_models_without_intermediates():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="PerExampleGradients"):
+        per_example_grads(model, nn.MSELoss(), x, torch.zeros(4, 2, dtype=torch.float64))
