@@ -372,19 +372,22 @@ def per_example_grads(
     loss_fn: LossFunction,
     inputs: Tensor,
     targets: Tensor,
+    loss_reduction: str | None = None,
     create_graph: bool = False,
 ) -> list[Tensor]:
     """Per-example gradients of a :class:`goodfellow.MLP` in one call.
 
     Runs the forward, takes ``torch.autograd.grad`` of the batch loss w.r.t. the linear
-    combinations and applies :func:`goodfellow_backprop`. The reduction is read off
-    ``loss_fn.reduction`` (torch's loss modules carry it); a plain function is taken to be a mean.
+    combinations and applies :func:`goodfellow_backprop`.
 
     Args:
         model: A :class:`goodfellow.MLP` (anything returning ``(y, activations, linear_combs)``).
         loss_fn: ``loss_fn(prediction, target) -> scalar`` over the whole batch.
         inputs: Batch of inputs, shape ``(n, d_0)``.
         targets: Batch of targets, shape ``(n, ...)``.
+        loss_reduction: ``"sum"`` or ``"mean"``; by default read off ``loss_fn.reduction``
+            (torch's loss modules carry it). A plain function has no such attribute: then it
+            must be given, since guessing wrong would scale every gradient by ``n``.
         create_graph: Keep the graph so the result can be differentiated again.
 
     Returns:
@@ -401,7 +404,13 @@ def per_example_grads(
     prediction, activations, linear_combs = output
     if not create_graph:
         activations = [a.detach() for a in activations]
-    loss_reduction = getattr(loss_fn, "reduction", "mean")
+    if loss_reduction is None:
+        loss_reduction = getattr(loss_fn, "reduction", None)
+        if loss_reduction is None:
+            raise TypeError(
+                "cannot tell how loss_fn reduces over the batch: pass loss_reduction='sum' or "
+                "'mean' (or use a torch loss module, which carries .reduction)."
+            )
     loss = loss_fn(prediction, targets)
     linear_grads = torch.autograd.grad(loss, linear_combs, create_graph=create_graph)
     return goodfellow_backprop(activations, linear_grads, loss_reduction)

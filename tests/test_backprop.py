@@ -373,3 +373,17 @@ def test_convenience_route_refuses_models_without_intermediates():
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="PerExampleGradients"):
         per_example_grads(model, nn.MSELoss(), x, torch.zeros(4, 2, dtype=torch.float64))
+
+
+def test_convenience_route_needs_the_reduction_of_a_plain_function():
+    model, x, y, _ = Case(2, "tanh", 5, "mse", "sum").make()
+
+    def summed_squares(prediction, target):
+        return (prediction - target).square().sum()
+
+    with pytest.raises(TypeError, match="pass loss_reduction"):
+        per_example_grads(model, summed_squares, x, y)
+    assert_lists_close(
+        per_example_grads(model, summed_squares, x, y, loss_reduction="sum"),
+        naive_per_example_grads(model, summed_squares, x, y),
+    )
