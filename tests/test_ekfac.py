@@ -1,0 +1,412 @@
+"""KFAC and EKFAC against materialized per-example gradients and explicit dense matrices.
+
+Every reference is built the slow, obvious way: per-example gradients from ``torch.func``, the
+empirical Fisher as their mean outer product, approximations as dense Kronecker products and
+their inverses by ``torch.linalg.solve``. Settings are a case list (layer widths, positions,
+loss, reduction, bias, seed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from goodfellow import (
+    KroneckerEigenbasis,
+    append_ones,
+    batch_size_factor,
+    dense_curvature,
+    ekfac_scalings,
+    join_weight_bias,
+    kfac_factors,
+    kfac_scalings,
+    kronecker_eigenbasis,
+    precondition,
+    split_weight_bias,
+    torch_func_per_example_grads,
+)
+from tests.conftest import TOLERANCES
+
+F64 = TOLERANCES[torch.float64]
+
+
+class Chain(nn.Module):
+    """Linear layers with tanh between them; inputs may carry positions ``(n, T, d)``.
+
+    The forward also returns every layer's input and output so the tests can read ``a`` and
+    ``dLoss/dZ`` without any hook machinery. With positions, the last layer's output is averaged
+    over them, so each example still has one prediction.
+    """
+
+    def __init__(self, widths: tuple[int, ...], bias: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Linear(d_in, d_out, bias=bias) for d_in, d_out in zip(widths[:-1], widths[1:])
+        )
+
+    def forward(self, x):
+        inputs, outputs = [], []
+        h = x
+        for index, layer in enumerate(self.layers):
+            inputs.append(h)
+            z = layer(h)
+            outputs.append(z)
+            h = torch.tanh(z) if index < len(self.layers) - 1 else z
+        prediction = h.mean(1) if h.dim() == 3 else h
+        return prediction, inputs, outputs
+
+
+@dataclass(frozen=True)
+class Case:
+    """One setting: a chain of linear layers, a batch, a loss and its reduction."""
+
+    widths: tuple[int, ...]
+    batch: int
+    loss: str
+    reduction: str
+    positions: int | None = None
+    bias: bool = True
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        shape = "x".join(map(str, self.widths))
+        where = f"-T{self.positions}" if self.positions else ""
+        return (
+            f"{shape}-n{self.batch}{where}-{self.loss}-{self.reduction}"
+            f"{'' if self.bias else '-nobias'}-seed{self.seed}"
+        )
+
+    def make(self, dtype: torch.dtype = torch.float64):
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        model = Chain(self.widths, bias=self.bias).to(dtype)
+        middle = (self.positions,) if self.positions else ()
+        # drawn in float64 and cast, so both precisions see the same numbers
+        x = torch.randn(
+            self.batch, *middle, self.widths[0], generator=generator, dtype=torch.float64
+        )
+        if self.loss == "cross_entropy":
+            y = torch.randint(0, self.widths[-1], (self.batch,), generator=generator)
+            loss_fn = nn.CrossEntropyLoss(reduction=self.reduction)
+        else:
+            y = torch.randn(self.batch, self.widths[-1], generator=generator, dtype=torch.float64)
+            loss_fn = nn.MSELoss(reduction=self.reduction)
+        return model, x.to(dtype), y if y.dtype == torch.long else y.to(dtype), loss_fn
+
+
+CASES = [
+    Case(widths, batch, loss, reduction)
+    for widths, batch, loss, reduction in itertools.product(
+        [(3, 2), (5, 4, 3), (4, 6, 1, 3)], [1, 7, 40], ["mse", "cross_entropy"], ["sum", "mean"]
+    )
+] + [
+    Case((3, 4, 2), 6, "mse", "mean", positions=5),
+    Case((2, 3), 9, "cross_entropy", "sum", positions=3, seed=1),
+    Case((4, 5, 3), 20, "cross_entropy", "mean", bias=False),
+    Case((4, 5, 3), 5, "mse", "sum", positions=2, bias=False, seed=2),
+]
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+@dataclass
+class LayerRecord:
+    """What one layer saw in one batch, and the references for it."""
+
+    inputs: torch.Tensor  # ā, (n, ..., d_in + 1)
+    grad_outputs: torch.Tensor  # per-example δ, (n, ..., d_out)
+    per_example_grads: torch.Tensor  # joint weight, (n, d_out, d_in + 1), from torch.func
+    batch_grad: torch.Tensor  # the joint weight's .grad, (d_out, d_in + 1)
+
+
+def record(case: Case, dtype: torch.dtype = torch.float64) -> list[LayerRecord]:
+    """Run one batch: per layer ā, per-example δ, torch.func per-example grads, batch grad."""
+    model, x, y, loss_fn = case.make(dtype)
+    prediction, inputs, outputs = model(x)
+    loss = loss_fn(prediction, y)
+    output_grads = torch.autograd.grad(loss, outputs, retain_graph=True)
+    loss.backward()
+    factor = batch_size_factor(case.reduction, case.batch)
+    references = torch_func_per_example_grads(model, loss_fn, x, y)
+    records = []
+    for index, layer in enumerate(model.layers):
+        if case.bias:
+            weight_grads, bias_grads = references[2 * index], references[2 * index + 1]
+            joint = torch.cat([weight_grads, bias_grads.unsqueeze(-1)], dim=-1)
+            a = append_ones(inputs[index].detach())
+        else:
+            joint, a = references[index], inputs[index].detach()
+        records.append(
+            LayerRecord(
+                inputs=a,
+                grad_outputs=output_grads[index] * factor,
+                per_example_grads=joint,
+                batch_grad=join_weight_bias(
+                    layer.weight.grad, layer.bias.grad if case.bias else None
+                ),
+            )
+        )
+    return records
+
+
+def empirical_fisher(per_example_grads: torch.Tensor) -> torch.Tensor:
+    """E_n[vec g_n vec g_nᵀ] from materialized gradients, in torch.flatten order."""
+    flat = per_example_grads.flatten(1)  # (n, P)
+    return flat.T @ flat / flat.shape[0]  # (P, P)
+
+
+def explicit_approximation(basis: KroneckerEigenbasis, scalings: torch.Tensor) -> torch.Tensor:
+    """(U_G ⊗ U_A) diag(vec S) (U_G ⊗ U_A)ᵀ with kron and diag, for row-major vec."""
+    Q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)
+    return Q @ torch.diag(scalings.flatten()) @ Q.T
+
+
+def layer_basis(layer: LayerRecord):
+    A, G = kfac_factors(layer.inputs, layer.grad_outputs)
+    return A, G, kronecker_eigenbasis(A, G)
+
+
+# ---------------------------------------------------------------------------------------------
+# The factors and the scalings
+
+
+def test_factors_match_their_definition(case):
+    for layer in record(case):
+        A, G = kfac_factors(layer.inputs, layer.grad_outputs)
+        a = layer.inputs.reshape(case.batch, -1, layer.inputs.shape[-1])  # (n, T, d_in + 1)
+        delta = layer.grad_outputs.reshape(case.batch, -1, layer.grad_outputs.shape[-1])
+        positions = a.shape[1]
+        A_loop = sum(
+            torch.outer(a[n, t], a[n, t]) for n in range(case.batch) for t in range(positions)
+        )
+        G_loop = sum(
+            torch.outer(delta[n, t], delta[n, t])
+            for n in range(case.batch)
+            for t in range(positions)
+        )
+        # KFAC-expand: positions are averaged in A and summed in G
+        torch.testing.assert_close(A, A_loop / (case.batch * positions), **F64)
+        torch.testing.assert_close(G, G_loop / case.batch, **F64)
+
+
+def test_grad_outputs_are_per_example_gradients(case):
+    # the batch-size factor is right iff δ āᵀ (summed over positions) is example n's own gradient
+    for layer in record(case):
+        a = layer.inputs.reshape(case.batch, -1, layer.inputs.shape[-1])
+        delta = layer.grad_outputs.reshape(case.batch, -1, layer.grad_outputs.shape[-1])
+        rebuilt = torch.einsum("nto,nti->noi", delta, a)
+        torch.testing.assert_close(rebuilt, layer.per_example_grads, **F64)
+
+
+def test_scalings_equal_projected_per_example_gradients(case):
+    for layer in record(case):
+        _, _, basis = layer_basis(layer)
+        U_A, U_G = basis.input_eigenvectors, basis.output_eigenvectors
+        projected = U_G.T @ layer.per_example_grads @ U_A  # (n, d_out, d_in + 1)
+        expected = projected.square().mean(0)
+        torch.testing.assert_close(
+            ekfac_scalings(layer.inputs, layer.grad_outputs, basis), expected, **F64
+        )
+
+
+def test_scalings_are_the_diagonal_of_the_fisher_in_the_eigenbasis(case):
+    for layer in record(case):
+        _, _, basis = layer_basis(layer)
+        Q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)
+        diagonal = torch.diagonal(Q.T @ empirical_fisher(layer.per_example_grads) @ Q)
+        S = ekfac_scalings(layer.inputs, layer.grad_outputs, basis)
+        torch.testing.assert_close(S.flatten(), diagonal, **F64)
+
+
+def test_float32_scalings_within_stated_tolerance():
+    case = Case((5, 4, 3), 40, "cross_entropy", "mean")
+    for layer64, layer32 in zip(record(case, torch.float64), record(case, torch.float32)):
+        _, _, basis = layer_basis(layer64)
+        basis32 = KroneckerEigenbasis(*(t.float() for t in basis))
+        got = ekfac_scalings(layer32.inputs, layer32.grad_outputs, basis32)
+        want = ekfac_scalings(layer64.inputs, layer64.grad_outputs, basis)
+        torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+
+
+def test_kfac_is_exact_for_a_single_example():
+    # one example, no positions: E[δδᵀ ⊗ āāᵀ] = E[δδᵀ] ⊗ E[āāᵀ] trivially
+    case = Case((4, 3, 2), 1, "cross_entropy", "sum", seed=3)
+    for layer in record(case):
+        A, G = kfac_factors(layer.inputs, layer.grad_outputs)
+        torch.testing.assert_close(
+            torch.kron(G, A), empirical_fisher(layer.per_example_grads), **F64
+        )
+
+
+def test_kfac_scalings_are_the_eigenvalues_of_the_kronecker_product(case):
+    for layer in record(case):
+        A, G, basis = layer_basis(layer)
+        torch.testing.assert_close(
+            dense_curvature(basis, kfac_scalings(basis)), torch.kron(G, A), **F64
+        )
+
+
+def test_dense_curvature_matches_explicit_kron(case):
+    for layer in record(case):
+        _, _, basis = layer_basis(layer)
+        S = ekfac_scalings(layer.inputs, layer.grad_outputs, basis)
+        torch.testing.assert_close(
+            dense_curvature(basis, S), explicit_approximation(basis, S), **F64
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's result: EKFAC is never further from the empirical Fisher than KFAC
+
+
+@given(
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 4),
+    batch=st.integers(1, 12),
+    positions=st.sampled_from([None, 2, 3]),
+    loss=st.sampled_from(["mse", "cross_entropy"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ekfac_is_never_further_from_the_fisher_than_kfac(
+    d_in, d_out, batch, positions, loss, seed
+):
+    if loss == "cross_entropy":
+        d_out = max(d_out, 2)
+    case = Case((d_in, d_out), batch, loss, "mean", positions=positions, seed=seed)
+    (layer,) = record(case)
+    A, G, basis = layer_basis(layer)
+    fisher = empirical_fisher(layer.per_example_grads)
+    ekfac = explicit_approximation(basis, ekfac_scalings(layer.inputs, layer.grad_outputs, basis))
+    kfac = torch.kron(G, A)
+    ekfac_error = torch.linalg.matrix_norm(ekfac - fisher)
+    kfac_error = torch.linalg.matrix_norm(kfac - fisher)
+    assert ekfac_error <= kfac_error * (1 + 1e-10) + 1e-12, (ekfac_error, kfac_error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preconditioning
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_preconditioned_gradient_is_the_explicit_solve(case, damping):
+    for layer in record(case):
+        _, _, basis = layer_basis(layer)
+        for scalings in (
+            ekfac_scalings(layer.inputs, layer.grad_outputs, basis),
+            kfac_scalings(basis),
+        ):
+            damped = explicit_approximation(basis, scalings) + damping * torch.eye(
+                scalings.numel(), dtype=torch.float64
+            )
+            expected = torch.linalg.solve(damped, layer.batch_grad.flatten())
+            got = precondition(layer.batch_grad, basis, scalings, damping)
+            torch.testing.assert_close(got.flatten(), expected, **F64)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_kfac_preconditioning_is_the_damped_kronecker_inverse(case, damping):
+    # no eigendecomposition in the reference: (G ⊗ A + λI)⁻¹ vec ĝ by a dense solve
+    for layer in record(case):
+        A, G, basis = layer_basis(layer)
+        damped = torch.kron(G, A) + damping * torch.eye(
+            G.shape[0] * A.shape[0], dtype=torch.float64
+        )
+        expected = torch.linalg.solve(damped, layer.batch_grad.flatten())
+        got = precondition(layer.batch_grad, basis, kfac_scalings(basis), damping)
+        torch.testing.assert_close(got.flatten(), expected, **F64)
+
+
+def test_undamped_kfac_is_the_product_of_the_factor_inverses():
+    # (G ⊗ A)⁻¹ vec ĝ = vec(G⁻¹ ĝ A⁻¹): with well-conditioned factors a tiny λ changes nothing
+    case = Case((3, 4, 2), 64, "mse", "mean", seed=4)
+    for layer in record(case):
+        A, G, basis = layer_basis(layer)
+        expected = torch.linalg.solve(G, layer.batch_grad) @ torch.linalg.inv(A)
+        got = precondition(layer.batch_grad, basis, kfac_scalings(basis), 1e-14)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def test_append_ones_and_joint_weight_round_trip():
+    a = torch.randn(4, 3, 2, dtype=torch.float64)
+    a_bar = append_ones(a)
+    assert a_bar.shape == (4, 3, 3)
+    torch.testing.assert_close(a_bar[..., :2], a)
+    assert (a_bar[..., 2] == 1).all()
+    layer = nn.Linear(2, 5).double()
+    joint = join_weight_bias(layer.weight, layer.bias)
+    torch.testing.assert_close(append_ones(a) @ joint.T, layer(a))
+    weight, bias = split_weight_bias(joint, has_bias=True)
+    assert torch.equal(weight, layer.weight) and torch.equal(bias, layer.bias)
+    assert join_weight_bias(layer.weight, None) is layer.weight
+    assert split_weight_bias(layer.weight, has_bias=False) == (layer.weight, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _small_basis():
+    a, delta = (
+        append_ones(torch.randn(6, 2, dtype=torch.float64)),
+        torch.randn(6, 3, dtype=torch.float64),
+    )
+    return a, delta, kronecker_eigenbasis(*kfac_factors(a, delta))
+
+
+@pytest.mark.parametrize("damping", [0.0, -1e-3, float("nan"), float("inf")])
+def test_damping_must_be_positive_and_finite(damping):
+    a, delta, basis = _small_basis()
+    grad = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="damping must be positive"):
+        precondition(grad, basis, kfac_scalings(basis), damping)
+
+
+@pytest.mark.parametrize("damping", [True, "0.1", None])
+def test_damping_must_be_a_number(damping):
+    _, _, basis = _small_basis()
+    with pytest.raises(TypeError, match="damping must be a positive number"):
+        precondition(torch.zeros(3, 3, dtype=torch.float64), basis, kfac_scalings(basis), damping)
+
+
+def test_shapes_are_checked():
+    a, delta, basis = _small_basis()
+    with pytest.raises(ValueError, match="every dimension but the last"):
+        kfac_factors(a[:5], delta)
+    with pytest.raises(ValueError, match="shape \\(n, ..., features\\)"):
+        kfac_factors(a[0], delta[0])
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        kfac_factors(a.tolist(), delta)
+    with pytest.raises(ValueError, match="one dtype"):
+        kfac_factors(a.float(), delta)
+    with pytest.raises(ValueError, match="batch is empty"):
+        kfac_factors(a[:0], delta[:0])
+    with pytest.raises(ValueError, match="ones column"):
+        ekfac_scalings(a[:, :2], delta, basis)
+    with pytest.raises(ValueError, match="join_weight_bias"):
+        precondition(torch.zeros(3, 2, dtype=torch.float64), basis, kfac_scalings(basis), 0.1)
+    with pytest.raises(ValueError, match="square matrix"):
+        kronecker_eigenbasis(torch.zeros(2, 3), torch.eye(2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_factor_has_no_eigenbasis(bad):
+    A = torch.eye(3, dtype=torch.float64)
+    A[1, 1] = bad
+    with pytest.raises(FloatingPointError, match="factor A has non-finite entries"):
+        kronecker_eigenbasis(A, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(FloatingPointError, match="factor G has non-finite entries"):
+        kronecker_eigenbasis(torch.eye(2, dtype=torch.float64), A)
