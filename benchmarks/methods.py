@@ -1,0 +1,562 @@
+"""The configurations and the contenders of the benchmark.
+
+Every configuration is the same kind of problem: an MLP with ReLU between its linear layers,
+float32, a batch of ``n`` random inputs with random class labels, and the cross-entropy summed
+over the batch (``reduction="sum"``), so that every method's per-example gradient is directly
+:math:`\\nabla_\\theta L_i`, with no batch-size factor to undo.
+
+A contender is a :class:`Method`:
+
+* ``step()`` is what gets timed: the forward, the loss and whatever the method does to produce its
+  result, from the input batch to finished numbers;
+* ``reset()`` drops the previous step's results outside the timed region, as a training loop's
+  ``zero_grad(set_to_none=True)`` would (this is generous to the methods that allocate their
+  results afresh every step: freeing them is not counted);
+* ``result()`` hands out what the last step computed, and :func:`check` compares it with the naive
+  per-example loop before anything is timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+import goodfellow as gf
+
+MNIST_WIDTHS = (784, 256, 256, 10)
+WIDE_WIDTHS = (784, 1024, 1024, 10)
+DEEP_WIDTHS = (64, *([64] * 8), 10)
+
+WRITE_VALUE = 0.5
+"""What ``write_floor`` writes into every entry of its buffer."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark setting: an MLP's layer widths and the batch size."""
+
+    name: str
+    widths: tuple[int, ...]
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/n{self.n}"
+
+    @property
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """``(d_out, d_in)`` of every linear layer."""
+        return list(zip(self.widths[1:], self.widths[:-1]))
+
+    @property
+    def num_params(self) -> int:
+        return sum(d_out * d_in + d_out for d_out, d_in in self.layer_shapes)
+
+    @property
+    def per_example_mb(self) -> float:
+        """Size of all per-example gradients of the batch in float32, n * P * 4 bytes, in MiB."""
+        return self.n * self.num_params * 4 / 2**20
+
+
+CONFIGS = (
+    Config("mnist-mlp", MNIST_WIDTHS, 32),
+    Config("mnist-mlp", MNIST_WIDTHS, 128),
+    Config("mnist-mlp", MNIST_WIDTHS, 512),
+    Config("wide-mlp", WIDE_WIDTHS, 128),
+    Config("deep-mlp", DEEP_WIDTHS, 256),
+)
+QUICK_CONFIGS = (CONFIGS[0], CONFIGS[1], CONFIGS[4])
+LARGEST = ("mnist-mlp/n512", "wide-mlp/n128")
+"""The two configurations with the most per-example numbers (n * P), where the issue asks for 2x."""
+
+
+def config_by_label(label: str) -> Config:
+    """Look a configuration up by its label, e.g. ``"mnist-mlp/n512"``."""
+    for config in CONFIGS:
+        if config.label == label:
+            return config
+    raise ValueError(
+        f"unknown configuration {label!r}; choose from {[c.label for c in CONFIGS]}."
+    )
+
+
+class Problem:
+    """A configuration's model and batch, and the naive-loop reference to check methods against.
+
+    Args:
+        config: Widths and batch size.
+        device: Where the model and the batch live.
+        dtype: Floating-point type of the model and the inputs (float32 in the benchmark,
+            float64 in the tests).
+        seed: Seeds the weights, the inputs and the labels.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        widths = config.widths
+        self.mlp = gf.MLP(widths[0], list(widths[1:-1]), widths[-1]).to(self.device, dtype)
+        self.inputs = torch.randn(config.n, widths[0], generator=generator, dtype=dtype)
+        self.inputs = self.inputs.to(self.device)  # (n, d_0)
+        self.targets = torch.randint(widths[-1], (config.n,), generator=generator)
+        self.targets = self.targets.to(self.device)  # (n,)
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+        # The reference: one backward per example, on a Sequential copy of the same weights.
+        self.reference = gf.naive_per_example_grads(
+            self.sequential(), self.loss_fn, self.inputs, self.targets
+        )  # [(n, d_out, d_in), (n, d_out), ...]
+        flat = torch.cat([g.flatten(1) for g in self.reference], dim=1)  # (n, P)
+        self.reference_norms = flat.norm(dim=1)  # (n,)
+        # Clip at the median norm, so that about half of the examples are clipped.
+        self.max_norm = float(self.reference_norms.median())
+        factors = (self.max_norm / self.reference_norms).clamp(max=1.0)  # (n,)
+        self.reference_clipped_mean = [
+            (g * factors.view(-1, *[1] * (g.dim() - 1))).mean(0) for g in self.reference
+        ]  # [(d_out, d_in), (d_out,), ...]
+        self.reference_batch_grad = [g.sum(0) for g in self.reference]
+
+    def sequential(self) -> nn.Sequential:
+        """A fresh ``nn.Sequential`` (Linear, ReLU, ..., Linear) with the MLP's weights."""
+        modules: list[nn.Module] = []
+        for index, layer in enumerate(self.mlp.layers):
+            if index > 0:
+                modules.append(nn.ReLU())
+            modules.append(copy.deepcopy(layer))
+        return nn.Sequential(*modules)
+
+    def mlp_copy(self) -> gf.MLP:
+        return copy.deepcopy(self.mlp)
+
+    def linear_grads(self, mlp: gf.MLP) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """Forward, loss, and the gradient w.r.t. every layer's output (not w.r.t. the weights).
+
+        ``autograd.grad`` stops at the linear combinations, so this backward skips all the
+        weight-gradient matrix products a plain ``loss.backward()`` does.
+        """
+        prediction, activations, linear_combs = mlp(self.inputs)
+        loss = self.loss_fn(prediction, self.targets)
+        linear_grads = torch.autograd.grad(loss, linear_combs)  # [(n, d_l), ...]
+        return [a.detach() for a in activations], linear_grads
+
+
+class Method:
+    """A contender. ``produces`` says what its result is, and so how it is checked:
+
+    * ``"per_example"``: a list ``[(n, *p.shape) for p in parameters]``;
+    * ``"batch"``: the ordinary batch gradient, ``[p.shape for p in parameters]``;
+    * ``"norms"``: ``(n,)`` norms of the per-example gradients;
+    * ``"clipped_mean"``: :math:`\\frac1n \\sum_i \\min(1, C / \\|g_i\\|)\\, g_i`, parameter-shaped;
+    * ``"write"``: a buffer of ``n * P`` floats that all hold :data:`WRITE_VALUE`.
+    """
+
+    name: ClassVar[str]
+    produces: ClassVar[str]
+    description: ClassVar[str]
+    approximation: ClassVar[float] = 0.0
+    """Relative deviation the method makes on purpose, added to the check's tolerance."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.workspace_bytes = 0
+        """Memory the method keeps between steps (reused output buffers), in bytes."""
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Drop the previous step's results (not timed)."""
+
+    def result(self) -> list[Tensor] | Tensor:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _buffers(problem: Problem) -> list[Tensor]:
+    """A contiguous buffer per parameter, ``(n, d_out, d_in)`` or ``(n, d_out)``, untouched."""
+    n, options = problem.config.n, {"device": problem.device, "dtype": problem.dtype}
+    buffers = []
+    for d_out, d_in in problem.config.layer_shapes:
+        buffers += [torch.empty(n, d_out, d_in, **options), torch.empty(n, d_out, **options)]
+    return buffers
+
+
+@register
+class PlainBackward(Method):
+    name = "plain_backward"
+    produces = "batch"
+    description = "one batched forward and loss.backward(): the floor, no per-example anything"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+
+    def step(self) -> None:
+        p = self.problem
+        p.loss_fn(self.model(p.inputs), p.targets).backward()
+
+    def reset(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def result(self) -> list[Tensor]:
+        return [param.grad for param in self.model.parameters()]
+
+
+@register
+class WriteFloor(Method):
+    name = "write_floor"
+    produces = "write"
+    description = "fill a kept buffer of n * P floats: the memory-bandwidth floor of materializing"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        numel = problem.config.n * problem.config.num_params
+        self.buffer = torch.empty(numel, device=problem.device, dtype=problem.dtype)
+        self.workspace_bytes = self.buffer.numel() * self.buffer.element_size()
+
+    def step(self) -> None:
+        self.buffer.fill_(WRITE_VALUE)
+
+    def result(self) -> Tensor:
+        return self.buffer
+
+
+@register
+class NaiveLoop(Method):
+    name = "naive_loop"
+    produces = "per_example"
+    description = "one forward and backward per example (goodfellow.naive_per_example_grads)"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+        self.grads: list[Tensor] | None = None
+
+    def step(self) -> None:
+        p = self.problem
+        self.grads = gf.naive_per_example_grads(self.model, p.loss_fn, p.inputs, p.targets)
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
+@register
+class TorchFuncVmap(Method):
+    name = "torch_func_vmap"
+    produces = "per_example"
+    description = "vmap(grad(loss of one example)) (goodfellow.torch_func_per_example_grads)"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+        self.grads: list[Tensor] | None = None
+
+    def step(self) -> None:
+        p = self.problem
+        self.grads = gf.torch_func_per_example_grads(self.model, p.loss_fn, p.inputs, p.targets)
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
+@register
+class Opacus(Method):
+    name = "opacus"
+    produces = "per_example"
+    description = "Opacus GradSampleModule (hooks mode): p.grad_sample after loss.backward()"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        from opacus import GradSampleModule
+
+        self.model = problem.sequential()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.wrapped = GradSampleModule(self.model, batch_first=True, loss_reduction="sum")
+
+    def step(self) -> None:
+        p = self.problem
+        p.loss_fn(self.wrapped(p.inputs), p.targets).backward()
+
+    def reset(self) -> None:
+        self.wrapped.zero_grad(set_to_none=True)
+
+    def result(self) -> list[Tensor]:
+        return [param.grad_sample for param in self.model.parameters()]
+
+
+@register
+class Backpack(Method):
+    name = "backpack"
+    produces = "per_example"
+    description = "BackPACK's BatchGrad extension: p.grad_batch after loss.backward()"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        from backpack import extend
+        from backpack.extensions import BatchGrad
+
+        self.model = extend(problem.sequential())
+        self.extension = BatchGrad()
+
+    def step(self) -> None:
+        from backpack import backpack
+
+        p = self.problem
+        with backpack(self.extension):
+            p.loss_fn(self.model(p.inputs), p.targets).backward()
+
+    def reset(self) -> None:
+        for param in self.model.parameters():
+            param.grad = None
+            if hasattr(param, "grad_batch"):
+                del param.grad_batch
+
+    def result(self) -> list[Tensor]:
+        return [param.grad_batch for param in self.model.parameters()]
+
+
+@register
+class GoodfellowBackprop(Method):
+    name = "goodfellow_backprop"
+    produces = "per_example"
+    description = "goodfellow.goodfellow_backprop with out= buffers kept across steps"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.mlp = problem.mlp_copy()
+        self.buffers = _buffers(problem)
+        self.workspace_bytes = sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def step(self) -> None:
+        activations, linear_grads = self.problem.linear_grads(self.mlp)
+        gf.goodfellow_backprop(activations, linear_grads, "sum", out=self.buffers)
+
+    def result(self) -> list[Tensor]:
+        return self.buffers
+
+
+@register
+class GoodfellowBackpropFresh(Method):
+    name = "goodfellow_backprop_fresh"
+    produces = "per_example"
+    description = "goodfellow.goodfellow_backprop allocating its result every step (no out=)"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.mlp = problem.mlp_copy()
+        self.grads: list[Tensor] | None = None
+
+    def step(self) -> None:
+        activations, linear_grads = self.problem.linear_grads(self.mlp)
+        self.grads = gf.goodfellow_backprop(activations, linear_grads, "sum")
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
+@register
+class NormsOnly(Method):
+    name = "norms_only"
+    produces = "norms"
+    description = "goodfellow.per_example_norms: ||G_i||^2 (||A_i||^2 + 1), nothing n * P"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.mlp = problem.mlp_copy()
+        self.norms: Tensor | None = None
+
+    def step(self) -> None:
+        activations, linear_grads = self.problem.linear_grads(self.mlp)
+        self.norms = gf.per_example_norms(activations, linear_grads, "sum")
+
+    def reset(self) -> None:
+        self.norms = None
+
+    def result(self) -> Tensor:
+        return self.norms
+
+
+def clipped_mean_grads(
+    activations: Sequence[Tensor], linear_grads: Sequence[Tensor], max_norm: float
+) -> list[Tensor]:
+    """Mean of the per-example gradients clipped to norm ``max_norm``, none of them materialized.
+
+    With :math:`w_i = \\min(1, C/\\|g_i\\|)/n` from :func:`goodfellow.per_example_norms`, the
+    result for a layer is :math:`\\sum_i w_i G_i A_i^\\top = (w \\odot G)^\\top A`: the
+    weight-gradient half of a backward of :math:`\\sum_i w_i L_i` (row ``i`` of that loss's
+    gradient w.r.t. a layer output is :math:`w_i G_i`), one ``(o, n) @ (n, i)`` product per layer.
+
+    Args:
+        activations: Layer inputs ``[(n, d_l), ...]``.
+        linear_grads: Gradients of the summed loss w.r.t. the layer outputs ``[(n, d_{l+1}), ...]``.
+        max_norm: The clipping threshold ``C``.
+
+    Returns:
+        ``[gW_1, gb_1, ...]`` of shapes ``(d_{l+1}, d_l)`` and ``(d_{l+1},)``.
+    """
+    norms = gf.per_example_norms(activations, linear_grads, "sum")  # (n,)
+    weights = (max_norm / norms).clamp(max=1.0) / norms.shape[0]  # (n,)
+    grads: list[Tensor] = []
+    for a, g in zip(activations, linear_grads):
+        weighted = g * weights.unsqueeze(1)  # (n, o)
+        grads += [weighted.T @ a, weighted.sum(0)]  # (o, i), (o,)
+    return grads
+
+
+@register
+class ClippedMean(Method):
+    name = "clipped_mean"
+    produces = "clipped_mean"
+    description = "DP-SGD step without noise: norms, then reweighted weight gradients, no n * P"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.mlp = problem.mlp_copy()
+        self.grads: list[Tensor] | None = None
+
+    def step(self) -> None:
+        activations, linear_grads = self.problem.linear_grads(self.mlp)
+        self.grads = clipped_mean_grads(activations, linear_grads, self.problem.max_norm)
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
+@register
+class OpacusGhostClipping(Method):
+    name = "opacus_ghost_clipping"
+    produces = "clipped_mean"
+    description = "Opacus ghost clipping (GradSampleModuleFastGradientClipping, noise 0)"
+    # Opacus clips with C / (||g_i|| + 1e-6) instead of C / ||g_i||.
+    approximation = 1e-5
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        self.model = problem.sequential()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.wrapped = GradSampleModuleFastGradientClipping(
+                self.model,
+                batch_first=True,
+                loss_reduction="sum",
+                max_grad_norm=problem.max_norm,
+                use_ghost_clipping=True,
+            )
+            self.optimizer = DPOptimizerFastGradientClipping(
+                torch.optim.SGD(self.model.parameters(), lr=0.0),
+                noise_multiplier=0.0,
+                max_grad_norm=problem.max_norm,
+                expected_batch_size=problem.config.n,
+                loss_reduction="sum",
+            )
+        self.criterion = DPLossFastGradientClipping(
+            self.wrapped, self.optimizer, nn.CrossEntropyLoss(reduction="sum"), "sum"
+        )
+
+    def step(self) -> None:
+        p = self.problem
+        # Two backwards inside: norms by the ghost-norm trick, then the reweighted loss.
+        self.criterion(self.wrapped(p.inputs), p.targets).backward()
+
+    def reset(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def result(self) -> list[Tensor]:
+        # p.grad holds sum_i min(1, C / ||g_i||) g_i; Opacus' optimizer divides by n in step().
+        return [param.grad / self.problem.config.n for param in self.model.parameters()]
+
+
+def _reference_for(method: Method) -> Callable[[], list[Tensor] | Tensor]:
+    p = method.problem
+    return {
+        "per_example": lambda: p.reference,
+        "batch": lambda: p.reference_batch_grad,
+        "norms": lambda: p.reference_norms,
+        "clipped_mean": lambda: p.reference_clipped_mean,
+    }[method.produces]
+
+
+def check(method: Method, tolerance: float | None = None) -> float:
+    """Compare the last step's result with the naive loop; raise ``AssertionError`` if it differs.
+
+    The deviation is measured relative to the largest entry of the reference,
+    ``max|actual - expected| / max|expected|`` per tensor.
+
+    Args:
+        method: A method whose ``step()`` has run.
+        tolerance: Largest allowed relative deviation; by default ``1e-4`` in float32 and
+            ``1e-10`` in float64. The method's own ``approximation`` is added to it.
+
+    Returns:
+        The largest relative deviation found (``0.0`` for ``write_floor``).
+    """
+    p = method.problem
+    if tolerance is None:
+        tolerance = 1e-10 if p.dtype == torch.float64 else 1e-4
+    tolerance += method.approximation
+    actual = method.result()
+    if method.produces == "write":
+        expected_numel = p.config.n * p.config.num_params
+        if actual.numel() != expected_numel or not bool((actual == WRITE_VALUE).all()):
+            raise AssertionError(f"{method.name}: the buffer does not hold n * P written values.")
+        return 0.0
+    expected = _reference_for(method)()
+    if isinstance(expected, Tensor):
+        actual, expected = [actual], [expected]
+    if actual is None or len(actual) != len(expected):
+        raise AssertionError(f"{method.name}: expected {len(expected)} tensors, got {actual!r}.")
+    worst = 0.0
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        if a is None or tuple(a.shape) != tuple(e.shape):
+            shape = None if a is None else tuple(a.shape)
+            raise AssertionError(
+                f"{method.name}: result {index} has shape {shape}, expected {tuple(e.shape)}."
+            )
+        scale = float(e.abs().max())
+        deviation = float((a.to(e.dtype) - e).abs().max()) / (scale if scale > 0 else 1.0)
+        worst = max(worst, deviation)
+        if not deviation <= tolerance:
+            raise AssertionError(
+                f"{method.name}: result {index} deviates from the naive loop by {deviation:.2e} "
+                f"(relative to its largest entry), more than {tolerance:.0e}."
+            )
+    return worst

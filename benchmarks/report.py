@@ -1,0 +1,309 @@
+"""Figures, tables and the verdict on the speed targets, made from a results JSON.
+
+Everything here reads ``results.json`` only, so the docs build never runs a benchmark: ``python -m
+benchmarks.run --report-only`` redraws the artefacts from committed results. Files written to the
+figures folder (``docs/_static/benchmarks`` for a full run), ``<device>`` being ``cpu`` or
+``cuda``:
+
+* ``<device>_<allocator>.png``: time of every method relative to ``plain_backward``, one panel per
+  configuration;
+* ``<device>_results.csv``: median times and ratios under both allocator settings, peak memory;
+* ``<device>_targets.csv``: each speed and memory target of the issue, met or not, with the
+  worst measured value.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.methods import LARGEST, METHODS
+
+PEERS = ("naive_loop", "torch_func_vmap", "opacus", "backpack")
+MATERIALIZING = ("goodfellow_backprop", "hooks")
+COLORS = {
+    "plain_backward": "#4d4d4d",
+    "write_floor": "#a6a6a6",
+    "naive_loop": "#c9a27e",
+    "torch_func_vmap": "#b07aa1",
+    "opacus": "#e39c9c",
+    "backpack": "#9cb7d6",
+    "goodfellow_backprop": "#1b7837",
+    "goodfellow_backprop_fresh": "#8fcf8f",
+    "hooks": "#2166ac",
+    "norms_only": "#e08214",
+    "clipped_mean": "#b35806",
+    "opacus_ghost_clipping": "#d6604d",
+}
+
+
+def _index(records: list[dict]) -> dict[tuple[str, str, str], dict]:
+    return {(r["allocator"], r["config"], r["method"]): r for r in records}
+
+
+def _configs(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["config"] for r in records))
+
+
+def _allocators(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["allocator"] for r in records))
+
+
+def _methods(records: list[dict]) -> list[str]:
+    present = {r["method"] for r in records}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """Every target of the issue, per method and allocator setting, over all configurations.
+
+    Returns:
+        Rows ``{"target", "method", "allocator", "met", "checked", "worst", "worst_config",
+        "required"}``: ``met`` of ``checked`` configurations pass; ``worst`` is the least
+        favourable measured value, formatted.
+    """
+    records = results["records"]
+    index = _index(records)
+    rows = []
+
+    def median(allocator: str, config: str, method: str) -> float | None:
+        record = index.get((allocator, config, method))
+        return None if record is None else record["median_s"]
+
+    def add(
+        target: str,
+        method: str,
+        allocator: str,
+        configs: list[str],
+        value: Callable[[str], float | None],
+        passes: Callable[[float], bool],
+        required: str,
+        fmt: str,
+        larger_is_worse: bool = True,
+    ) -> None:
+        values = {c: value(c) for c in configs}
+        values = {c: v for c, v in values.items() if v is not None}
+        if not values:
+            return
+        pick = max if larger_is_worse else min
+        worst_config = pick(values, key=values.get)
+        rows.append(
+            {
+                "target": target,
+                "method": method,
+                "allocator": allocator,
+                "met": sum(passes(v) for v in values.values()),
+                "checked": len(values),
+                "worst": fmt.format(values[worst_config]),
+                "worst_config": worst_config,
+                "required": required,
+            }
+        )
+
+    for allocator in _allocators(records):
+        configs = [c for c in _configs(records) if (allocator, c, "plain_backward") in index]
+
+        def ratio_to(method: str, floor: tuple[str, ...], allocator: str = allocator):
+            def value(config: str) -> float | None:
+                parts = [median(allocator, config, m) for m in floor]
+                own = median(allocator, config, method)
+                if own is None or any(p is None for p in parts):
+                    return None
+                return own / sum(parts)
+
+            return value
+
+        def peer_speedup(method: str, allocator: str = allocator):
+            def value(config: str) -> float | None:
+                own = median(allocator, config, method)
+                peers = [median(allocator, config, m) for m in PEERS]
+                peers = [p for p in peers if p is not None]
+                if own is None or not peers:
+                    return None
+                return min(peers) / own
+
+            return value
+
+        for method in MATERIALIZING:
+            add(
+                "materialized within 1.5x of plain_backward + write_floor", method, allocator,
+                configs, ratio_to(method, ("plain_backward", "write_floor")),
+                lambda v: v <= 1.5, "<= 1.5x", "{:.2f}x",
+            )
+        for method in MATERIALIZING:
+            if allocator == "default":
+                add(
+                    "2x faster than the fastest peer (two largest configurations)", method,
+                    allocator, [c for c in configs if c in LARGEST], peer_speedup(method),
+                    lambda v: v >= 2.0, ">= 2x", "{:.2f}x", larger_is_worse=False,
+                )
+            add(
+                "faster than every peer", method, allocator, configs, peer_speedup(method),
+                lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
+            )
+        add(
+            "norms_only at most 1.0x plain_backward", "norms_only", allocator, configs,
+            ratio_to("norms_only", ("plain_backward",)), lambda v: v <= 1.0, "<= 1.0x",
+            "{:.2f}x",
+        )
+        add(
+            "clipped_mean at most 2.2x plain_backward", "clipped_mean", allocator, configs,
+            ratio_to("clipped_mean", ("plain_backward",)), lambda v: v <= 2.2, "<= 2.2x",
+            "{:.2f}x",
+        )
+        add(
+            "clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator, configs,
+            peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
+        )
+        for method in ("norms_only", "clipped_mean"):
+
+            def memory_share(config: str, method: str = method, allocator: str = allocator):
+                record = index.get((allocator, config, method))
+                if record is None or record.get("peak_mem_mb") is None:
+                    return None
+                return record["peak_mem_mb"] / record["per_example_mb"]
+
+            add(
+                "peak extra memory O(n), not O(nP): below 10% of the n*P gradients", method,
+                allocator, configs, memory_share, lambda v: v < 0.1, "< 10%", "{:.1%}",
+            )
+    return rows
+
+
+def peer_speedup_of(method: str, peer: str, allocator: str, median: Callable):
+    """How many times faster ``method`` is than ``peer`` on a configuration."""
+
+    def value(config: str) -> float | None:
+        own, other = median(allocator, config, method), median(allocator, config, peer)
+        if own is None or other is None:
+            return None
+        return other / own
+
+    return value
+
+
+def targets_text(results: dict) -> str:
+    """The verdict as plain text, for the end of a run."""
+    lines = ["targets (met / checked, worst value at worst configuration):"]
+    for row in evaluate_targets(results):
+        verdict = "MET " if row["met"] == row["checked"] else "MISS"
+        lines.append(
+            f"  {verdict} [{row['allocator']:7s}] {row['method']:20s} {row['target']}: "
+            f"{row['met']}/{row['checked']}, worst {row['worst']} ({row['worst_config']}), "
+            f"required {row['required']}"
+        )
+    return "\n".join(lines)
+
+
+def write_results_csv(results: dict, path: Path) -> Path:
+    records = results["records"]
+    index = _index(records)
+    allocators = _allocators(records)
+    header = ["Configuration", "Method"]
+    for allocator in allocators:
+        header += [f"{allocator}: median ms", f"{allocator}: x plain"]
+    header += ["peak extra MB"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for config in _configs(records):
+            for method in _methods(records):
+                row = [config, method]
+                peak = None
+                for allocator in allocators:
+                    record = index.get((allocator, config, method))
+                    if record is None:
+                        row += ["", ""]
+                        continue
+                    ratio = record.get("ratio_to_plain_backward")
+                    ratio_text = "" if ratio is None else f"{ratio:.2f}"
+                    row += [f"{record['median_s'] * 1e3:.2f}", ratio_text]
+                    if peak is None and record.get("peak_mem_mb") is not None:
+                        peak = record["peak_mem_mb"]
+                row.append("" if peak is None else f"{peak:.0f}")
+                if any(row[2:]):
+                    writer.writerow(row)
+    return path
+
+
+def write_targets_csv(results: dict, path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["Target", "Method", "Allocator", "Met", "Worst (configuration)", "Required"]
+        )
+        for row in evaluate_targets(results):
+            writer.writerow(
+                [
+                    row["target"],
+                    row["method"],
+                    row["allocator"],
+                    f"{'yes' if row['met'] == row['checked'] else 'no'} "
+                    f"({row['met']}/{row['checked']})",
+                    f"{row['worst']} ({row['worst_config']})",
+                    row["required"],
+                ]
+            )
+    return path
+
+
+def plot_setting(results: dict, allocator: str, path: Path) -> Path:
+    """One panel per configuration: every method's median time relative to plain_backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in results["records"] if r["allocator"] == allocator]
+    index = _index(records)
+    configs, methods = _configs(records), _methods(records)
+    device = results["meta"].get("device_name") or results["meta"]["device"]
+    fig, axes = plt.subplots(
+        1, len(configs), figsize=(2.6 * len(configs) + 1.6, 4.4), sharey=True, squeeze=False
+    )
+    for ax, config in zip(axes[0], configs):
+        values, colors, labels = [], [], []
+        for method in methods:
+            record = index.get((allocator, config, method))
+            values.append(record["ratio_to_plain_backward"] if record else float("nan"))
+            colors.append(COLORS.get(method, "#777777"))
+            labels.append(f"{record['median_s'] * 1e3:.1f} ms" if record else "")
+        positions = range(len(methods))
+        ax.barh(positions, values, color=colors)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        finite = [v for v in values if v == v]
+        ax.set_xlim(min(finite) / 1.6, max(finite) * 6)
+        for y, (value, label) in enumerate(zip(values, labels)):
+            if value == value:
+                ax.text(value * 1.08, y, label, va="center", fontsize=7)
+        plain_ms = index[(allocator, config, "plain_backward")]["median_s"] * 1e3
+        ax.set_title(f"{config}\nplain {plain_ms:.2f} ms", fontsize=9)
+        ax.set_xlabel("time / plain_backward", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].invert_yaxis()
+    setting = "THP_MEM_ALLOC_ENABLE=1" if allocator == "thp" else "default allocator"
+    fig.suptitle(
+        f"Median step time relative to one plain forward+backward ({device}, {setting})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict, folder: Path) -> list[Path]:
+    """Write every figure and table for the device of ``results`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = results["meta"]["device"]
+    written = [
+        write_results_csv(results, folder / f"{device}_results.csv"),
+        write_targets_csv(results, folder / f"{device}_targets.csv"),
+    ]
+    for allocator in _allocators(results["records"]):
+        written.append(plot_setting(results, allocator, folder / f"{device}_{allocator}.png"))
+    return written

@@ -1,0 +1,348 @@
+"""Check and time every method on every configuration; write results.json and the figures.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.run [--quick] [--device cpu|cuda] [--out benchmarks/results.json]
+
+The parent process runs the benchmark twice, each time in a fresh subprocess: once with torch's
+default CPU allocator and once with ``THP_MEM_ALLOC_ENABLE=1`` (torch then backs large allocations
+with transparent huge pages; the variable is read once per process, hence the subprocess). On
+CUDA only the default setting is run: the variable concerns host memory.
+
+Inside one subprocess, for each configuration:
+
+1. every method runs once and its result is checked against the naive per-example loop
+   (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
+2. every method is warmed up, then the methods are timed round-robin (one step of each, repeated
+   ``--runs`` times), so that a change in the machine's load hits all of them alike;
+3. one more step of each method measures its peak extra memory.
+
+A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
+page (``docs/_static/benchmarks``). ``--quick`` runs three small configurations and writes under
+``benchmarks/_scratch/`` so it never overwrites the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks import methods as bm
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_RUNS, FULL_WARMUP = 15, 3
+QUICK_RUNS, QUICK_WARMUP = 7, 2
+ALLOCATORS = {"default": None, "thp": "1"}
+"""Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Set the process's peak resident memory (VmHWM) back to its current size (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mb(method: bm.Method) -> float | None:
+    """Peak memory of one step above what the process held before it, plus the kept workspace.
+
+    On CPU this is the rise of the resident set (``VmHWM`` after ``clear_refs``), on CUDA the rise
+    of ``torch.cuda.max_memory_allocated``. Buffers a method keeps across steps (``out=``
+    workspaces) count too, since the method needs them.
+    """
+    device = method.problem.device
+    method.reset()
+    gc.collect()
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        method.step()
+        _synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - base
+    else:
+        if not _reset_peak_rss():
+            return None
+        base = _proc_status_kib("VmRSS") * 1024
+        method.step()
+        extra = _proc_status_kib("VmHWM") * 1024 - base
+    return (max(extra, 0) + method.workspace_bytes) / 2**20
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def benchmark_config(
+    config: bm.Config,
+    device: torch.device,
+    runs: int,
+    warmup: int,
+    method_names: list[str],
+    allocator: str,
+    progress=None,
+) -> list[dict]:
+    """Check, warm up, time and measure every method on one configuration.
+
+    Returns:
+        One record per method (see the module docstring of :mod:`benchmarks` and
+        ``benchmarks/README.md`` for the fields).
+    """
+    problem = bm.Problem(config, device)
+    methods = [bm.METHODS[name](problem) for name in method_names]
+    deviations = {}
+    for method in methods:
+        method.reset()
+        method.step()
+        _synchronize(device)
+        deviations[method.name] = bm.check(method)
+        method.reset()
+    problem.reference = None  # n * P floats no longer needed: free them before timing
+    for method in methods:
+        for _ in range(warmup):
+            method.reset()
+            method.step()
+    _synchronize(device)
+
+    times: dict[str, list[float]] = {method.name: [] for method in methods}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(runs):
+            for method in methods:
+                method.reset()
+                _synchronize(device)
+                start = time.perf_counter()
+                method.step()
+                _synchronize(device)
+                times[method.name].append(time.perf_counter() - start)
+                if progress is not None:
+                    progress.update(1)
+            gc.collect()
+    finally:
+        gc.enable()
+    peaks = {method.name: peak_extra_mb(method) for method in methods}
+    for method in methods:
+        method.reset()
+
+    plain = statistics.median(times["plain_backward"]) if "plain_backward" in times else None
+    records = []
+    for method in methods:
+        samples = times[method.name]
+        median = statistics.median(samples)
+        record = {
+            "config": config.label,
+            "method": method.name,
+            "median_s": median,
+            "min_s": min(samples),
+            "max_s": max(samples),
+            "runs": len(samples),
+            "n": config.n,
+            "widths": list(config.widths),
+            "device": device.type,
+            "torch": torch.__version__,
+            "allocator": allocator,
+            "ratio_to_plain_backward": median / plain if plain else None,
+            "num_params": config.num_params,
+            "per_example_mb": config.per_example_mb,
+            "threads": torch.get_num_threads(),
+            "check_deviation": deviations[method.name],
+            "times_s": samples,
+        }
+        if peaks[method.name] is not None:
+            record["peak_mem_mb"] = peaks[method.name]
+        records.append(record)
+    return records
+
+
+def run_setting(args: argparse.Namespace) -> dict:
+    """Benchmark every configuration under the allocator setting of this process."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine.")
+    expected = ALLOCATORS[args.child]
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") != expected:
+        raise SystemExit(f"allocator {args.child!r} needs THP_MEM_ALLOC_ENABLE={expected}.")
+    from tqdm import tqdm
+
+    configs = [bm.config_by_label(label) for label in args.configs]
+    method_names = list(bm.METHODS) if args.methods is None else args.methods
+    load_before = os.getloadavg()
+    records = []
+    with tqdm(
+        total=len(configs) * len(method_names) * args.runs,
+        desc=f"{device.type}/{args.child}",
+        unit="step",
+        dynamic_ncols=True,
+    ) as progress:
+        for config in configs:
+            progress.set_postfix_str(config.label)
+            records += benchmark_config(
+                config, device, args.runs, args.warmup, method_names, args.child, progress
+            )
+    return {
+        "allocator": args.child,
+        "device_name": device_name(device),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "records": records,
+    }
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("opacus", "backpack-for-pytorch", "goodfellow"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:  # noqa: BLE001 - a missing peer is reported, not fatal here
+            versions[package] = None
+    return versions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="three small configurations, 7 runs")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=None, help="where to write the results JSON")
+    parser.add_argument("--figures-dir", type=Path, default=None, help="where figures/tables go")
+    parser.add_argument("--runs", type=int, default=None, help="timed steps per method (>= 7)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first")
+    parser.add_argument("--configs", nargs="+", default=None, help="labels, e.g. mnist-mlp/n512")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(bm.METHODS))
+    parser.add_argument(
+        "--allocators", nargs="+", default=None, choices=list(ALLOCATORS),
+        help="allocator settings to run (default: both on CPU, default only on CUDA)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="do not benchmark: redraw the figures and tables from an existing --out",
+    )
+    parser.add_argument("--child", choices=list(ALLOCATORS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    scratch = REPO / "benchmarks" / "_scratch"
+    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    if args.out is None:
+        args.out = (
+            scratch / f"results{suffix}_quick.json"
+            if args.quick
+            else REPO / "benchmarks" / f"results{suffix}.json"
+        )
+    if args.figures_dir is None:
+        args.figures_dir = (
+            scratch / "figures" if args.quick else REPO / "docs" / "_static" / "benchmarks"
+        )
+    if args.runs is None:
+        args.runs = QUICK_RUNS if args.quick else FULL_RUNS
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else FULL_WARMUP
+    if args.configs is None:
+        args.configs = [c.label for c in (bm.QUICK_CONFIGS if args.quick else bm.CONFIGS)]
+    for label in args.configs:
+        bm.config_by_label(label)
+    if args.allocators is None:
+        args.allocators = list(ALLOCATORS) if args.device == "cpu" else ["default"]
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    from benchmarks import report
+
+    if args.child is not None:
+        result = run_setting(args)
+        args.out.write_text(json.dumps(result))
+        return
+    if not args.report_only:
+        settings = []
+        for allocator in args.allocators:
+            env = dict(os.environ)
+            env.pop("THP_MEM_ALLOC_ENABLE", None)
+            if ALLOCATORS[allocator] is not None:
+                env["THP_MEM_ALLOC_ENABLE"] = ALLOCATORS[allocator]
+            with tempfile.TemporaryDirectory() as tmp:
+                child_out = Path(tmp) / "setting.json"
+                command = [
+                    sys.executable, "-m", "benchmarks.run", "--child", allocator,
+                    "--device", args.device, "--out", str(child_out),
+                    "--runs", str(args.runs), "--warmup", str(args.warmup),
+                    "--configs", *args.configs,
+                ]
+                if args.methods is not None:
+                    command += ["--methods", *args.methods]
+                subprocess.run(command, env=env, cwd=REPO, check=True)
+                settings.append(json.loads(child_out.read_text()))
+        results = {
+            "meta": {
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "device": args.device,
+                "device_name": settings[0]["device_name"],
+                "cpu_count": os.cpu_count(),
+                "threads": torch.get_num_threads(),
+                "versions": _versions(),
+                "quick": args.quick,
+                "runs": args.runs,
+                "warmup": args.warmup,
+                "load_average": {
+                    s["allocator"]: [s["load_average_before"], s["load_average_after"]]
+                    for s in settings
+                },
+            },
+            "records": [record for s in settings for record in s["records"]],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    results = json.loads(args.out.read_text())
+    written = report.write_all(results, args.figures_dir)
+    for path in written:
+        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    print(report.targets_text(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Smoke tests of the benchmark: every method computes the right numbers, records have their fields.
+
+No timing is asserted; the configurations are tiny and in float64, where every method must agree
+with an independent reference (``torch.func``) to ``TOLERANCES[torch.float64]``.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import benchmarks
+import goodfellow as gf
+from benchmarks import methods as bm
+from benchmarks import report
+from benchmarks.run import benchmark_config, parse_args, peak_extra_mb
+from tests.conftest import TOLERANCES
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = bm.Config("tiny", (5, 4, 3), 6)
+DEEP_TINY = bm.Config("deep-tiny", (3, 4, 4, 4, 2), 5)
+RECORD_FIELDS = {
+    "config": str,
+    "method": str,
+    "median_s": float,
+    "min_s": float,
+    "max_s": float,
+    "runs": int,
+    "n": int,
+    "widths": list,
+    "device": str,
+    "torch": str,
+    "allocator": str,
+}
+
+
+def test_benchmarks_package_is_this_repositorys():
+    # Opacus' wheel installs a top-level package named `benchmarks` too; ours must win.
+    assert Path(benchmarks.__file__).resolve().parent == REPO / "benchmarks"
+
+
+@pytest.fixture(scope="module", params=[TINY, DEEP_TINY], ids=lambda c: c.name)
+def problem(request):
+    return bm.Problem(request.param, dtype=torch.float64, seed=3)
+
+
+def independent_reference(problem: bm.Problem) -> list[torch.Tensor]:
+    """Per-example gradients by torch.func, not by the naive loop the benchmark checks against."""
+    return gf.torch_func_per_example_grads(
+        problem.sequential(), problem.loss_fn, problem.inputs, problem.targets
+    )
+
+
+def expected_result(problem: bm.Problem, produces: str):
+    per_example = independent_reference(problem)
+    n = problem.config.n
+    flat = torch.cat([g.reshape(n, -1) for g in per_example], dim=1)  # (n, P)
+    norms = torch.linalg.vector_norm(flat, dim=1)  # (n,)
+    factors = torch.minimum(torch.ones_like(norms), problem.max_norm / norms)  # (n,)
+    return {
+        "per_example": per_example,
+        "batch": [g.sum(0) for g in per_example],
+        "norms": [norms],
+        "clipped_mean": [torch.einsum("n,n...->...", factors, g) / n for g in per_example],
+    }[produces]
+
+
+@pytest.mark.parametrize("name", list(bm.METHODS))
+def test_method_agrees_with_torch_func(problem, name):
+    method = bm.METHODS[name](problem)
+    method.reset()
+    method.step()
+    if method.produces == "write":
+        buffer = method.result()
+        assert buffer.numel() == problem.config.n * problem.config.num_params
+        assert torch.all(buffer == bm.WRITE_VALUE)
+        return
+    actual = method.result()
+    actual = [actual] if isinstance(actual, torch.Tensor) else list(actual)
+    expected = expected_result(problem, method.produces)
+    assert len(actual) == len(expected)
+    tolerance = dict(TOLERANCES[torch.float64])
+    # Opacus clips with C / (norm + 1e-6): a deliberate deviation the check allows for.
+    tolerance["atol"] += method.approximation * max(float(e.abs().max()) for e in expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **tolerance)
+    assert bm.check(method) <= 1e-10 + method.approximation
+
+
+@pytest.mark.parametrize("name", ["goodfellow_backprop", "norms_only", "clipped_mean", "opacus"])
+def test_check_catches_a_wrong_result(problem, name):
+    method = bm.METHODS[name](problem)
+    method.step()
+    result = method.result()
+    first = result if isinstance(result, torch.Tensor) else result[0]
+    first.view(-1)[0] += 1.0
+    with pytest.raises(AssertionError, match="deviates from the naive loop"):
+        bm.check(method)
+
+
+def test_reset_drops_results_and_steps_give_fresh_ones(problem):
+    method = bm.METHODS["plain_backward"](problem)
+    method.step()
+    first = [g.clone() for g in method.result()]
+    method.reset()
+    assert all(g is None for g in method.result())
+    method.step()
+    for a, b in zip(method.result(), first):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    n=st.integers(1, 6),
+    max_norm=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_clipped_mean_grads_matches_clipping_each_gradient(widths, n, max_norm, seed):
+    torch.manual_seed(seed)
+    mlp = gf.MLP(widths[0], widths[1:-1], widths[-1]).double()
+    inputs = torch.randn(n, widths[0], dtype=torch.float64)
+    targets = torch.randn(n, widths[-1], dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    prediction, activations, linear_combs = mlp(inputs)
+    linear_grads = torch.autograd.grad(loss_fn(prediction, targets), linear_combs)
+    actual = bm.clipped_mean_grads([a.detach() for a in activations], linear_grads, max_norm)
+
+    per_example = gf.torch_func_per_example_grads(mlp, loss_fn, inputs, targets)
+    norms = torch.cat([g.reshape(n, -1) for g in per_example], 1).norm(dim=1)  # (n,)
+    expected = []
+    for g in per_example:
+        clipped = [g[i] * min(1.0, max_norm / float(norms[i])) for i in range(n)]
+        expected.append(torch.stack(clipped).mean(0))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOLERANCES[torch.float64])
+
+
+def test_records_have_the_schema_and_report_is_written(tmp_path):
+    names = ["plain_backward", "write_floor", "goodfellow_backprop", "norms_only", "backpack"]
+    records = benchmark_config(TINY, torch.device("cpu"), 2, 1, names, "default")
+    assert [r["method"] for r in records] == names
+    for record in records:
+        for field, kind in RECORD_FIELDS.items():
+            assert isinstance(record[field], kind), field
+        assert record["config"] == "tiny/n6" and record["n"] == 6 and record["widths"] == [5, 4, 3]
+        assert record["runs"] == 2 == len(record["times_s"])
+        assert record["min_s"] <= record["median_s"] <= record["max_s"]
+        assert record["device"] == "cpu" and record["torch"] == torch.__version__
+        assert record["check_deviation"] <= 1e-4
+        if "peak_mem_mb" in record:
+            assert record["peak_mem_mb"] >= 0
+    plain = records[0]
+    assert plain["ratio_to_plain_backward"] == 1.0
+
+    results = {"meta": {"device": "cpu", "device_name": "test"}, "records": records}
+    json.dumps(results)  # serializable as written by run.py
+    written = report.write_all(results, tmp_path)
+    assert {p.name for p in written} == {"cpu_results.csv", "cpu_targets.csv", "cpu_default.png"}
+    table = (tmp_path / "cpu_results.csv").read_text().splitlines()
+    assert table[0].startswith("Configuration,Method,default: median ms")
+    assert len(table) == 1 + len(names)
+    targets = report.evaluate_targets(results)
+    assert {row["method"] for row in targets} >= {"goodfellow_backprop", "norms_only"}
+    assert all(0 <= row["met"] <= row["checked"] for row in targets)
+
+
+def test_workspace_counts_in_peak_memory():
+    problem = bm.Problem(TINY)
+    method = bm.METHODS["goodfellow_backprop"](problem)
+    assert method.workspace_bytes == TINY.n * TINY.num_params * 4
+    peak = peak_extra_mb(method)
+    assert peak is None or peak >= method.workspace_bytes / 2**20
+
+
+def test_targets_are_judged_from_the_numbers():
+    def record(method, median, allocator="default", config="mnist-mlp/n512"):
+        return {
+            "config": config, "method": method, "median_s": median, "allocator": allocator,
+            "per_example_mb": 100.0, "peak_mem_mb": 1.0,
+        }
+
+    records = [
+        record("plain_backward", 1.0), record("write_floor", 1.0),
+        record("goodfellow_backprop", 2.5), record("backpack", 4.0), record("opacus", 9.0),
+        record("norms_only", 1.1), record("clipped_mean", 1.5),
+        record("opacus_ghost_clipping", 1.4),
+    ]
+    rows = {(r["target"], r["method"]): r for r in report.evaluate_targets({"records": records})}
+
+    def row(start, method):
+        (match,) = [r for (t, m), r in rows.items() if t.startswith(start) and m == method]
+        return match
+
+    assert row("materialized", "goodfellow_backprop")["met"] == 1  # 2.5 / (1 + 1) = 1.25
+    assert row("2x faster", "goodfellow_backprop")["worst"] == "1.60x"  # 4.0 / 2.5
+    assert row("2x faster", "goodfellow_backprop")["met"] == 0
+    assert row("faster than every peer", "goodfellow_backprop")["met"] == 1
+    assert row("norms_only at most", "norms_only")["met"] == 0  # 1.1
+    assert row("clipped_mean at most", "clipped_mean")["met"] == 1  # 1.5
+    assert row("clipped_mean faster", "clipped_mean")["met"] == 0  # 1.5 vs 1.4
+    assert row("peak extra memory", "norms_only")["met"] == 1  # 1 MB of 100 MB
+
+
+def test_quick_run_never_overwrites_the_committed_results():
+    quick = parse_args(["--quick"])
+    assert "_scratch" in quick.out.parts and "_scratch" in quick.figures_dir.parts
+    assert quick.runs >= 7 and [c for c in quick.configs] == [c.label for c in bm.QUICK_CONFIGS]
+    full = parse_args([])
+    assert full.out == REPO / "benchmarks" / "results.json"
+    assert full.runs >= 7 and full.allocators == ["default", "thp"]
+    assert parse_args(["--device", "cuda"]).allocators == ["default"]
+
+
+def test_unknown_configuration_is_refused():
+    with pytest.raises(ValueError, match="unknown configuration 'mnist/n7'"):
+        parse_args(["--configs", "mnist/n7"])
