@@ -169,26 +169,27 @@ def fit_jacobian(dx: Tensor, df: Tensor) -> Tensor:
     :math:`\kappa(dX)`, not :math:`\kappa(dX)^2`.
 
     Args:
-        dx: Input perturbations, one per row, shape ``(k, m)``.
-        df: The matching output changes, shape ``(k, p)``.
+        dx: Input perturbations, one per row, shape ``(k, m)``, or a stack of such problems
+            ``(..., k, m)``.
+        df: The matching output changes, shape ``(k, p)`` or ``(..., k, p)``.
 
     Returns:
-        Tensor of shape ``(p, m)``: :math:`\hat J`, exact when ``df = dx @ J.T`` and ``dx``
-        has rank ``m``.
+        Tensor of shape ``(p, m)`` (or ``(..., p, m)``): :math:`\hat J`, exact when
+        ``df = dx @ J.T`` and ``dx`` has rank ``m``.
 
     Raises:
         TypeError: If ``dx`` or ``df`` is not a floating-point tensor.
-        ValueError: If they are not 2-D, have different numbers of rows, dtypes or devices, or
-            hold non-finite values.
+        ValueError: If they have fewer than 2 dimensions, different leading shapes or numbers of
+            rows, dtypes or devices, or hold non-finite values.
     """
     _check_pairs(dx, df)
-    return (torch.linalg.pinv(dx) @ df).T  # (m, k) @ (k, p) -> (m, p) -> (p, m)
+    return (torch.linalg.pinv(dx) @ df).mT  # (..., m, k) @ (..., k, p) -> (..., p, m)
 
 
 def _random_directions(
-    num: int, m: int, like: Tensor, generator: torch.Generator | None
+    count: int, num: int, m: int, like: Tensor, generator: torch.Generator | None
 ) -> Tensor:
-    """``num`` random unit directions in R^m, orthonormal in blocks of ``m``.
+    """``count`` sets of ``num`` random unit directions in R^m, orthonormal in blocks of ``m``.
 
     Each block is the Q factor of a Gaussian matrix, signs fixed so the block is Haar-distributed:
     it spans the same uniformly random subspace as the Gaussian vectors (same error statistics),
@@ -199,11 +200,42 @@ def _random_directions(
     blocks = []
     for start in range(0, num, m):
         size = min(m, num - start)
-        gaussian = torch.randn(m, size, generator=generator, dtype=like.dtype, device=device)
-        q, r = torch.linalg.qr(gaussian)  # (m, size), (size, size)
-        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)  # (size,)
-        blocks.append((q * signs).T)  # (size, m)
-    return torch.cat(blocks).to(like.device)  # (num, m)
+        gaussian = torch.randn(
+            count, m, size, generator=generator, dtype=like.dtype, device=device
+        )  # (count, m, size)
+        q, r = torch.linalg.qr(gaussian)  # (count, m, size), (count, size, size)
+        signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)  # (count, size)
+        blocks.append((q * signs.unsqueeze(1).to(q.dtype)).mT)  # (count, size, m)
+    return torch.cat(blocks, dim=1).to(like.device)  # (count, num, m)
+
+
+def _finite_difference_jacobians(
+    evaluate: BlackBox,
+    points: Tensor,
+    num_samples: int,
+    eps: float,
+    central: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Fitted Jacobians at each row of ``points`` (n, m); ``evaluate`` maps (N, m) to (N, p).
+
+    The step actually taken, ``(x + dx) - x`` in floating point, is paired with the output change
+    instead of ``dx``, so the rounding of ``x + dx`` does not enter the estimate.
+    """
+    n, m = points.shape
+    directions = _random_directions(n, num_samples, m, points, generator)  # (n, k, m)
+    base = points.unsqueeze(1)  # (n, 1, m)
+    plus = base + eps * directions  # (n, k, m)
+    if central:
+        minus = base - eps * directions  # (n, k, m)
+        values = evaluate(torch.cat([plus, minus], dim=1).reshape(-1, m))  # (n * 2k, p)
+        f_plus, f_minus = values.reshape(n, 2, num_samples, -1).unbind(1)  # 2 x (n, k, p)
+        dx, df = (plus - minus) / 2, (f_plus - f_minus) / 2  # (n, k, m), (n, k, p)
+    else:
+        values = evaluate(torch.cat([plus, base], dim=1).reshape(-1, m))  # (n * (k + 1), p)
+        values = values.reshape(n, num_samples + 1, -1)  # (n, k + 1, p)
+        dx, df = plus - base, values[:, :-1] - values[:, -1:]  # (n, k, m), (n, k, p)
+    return fit_jacobian(dx, df)  # (n, p, m)
 
 
 def estimate_jacobian(
@@ -255,19 +287,13 @@ def estimate_jacobian(
     _check_point(x)
     _check_num_samples(num_samples)
     _check_eps(eps)
-    x = x.detach()
-    directions = _random_directions(num_samples, x.shape[0], x, generator)  # (k, m)
+    evaluate = _PointEvaluator(fun, x)
     with torch.no_grad():
-        plus = x + eps * directions  # (k, m)
-        evaluate = _PointEvaluator(fun, x)
-        f_plus = torch.stack([evaluate(point) for point in plus])  # (k, p)
-        if central:
-            minus = x - eps * directions  # (k, m)
-            f_minus = torch.stack([evaluate(point) for point in minus])  # (k, p)
-            dx, df = (plus - minus) / 2, (f_plus - f_minus) / 2  # (k, m), (k, p)
-        else:
-            dx, df = plus - x, f_plus - evaluate(x)  # (k, m), (k, p)
-        return fit_jacobian(dx, df)  # (p, m)
+        points = x.detach().unsqueeze(0)  # (1, m)
+        jacobians = _finite_difference_jacobians(
+            evaluate, points, num_samples, eps, central, generator
+        )  # (1, p, m)
+    return jacobians[0]
 
 
 def fitted_gradiator(
@@ -279,14 +305,16 @@ def fitted_gradiator(
 ) -> Callable[[Tensor], Tensor]:
     r"""A :func:`gradiator` whose backward fits :math:`J_f(x_i)` afresh at every input.
 
-    The backward calls :func:`estimate_jacobian` at each example (``x`` or each row of a batch)
-    and returns :math:`\bar y_i^\top \hat J_f(x_i)`. Accurate, but each backward costs
-    ``2 * num_samples`` (central) or ``num_samples + 1`` (one-sided) black-box calls per
-    example; :class:`OnlineJacobian` amortizes them across steps.
+    The backward estimates the Jacobian at each example (``x``, or each row of a batch) as
+    :func:`estimate_jacobian` does and returns :math:`\bar y_i^\top \hat J_f(x_i)`. Accurate, but
+    each backward costs ``2 * num_samples`` (central) or ``num_samples + 1`` (one-sided)
+    black-box evaluations per example; :class:`OnlineJacobian` amortizes them across steps. For a
+    batch, all perturbed points go to ``fun`` in one call, an ``(n * 2k, m)`` batch, and the
+    ``n`` least-squares fits are one batched pseudo-inverse.
 
     Args:
-        fun: The black box: ``(m,)`` to ``(p,)`` (the backward calls it on single points) and,
-            if the forward gets batches, ``(n, m)`` to ``(n, p)``.
+        fun: The black box: ``(m,)`` to ``(p,)``, and ``(N, m)`` to ``(N, p)`` if the forward
+            gets batches.
         num_samples: Directions per example; ``None`` (default) uses ``m``, which is exact for
             linear ``fun``.
         eps: Step length, as in :func:`estimate_jacobian`.
@@ -307,20 +335,25 @@ def fitted_gradiator(
     _check_eps(eps)
 
     def grad_fun(x: Tensor, grad_output: Tensor) -> Tensor:
-        points = x.unsqueeze(0) if x.dim() == 1 else x  # (n, m)
-        grads = grad_output.reshape(points.shape[0], -1)  # (n, p)
-        k = points.shape[1] if num_samples is None else num_samples
-        rows = [
-            g @ estimate_jacobian(fun, point, k, eps, central, generator).to(g.dtype)  # (m,)
-            for point, g in zip(points, grads)
-        ]
-        return torch.stack(rows).reshape(x.shape)  # (n, m) or (m,)
+        if not x.is_floating_point():
+            raise TypeError(f"fitted_gradiator needs floating-point inputs, got {x.dtype}.")
+        k = x.shape[-1] if num_samples is None else num_samples
+        if x.dim() == 1:
+            jacobian = estimate_jacobian(fun, x, k, eps, central, generator)  # (p, m)
+            return grad_output @ jacobian.to(grad_output.dtype)  # (m,)
+
+        def evaluate(points: Tensor) -> Tensor:
+            values = _checked_output(fun(points), points, "fun")  # (N, p)
+            _check_finite(values, "fun's output at the perturbed points")
+            return values.to(x.dtype)
+
+        with torch.no_grad():
+            jacobians = _finite_difference_jacobians(
+                evaluate, x.detach(), k, eps, central, generator
+            )  # (n, p, m)
+        return torch.einsum("np,npm->nm", grad_output, jacobians.to(grad_output.dtype))
 
     return gradiator(fun, grad_fun)
-
-
-# ----------------------------------------------------------------------------------------------
-# A Jacobian refined online
 
 
 class OnlineJacobian:
@@ -443,7 +476,7 @@ class OnlineJacobian:
                 when ``m`` or ``p`` differ from ``in_features``/``out_features``.
         """
         _check_pairs(dx, df)
-        if dx.shape[1] != self.in_features or df.shape[1] != self.out_features:
+        if dx.dim() != 2 or dx.shape[1] != self.in_features or df.shape[1] != self.out_features:
             raise ValueError(
                 f"pairs of shapes {tuple(dx.shape)} and {tuple(df.shape)} do not fit a Jacobian "
                 f"of {self.out_features} outputs by {self.in_features} inputs: dx must be "
@@ -494,7 +527,9 @@ class OnlineJacobian:
             points.shape[0], (self.probes_per_call,), generator=generator, device=device
         ).to(x.device)  # (q,)
         base = points[rows]  # (q, m)
-        directions = _random_directions(self.probes_per_call, self.in_features, x, generator)
+        directions = _random_directions(
+            1, self.probes_per_call, self.in_features, x, generator
+        )[0]  # (q, m)
         probes = base + self.eps * directions  # (q, m)
         if x.dim() == 1:  # fun is only known to take single points
             outputs = torch.stack([_checked_output(self.counter(p), p, "fun") for p in probes])
@@ -639,13 +674,14 @@ def _check_pairs(dx: object, df: object) -> None:
         if not isinstance(t, Tensor) or not t.is_floating_point():
             kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
-        if t.dim() != 2:
+        if t.dim() < 2:
             raise ValueError(
                 f"{name} must be 2-D with one pair per row, got shape {tuple(t.shape)}."
             )
-    if dx.shape[0] != df.shape[0]:
+    if dx.shape[:-1] != df.shape[:-1]:
         raise ValueError(
-            f"dx and df must hold one row per pair, got {dx.shape[0]} and {df.shape[0]} rows."
+            f"dx and df must hold one row per pair, got shapes {tuple(dx.shape)} and "
+            f"{tuple(df.shape)} (all but the last dimension must agree)."
         )
     if dx.dtype != df.dtype or dx.device != df.device:
         raise ValueError(
@@ -674,12 +710,15 @@ def _checked_output(y: object, x: Tensor, name: str) -> Tensor:
 
 
 class _PointEvaluator:
-    """Call ``fun`` on single points, checking each output against the first one."""
+    """Evaluate ``fun`` point by point on an ``(N, m)`` stack, checking every output."""
 
     def __init__(self, fun: BlackBox, x: Tensor) -> None:
         self.fun, self.x, self.shape = fun, x, None
 
-    def __call__(self, point: Tensor) -> Tensor:
+    def __call__(self, points: Tensor) -> Tensor:
+        return torch.stack([self._one(point) for point in points])  # (N, p)
+
+    def _one(self, point: Tensor) -> Tensor:
         y = _checked_output(self.fun(point), point, "fun")
         if self.shape is None:
             self.shape = y.shape

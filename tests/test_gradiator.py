@@ -241,6 +241,14 @@ def test_fit_jacobian_exact_and_least_norm():
     torch.testing.assert_close(fit_jacobian(few, few @ A.T), A @ projector, **TOL)
 
 
+def test_fit_jacobian_batched_equals_one_by_one():
+    dx, df = torch.randn(4, 7, 3, dtype=F64), torch.randn(4, 7, 2, dtype=F64)
+    batched = fit_jacobian(dx, df)
+    assert batched.shape == (4, 2, 3)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], fit_jacobian(dx[i], df[i]), **TOL)
+
+
 def test_fit_jacobian_solves_least_squares_with_noise():
     """With more pairs than unknowns the residual is orthogonal to the columns of dx."""
     dx, df = torch.randn(20, 5, dtype=F64), torch.randn(20, 3, dtype=F64)
@@ -444,6 +452,28 @@ def test_fitted_gradiator_vjp_matches_autograd(box, batch):
     torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-6, atol=1e-8)  # O(eps^2) truncation
     n = 1 if batch is None else batch
     assert counter.num_points == n + n * 2 * box.m  # forward, then 2m points per example
+    # A batch's perturbed points go to the black box in one call; a single x's one by one.
+    assert counter.num_calls == (2 if batch else 1 + 2 * box.m)
+
+
+def test_fitted_gradiator_one_sided_batch_matches_autograd():
+    box = make_tanh()
+    x = torch.randn(3, box.m, dtype=F64, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    counter = CallCounter(box.fun())
+    fitted_gradiator(counter, 2 * box.m, eps=1e-7, central=False)(x).sum().backward()
+    box.torch_twin(x_twin).sum().backward()
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-5, atol=1e-6)  # O(eps) truncation
+    assert counter.num_points == 3 + 3 * (2 * box.m + 1)
+
+
+def test_fitted_gradiator_rejects_non_finite_perturbed_outputs():
+    def log_of_first(v):  # finite at the inputs (all 1), nan a step to the left of 0
+        return torch.log(v[..., :1] - 0.9999)
+
+    layer = fitted_gradiator(log_of_first, eps=1e-3)
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(torch.ones(2, 3, dtype=F64, requires_grad=True)).sum().backward()
 
 
 def test_fitted_gradiator_gradcheck_on_linear_map():
