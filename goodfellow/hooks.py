@@ -1,3 +1,652 @@
-"""Placeholder: filled by its own issue."""
+r"""Per-example gradients of any model made of ``nn.Linear`` layers, recorded by hooks.
 
-__all__: list[str] = []
+:class:`goodfellow.MLP` hands out its layers' inputs and outputs because its ``forward`` was
+written to. Any other model can be made to do the same without touching its code: a *forward
+hook* on every ``nn.Linear`` keeps the layer's input :math:`a`, and a *tensor hook* on the layer's
+output :math:`Z` receives :math:`\partial \mathcal{L} / \partial Z` during ``loss.backward()``.
+
+A Linear layer may be applied at several positions ``t`` of an example (an input of shape
+``(n, ..., d_in)``) and several times in one forward (calls ``c``). Example :math:`i` only touches
+its own rows, so with :math:`\delta_{c,i,t} = \partial L_i / \partial Z_{c,i,t}`
+
+.. math::
+
+    \frac{\partial L_i}{\partial W} = \sum_{c} \sum_{t} \delta_{c,i,t}\, a_{c,i,t}^\top,
+    \qquad
+    \frac{\partial L_i}{\partial b} = \sum_{c} \sum_{t} \delta_{c,i,t}.
+
+Stacking all calls along the position axis turns the double sum into one batched outer product,
+:func:`goodfellow.batched_outer` (the same code :func:`goodfellow.goodfellow_backprop` uses).
+
+The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
+:math:`\mathcal{L}`. For ``loss_reduction="sum"`` (:math:`\mathcal{L} = \sum_i L_i`) that is already
+:math:`\delta_i`; for ``"mean"`` (:math:`\mathcal{L} = \frac1n \sum_i L_i`) it is
+:math:`\delta_i / n`, and it must be multiplied by :math:`n` (see
+:func:`goodfellow.batch_size_factor`). Multiplying by :math:`n` unconditionally, as many EKFAC
+codes do, is right for a mean and wrong by a factor :math:`n` for a sum.
+
+Why tensor hooks and not module backward hooks: the legacy ``register_backward_hook`` reports
+the gradients of whatever autograd node ran last inside the module (for a Linear on a 3-d input,
+a reshape), and ``register_full_backward_hook`` wraps the output in a custom function whose
+result cannot be modified in place, so ``nn.ReLU(inplace=True)`` after a Linear raises. A hook
+registered on the output tensor before an in-place operation receives the gradient with respect
+to the value it had when the hook was registered: exactly
+:math:`\partial\mathcal{L}/\partial Z`.
+
+What is needed for the results to be per-example gradients: every Linear sees the batch on
+dimension 0, and nothing in the model mixes the examples of a batch (BatchNorm in training mode
+does, and is refused). Parameters of a Linear used outside its own ``forward`` (for instance
+through ``F.linear(x, layer.weight)``) are not seen by the hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from goodfellow.backprop import batch_size_factor, batched_outer
+
+__all__ = ["LayerRecord", "PerExampleGradients"]
+
+_LINEAR_PARAMETERS = ("weight", "bias")
+
+
+def _display(name: str) -> str:
+    """A module's qualified name for messages (the root module has the empty name)."""
+    return f"'{name}'" if name else "the model itself"
+
+
+class LayerRecord:
+    r"""What one ``nn.Linear`` saw during the current batch: its inputs and output gradients.
+
+    One record per Linear module lives in :attr:`goodfellow.PerExampleGradients.layers` for
+    as long as the recorder exists; its lists are emptied when a new batch starts. Entry ``c``
+    of both lists belongs to the ``c``-th call of the module in the forward (a module applied
+    twice has two).
+
+    Attributes:
+        name: The module's qualified name, as in ``model.named_modules()`` (``""`` for the root).
+        module: The ``nn.Linear`` itself.
+        inputs: One tensor per call, the layer's input :math:`a`, shape ``(n, ..., d_in)``.
+        grad_outputs: One entry per call, :math:`\partial \mathcal{L} / \partial Z` of the
+            *batch* loss exactly as autograd passed it, shape ``(n, ..., d_out)``; not multiplied
+            by the batch-size factor. ``None`` until the backward reaches that call (and for a call
+            whose output does not reach the loss).
+    """
+
+    def __init__(self, name: str, module: nn.Linear, owner: PerExampleGradients) -> None:
+        self.name = name
+        self.module = module
+        self.inputs: list[Tensor] = []
+        self.grad_outputs: list[Tensor | None] = []
+        self._owner = owner
+
+    @property
+    def num_calls(self) -> int:
+        """How many times the module ran in the current batch's forward."""
+        return len(self.inputs)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The number of examples ``n`` of the current batch, ``None`` before any call."""
+        return self.inputs[0].shape[0] if self.inputs else None
+
+    @property
+    def scale(self) -> int:
+        """The batch-size factor: ``1`` for ``"sum"``, ``n`` for ``"mean"``.
+
+        Raises:
+            RuntimeError: If the module has not run in the current batch.
+        """
+        if self.batch_size is None:
+            raise RuntimeError(
+                f"Linear {_display(self.name)} has not run in the current batch: run the "
+                "model's forward while the recorder is attached."
+            )
+        return batch_size_factor(self._owner.loss_reduction, self.batch_size)
+
+    @property
+    def per_example_grad_outputs(self) -> list[Tensor]:
+        r"""Each example's own output gradients :math:`\delta = \partial L_i / \partial Z_i`.
+
+        ``grad_outputs`` multiplied by :attr:`scale`, one tensor per call of shape
+        ``(n, ..., d_out)``. A call whose output did not reach the loss has zero gradient.
+        Computed on every access (a cheap ``(n, ..., d_out)`` product).
+
+        Raises:
+            RuntimeError: If no ``loss.backward()`` has been recorded since the last forward.
+        """
+        self._owner._require_backward()
+        scale = self.scale
+        deltas = []
+        for a, g in zip(self.inputs, self.grad_outputs):
+            if g is None:
+                shape = (*a.shape[:-1], self.module.out_features)
+                deltas.append(torch.zeros(shape, dtype=a.dtype, device=a.device))
+            else:
+                deltas.append(g * scale)  # (n, ..., d_out)
+        return deltas
+
+    def clear(self) -> None:
+        """Forget the current batch (new lists, so references to the old ones stay intact)."""
+        self.inputs = []
+        self.grad_outputs = []
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerRecord(name={self.name!r}, module={self.module!r}, "
+            f"num_calls={self.num_calls}, batch_size={self.batch_size})"
+        )
+
+
+class PerExampleGradients:
+    r"""Record per-example gradients of every ``nn.Linear`` of a model during its own backward.
+
+    Used as a context manager around the ordinary training code::
+
+        with PerExampleGradients(model, loss_reduction="mean") as pe:
+            loss = nn.functional.cross_entropy(model(x), y)  # reduction="mean"
+            loss.backward()
+        pe.grads["fc1.weight"]  # (n, out, in): row i is the gradient of example i's own loss
+
+    or attached for many steps (what an optimizer such as KFAC/EKFAC does)::
+
+        pe = PerExampleGradients(model).attach()
+        for x, y in loader:
+            loss_fn(model(x), y).backward()   # each forward of the model starts a new batch
+            use(pe.layers)                    # inputs and output gradients of every Linear
+        pe.detach()
+
+    Batches. A batch is everything between a backward and the next one: it starts at
+    :meth:`attach` (``__enter__``) and with the first forward after a recorded backward, and the
+    previous batch's records and cached gradients are then dropped, so results are never stale
+    and memory does not grow over a training loop. All forwards before a backward belong to the
+    batch (the model may be called several times for one loss, like a Linear inside it) and must
+    have the same number of examples. Forwards under ``torch.no_grad()`` or inside ``torch.func``
+    transforms are not recorded, so evaluation in between is fine; a forward whose output never
+    reaches the backward contributes zero. Read what you need from one batch before running the
+    model on the next.
+
+    Nothing per-example is materialized unless asked for: :attr:`grads` is computed on first
+    access and cached for the batch; :attr:`layers` costs only references to tensors autograd
+    computes anyway.
+
+    Args:
+        model: Any ``nn.Module`` whose parameters all belong to ``nn.Linear`` layers (other
+            modules may hold parameters only if they are frozen, ``requires_grad=False``).
+        loss_reduction: How the batch loss is reduced over examples, as in
+            :func:`goodfellow.goodfellow_backprop`: ``"sum"`` (:math:`\sum_i L_i`) or ``"mean"``
+            (:math:`\frac1n \sum_i L_i`; torch losses' default).
+        reuse_buffers: If ``True``, :attr:`grads` writes each batch into the tensors it returned
+            for the previous batch when their shapes still fit (saving the allocation of
+            ``n * P`` numbers per step); tensors from an earlier batch are then overwritten.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``reuse_buffers`` not a bool.
+        ValueError: If ``loss_reduction`` is not ``"sum"`` or ``"mean"``.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_reduction: str = "sum", reuse_buffers: bool = False
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
+                "whose Linear layers should be recorded."
+            )
+        batch_size_factor(loss_reduction, 1)  # raises ValueError for an unknown reduction
+        if not isinstance(reuse_buffers, bool):
+            raise TypeError(f"reuse_buffers must be True or False, got {reuse_buffers!r}.")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.reuse_buffers = reuse_buffers
+        self.layers: dict[str, LayerRecord] = {}
+        """Module name -> :class:`LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
+        self._owners: dict[str, list[tuple[LayerRecord, str]]] = {}
+        self._batchnorms: list[tuple[str, _BatchNorm]] = []
+        self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tensor_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False
+        self._generation = 0
+        self._batch_size: int | None = None
+        self._backward_seen = False
+        self._grads: dict[str, Tensor] | None = None
+        self._workspace: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ attaching and detaching
+
+    def attach(self) -> PerExampleGradients:
+        """Check the model, register the hooks and start recording.
+
+        Returns:
+            ``self``, so that ``pe = PerExampleGradients(model).attach()`` works.
+
+        Raises:
+            ValueError: If a module other than ``nn.Linear`` holds trainable parameters, a
+                BatchNorm is in training mode, or the model has no ``nn.Linear``.
+            RuntimeError: If already attached.
+        """
+        if self._attached:
+            raise RuntimeError(
+                "this PerExampleGradients is already attached; detach() it (or leave its "
+                "`with` block) before attaching it again."
+            )
+        self._inspect_model()
+        self._module_handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        for record in self.layers.values():
+            handle = record.module.register_forward_hook(
+                self._forward_hook_for(record), with_kwargs=True
+            )
+            self._module_handles.append(handle)
+        self._attached = True
+        self.clear()
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this object registered; what was recorded stays readable.
+
+        Safe to call more than once. A backward run after :meth:`detach` records nothing.
+        """
+        for handle in self._module_handles + self._tensor_handles:
+            handle.remove()
+        self._module_handles = []
+        self._tensor_handles = []
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model."""
+        return self._attached
+
+    def __enter__(self) -> PerExampleGradients:
+        return self.attach()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.detach()
+
+    def clear(self) -> None:
+        """Start a new batch now: drop the records and cached gradients (keep the workspace).
+
+        A backward through a forward run before :meth:`clear` raises ``RuntimeError``.
+        """
+        self._generation += 1  # the tensor hooks of earlier forwards are now stale
+        for record in self.layers.values():
+            record.clear()
+        self._tensor_handles = []
+        self._batch_size = None
+        self._backward_seen = False
+        self._grads = None
+
+    def _inspect_model(self) -> None:
+        """Find the Linear layers and refuse every module the recorder cannot handle."""
+        layers: dict[str, LayerRecord] = {}
+        batchnorms: list[tuple[str, _BatchNorm]] = []
+        for name, module in self.model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if isinstance(module, _BatchNorm):
+                batchnorms.append((name, module))
+                _refuse_training_batchnorm(name, module)
+            if isinstance(module, nn.Linear):
+                _check_linear(name, module, own)
+                kept = self.layers.get(name)  # keep records others hold across re-attaching
+                fits = kept is not None and kept.module is module
+                layers[name] = kept if fits else LayerRecord(name, module, self)
+                continue
+            trainable = [p_name for p_name, p in own.items() if p.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"module {_display(name)} ({type(module).__name__}) holds trainable "
+                    f"parameters {trainable}, but PerExampleGradients records only nn.Linear "
+                    "layers, so their per-example gradients would be missing; freeze them "
+                    "(requires_grad_(False)), or use goodfellow.torch_func_per_example_grads "
+                    "for such models."
+                )
+        if not layers:
+            raise ValueError(
+                f"the model ({type(self.model).__name__}) has no nn.Linear layer: there is "
+                "nothing for PerExampleGradients to record."
+            )
+        owner_of = {id(p): p_name for p_name, p in self.model.named_parameters()}
+        owners: dict[str, list[tuple[LayerRecord, str]]] = {}
+        for record in layers.values():
+            for kind in _LINEAR_PARAMETERS:
+                param = getattr(record.module, kind)
+                if param is not None and param.requires_grad:
+                    owners.setdefault(owner_of[id(param)], []).append((record, kind))
+        # In the order of model.named_parameters(), which is the order users expect.
+        order = {p_name: index for index, p_name in enumerate(owner_of.values())}
+        self._owners = dict(sorted(owners.items(), key=lambda item: order[item[0]]))
+        self.layers = layers
+        self._batchnorms = batchnorms
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the model: BatchNorm may have been put in training mode since."""
+        if torch.is_grad_enabled():
+            for name, batchnorm in self._batchnorms:
+                _refuse_training_batchnorm(name, batchnorm)
+
+    def _forward_hook_for(self, record: LayerRecord) -> Callable[..., None]:
+        """The forward hook of one Linear: keep its input, hook its output's gradient."""
+
+        def forward_hook(module: nn.Linear, args: tuple, kwargs: dict, output: Tensor) -> None:
+            if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
+                return  # no backward of ours can come through this call
+            if self._backward_seen:
+                self.clear()
+            a = args[0] if args else kwargs["input"]
+            if a.dim() < 2:
+                raise ValueError(
+                    f"Linear {_display(record.name)} got an input of shape {tuple(a.shape)} "
+                    "with no batch dimension; per-example gradients need inputs of shape "
+                    "(n, ..., in_features) with the examples on dimension 0."
+                )
+            n = a.shape[0]
+            if self._batch_size is None:
+                self._batch_size = n
+            elif n != self._batch_size:
+                raise ValueError(
+                    f"Linear {_display(record.name)} got {n} examples on dimension 0, but "
+                    f"earlier calls of this batch got {self._batch_size}. Every Linear must see "
+                    "the batch on dimension 0 (batch-first layouts only), and all forwards "
+                    "before a backward belong to one batch: run evaluation under "
+                    "torch.no_grad(), or call clear() to discard forwards without a backward."
+                )
+            call = len(record.inputs)
+            record.inputs.append(a)  # (n, ..., d_in)
+            record.grad_outputs.append(None)
+            hook = self._gradient_hook_for(record, call, self._generation, output.shape)
+            self._tensor_handles.append(_hookable(output).register_hook(hook))
+
+        return forward_hook
+
+    def _gradient_hook_for(
+        self, record: LayerRecord, call: int, generation: int, shape: torch.Size
+    ) -> Callable[[Tensor], None]:
+        """The tensor hook on one call's output: keep dL/dZ of the batch loss."""
+
+        def gradient_hook(grad_output: Tensor) -> None:
+            if not self._attached:
+                return
+            if generation != self._generation:
+                raise RuntimeError(
+                    f"the backward reached the output of Linear {_display(record.name)} from "
+                    "an earlier batch: after a backward (or clear(), or attach()) the next "
+                    "forward starts a new batch and the old records are gone. Call backward "
+                    "on the loss of a forward run since."
+                )
+            if record.grad_outputs[call] is not None:
+                raise RuntimeError(
+                    f"a second backward went through the same forward (Linear "
+                    f"{_display(record.name)}, call {call}); PerExampleGradients records one "
+                    "backward per forward. Run the model again before each backward, or add "
+                    "the losses and call backward once."
+                )
+            grad_output = grad_output.reshape(shape)  # a no-op unless hooked on the 2-d base
+            record.grad_outputs[call] = grad_output  # (n, ..., d_out), dL/dZ of the batch loss
+            self._backward_seen = True
+            self._grads = None
+
+        return gradient_hook
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def batch_size(self) -> int | None:
+        """The number of examples ``n`` of the current batch, ``None`` before a forward."""
+        return self._batch_size
+
+    def _require_backward(self) -> None:
+        """Raise a clear error unless a forward and a backward of this batch were recorded."""
+        if self._batch_size is None:
+            raise RuntimeError(
+                "nothing recorded yet: run the model's forward and loss.backward() while the "
+                "recorder is attached (inside `with PerExampleGradients(model) as pe:`)."
+            )
+        if not self._backward_seen:
+            raise RuntimeError(
+                "a forward was recorded but no backward: call loss.backward() on the loss of "
+                "that forward (while attached) before reading per-example gradients."
+            )
+
+    @property
+    def grads(self) -> dict[str, Tensor]:
+        r"""Per-example gradients of the current batch, computed on first access and cached.
+
+        Returns:
+            Dict from parameter name (as in ``model.named_parameters()``, in that order, for
+            every trainable parameter of every ``nn.Linear``) to a tensor of shape
+            ``(n, *param.shape)`` whose row ``i`` is :math:`\nabla L_i`. With
+            ``reuse_buffers=True`` the tensors are reused (overwritten) by the next batch.
+
+        Raises:
+            RuntimeError: If no forward, or no backward since the last forward, was recorded.
+        """
+        if self._grads is None:
+            out = None
+            if self.reuse_buffers and self._workspace is not None:
+                if not self._differentiable() and _fits(self._workspace, self._specs()):
+                    out = self._workspace
+            grads = self.compute_grads(out=out)
+            if self.reuse_buffers and not self._differentiable():
+                self._workspace = grads
+            self._grads = grads
+        return self._grads
+
+    def compute_grads(self, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Compute the per-example gradients of the current batch (uncached).
+
+        For each parameter, all calls of all Linear layers that use it are stacked along the
+        position axis and reduced by one :func:`goodfellow.batched_outer`
+        (``einsum("nto,nti->noi")``: ``n`` example, ``t`` position or call, ``o`` output,
+        ``i`` input feature); the bias gradient is the sum of the scaled output gradients
+        over ``t``.
+
+        If the backward ran with ``create_graph=True``, the result is differentiable (it depends
+        on the recorded inputs and output gradients through autograd).
+
+        Args:
+            out: Optional dict with the same keys as :attr:`grads`, holding preallocated
+                contiguous tensors of shape ``(n, *param.shape)`` in the parameter's dtype and
+                device; the results are written into them (no allocation of the ``n * P``
+                numbers). Keep one such workspace across batches of equal size. Not allowed
+                when the result must be differentiable.
+
+        Returns:
+            Dict from parameter name to its per-example gradients, shape
+            ``(n, *param.shape)`` (the tensors of ``out`` when given).
+
+        Raises:
+            RuntimeError: If no forward, or no backward since the last forward, was recorded.
+            TypeError: If ``out`` is not a dict of tensors.
+            ValueError: If ``out`` has the wrong keys, shapes, dtypes or devices, is not
+                contiguous, or the result must be differentiable.
+        """
+        self._require_backward()
+        differentiable = self._differentiable()
+        if out is not None:
+            _check_out(out, self._specs(), differentiable)
+        n = self._batch_size
+        scale = batch_size_factor(self.loss_reduction, n)
+        grads: dict[str, Tensor] = {}
+        with torch.set_grad_enabled(differentiable):
+            for p_name, owners in self._owners.items():
+                buffer = None if out is None else out[p_name]
+                grads[p_name] = _parameter_grad(owners, scale, n, buffer, differentiable)
+        return grads
+
+    def _differentiable(self) -> bool:
+        """Whether the recorded output gradients carry a graph (backward with create_graph)."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(
+            g is not None and g.requires_grad
+            for record in self.layers.values()
+            for g in record.grad_outputs
+        )
+
+    def _specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
+        """Shape, dtype and device of each result for the current batch."""
+        params = dict(self.model.named_parameters())
+        return {
+            p_name: (
+                (self._batch_size, *params[p_name].shape),
+                params[p_name].dtype,
+                params[p_name].device,
+            )
+            for p_name in self._owners
+        }
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return (
+            f"PerExampleGradients({type(self.model).__name__}, "
+            f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} Linear layers, {state})"
+        )
+
+
+def _parameter_grad(
+    owners: list[tuple[LayerRecord, str]],
+    scale: int,
+    n: int,
+    buffer: Tensor | None,
+    differentiable: bool,
+) -> Tensor:
+    """Per-example gradient of one parameter from every call of every Linear that uses it."""
+    inputs: list[Tensor] = []
+    deltas: list[Tensor] = []
+    kind = owners[0][1]
+    for record, _ in owners:
+        for a, g in zip(record.inputs, record.grad_outputs):
+            if g is None:
+                continue  # this call's output did not reach the loss: it contributes zero
+            if not differentiable:
+                a = a.detach()
+            inputs.append(a)  # (n, ..., i)
+            deltas.append(g * scale if scale != 1 else g)  # (n, ..., o): dL_i/dZ_i
+    param = getattr(owners[0][0].module, kind)
+    if not deltas:
+        shape = (n, *param.shape)
+        if buffer is None:
+            return torch.zeros(shape, dtype=param.dtype, device=param.device)
+        return buffer.zero_()
+    if kind == "weight":
+        if len(deltas) > 1 or deltas[0].dim() > 2:
+            # Several calls and positions are one long position axis t of the same einsum.
+            deltas = [torch.cat([g.reshape(n, -1, g.shape[-1]) for g in deltas], dim=1)]
+            inputs = [torch.cat([a.reshape(n, -1, a.shape[-1]) for a in inputs], dim=1)]
+        return batched_outer(deltas[0], inputs[0], out=buffer)  # (n, o, i)
+    total = deltas[0] if scale != 1 else deltas[0].clone()  # never hand out a record itself
+    if len(deltas) > 1 or total.dim() > 2:
+        total = torch.cat([g.reshape(n, -1, g.shape[-1]) for g in deltas], dim=1).sum(1)
+    if buffer is None:
+        return total  # (n, o)
+    return buffer.copy_(total)  # (n, o)
+
+
+def _is_functorch(tensor: Tensor) -> bool:
+    """Whether a tensor lives inside a ``torch.func`` transform (``vmap``, ``grad``)."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(tensor))
+
+
+def _hookable(output: Tensor) -> Tensor:
+    r"""The tensor whose gradient hook survives in-place operations on a Linear's output.
+
+    For inputs with extra dimensions ``nn.Linear`` returns a *view* of a 2-d
+    ``(n * ..., d_out)`` result. A hook on such a view is silently dropped when the view is
+    later modified in place (``nn.ReLU(inplace=True)``: the view's autograd node is replaced and
+    the hook never fires), while a hook on the 2-d base stays on the node that computed it and
+    receives
+    :math:`\partial\mathcal{L}/\partial Z` as it was before the in-place operation.
+    """
+    base = output._base if output._is_view() else None
+    if base is not None and base.numel() == output.numel() and output.is_contiguous():
+        return base  # (n * ..., d_out), same memory as output
+    return output
+
+
+def _check_linear(name: str, module: nn.Linear, own: dict[str, nn.Parameter]) -> None:
+    """Refuse Linear subclasses whose computation is not ``a @ W.T + b``."""
+    extra = sorted(set(own) - set(_LINEAR_PARAMETERS))
+    if type(module).forward is not nn.Linear.forward or extra:
+        why = f"extra parameters {extra}" if extra else "its own forward"
+        raise ValueError(
+            f"module {_display(name)} ({type(module).__name__}) subclasses nn.Linear with {why}; "
+            "PerExampleGradients handles only the plain a @ W.T + b of nn.Linear."
+        )
+    for p_name, param in own.items():
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"module {_display(name)} ({type(module).__name__}) has the uninitialized "
+                f"parameter {p_name!r}; run one forward of the lazy model before recording."
+            )
+
+
+def _refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
+    """BatchNorm in training mode mixes the examples of a batch: refuse it."""
+    trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+    if module.training or trainable:
+        why = (
+            "in training mode it normalizes with statistics of the whole batch, so every "
+            "example's output depends on every other example and per-example gradients are "
+            "undefined"
+            if module.training
+            else "its parameters are trainable and PerExampleGradients records only nn.Linear"
+        )
+        raise ValueError(
+            f"module {_display(name)} ({type(module).__name__}) cannot be recorded: {why}. "
+            "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
+            "eval mode with frozen parameters."
+        )
+
+
+def _check_out(
+    out: Mapping[str, Tensor],
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
+    differentiable: bool,
+) -> None:
+    """Validate a workspace passed as ``out=`` against the results it must hold."""
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"out must be a dict from parameter name to tensor, got {type(out).__name__}."
+        )
+    if differentiable:
+        raise ValueError(
+            "out= cannot be used when the backward ran with create_graph=True: writing into "
+            "a buffer is not differentiable; call compute_grads() without out=."
+        )
+    if set(out) != set(specs):
+        missing, extra = sorted(set(specs) - set(out)), sorted(set(out) - set(specs))
+        raise ValueError(
+            f"out must have exactly the keys of grads; missing {missing}, unexpected {extra}."
+        )
+    for p_name, (shape, dtype, device) in specs.items():
+        buffer = out[p_name]
+        if not isinstance(buffer, Tensor):
+            raise TypeError(f"out[{p_name!r}] must be a tensor, got {type(buffer).__name__}.")
+        if tuple(buffer.shape) != shape or buffer.dtype != dtype or buffer.device != device:
+            raise ValueError(
+                f"out[{p_name!r}] must be a {dtype} tensor of shape {shape} on {device}, got "
+                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}."
+            )
+        if not buffer.is_contiguous():
+            raise ValueError(f"out[{p_name!r}] must be contiguous.")
+
+
+def _fits(
+    workspace: Mapping[str, Tensor],
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
+) -> bool:
+    """Whether a kept workspace can hold this batch's results."""
+    return set(workspace) == set(specs) and all(
+        tuple(workspace[p_name].shape) == shape
+        and workspace[p_name].dtype == dtype
+        and workspace[p_name].device == device
+        for p_name, (shape, dtype, device) in specs.items()
+    )
