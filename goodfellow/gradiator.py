@@ -70,8 +70,6 @@ __all__ = [
     "wrap_numpy",
 ]
 
-BlackBox = Callable[[Tensor], Tensor]
-GradFun = Callable[[Tensor, Tensor], Tensor]
 
 # The online state sums round-off over many updates, so directions explored less than sqrt(u)
 # relative to the best-explored one count as unexplored (their pairs carry no reliable digits).
@@ -86,7 +84,12 @@ class _GradiatorFunction(torch.autograd.Function):
     """``y = fun(x)`` forward, ``grad_fun(x, grad_output)`` backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fun: BlackBox, grad_fun: GradFun) -> Tensor:  # noqa: D102
+    def forward(
+        ctx,
+        x: Tensor,
+        fun: Callable[[Tensor], Tensor],
+        grad_fun: Callable[[Tensor, Tensor], Tensor],
+    ) -> Tensor:  # noqa: D102
         y = _checked_output(fun(x), x, "fun")
         ctx.grad_fun = grad_fun
         ctx.save_for_backward(x)
@@ -112,7 +115,9 @@ class _GradiatorFunction(torch.autograd.Function):
         return grad_input, None, None
 
 
-def gradiator(fun: BlackBox, grad_fun: GradFun) -> Callable[[Tensor], Tensor]:
+def gradiator(
+    fun: Callable[[Tensor], Tensor], grad_fun: Callable[[Tensor, Tensor], Tensor]
+) -> Callable[[Tensor], Tensor]:
     r"""Wrap a black box and its backward into a function autograd can differentiate through.
 
     Forward: ``y = fun(x)``. Backward: ``grad_fun(x, grad_output)``, which must return
@@ -210,7 +215,7 @@ def _random_directions(
 
 
 def _finite_difference_jacobians(
-    evaluate: BlackBox,
+    evaluate: Callable[[Tensor], Tensor],
     points: Tensor,
     num_samples: int,
     eps: float,
@@ -239,7 +244,7 @@ def _finite_difference_jacobians(
 
 
 def estimate_jacobian(
-    fun: BlackBox,
+    fun: Callable[[Tensor], Tensor],
     x: Tensor,
     num_samples: int,
     eps: float = 1e-3,
@@ -297,7 +302,7 @@ def estimate_jacobian(
 
 
 def fitted_gradiator(
-    fun: BlackBox,
+    fun: Callable[[Tensor], Tensor],
     num_samples: int | None = None,
     eps: float = 1e-3,
     central: bool = True,
@@ -325,9 +330,10 @@ def fitted_gradiator(
         A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`gradiator`.
 
     Raises:
-        TypeError, ValueError: For a bad ``num_samples`` or ``eps``, here; for bad inputs or
-            outputs of ``fun``, at call time, as :func:`gradiator` and
-            :func:`estimate_jacobian` do.
+        TypeError: For a ``num_samples`` or ``eps`` of the wrong type, here; at call time, as
+            :func:`gradiator` and :func:`estimate_jacobian` do.
+        ValueError: For ``num_samples < 1`` or ``eps <= 0``, here; for bad inputs or outputs of
+            ``fun``, at call time, as :func:`gradiator` and :func:`estimate_jacobian` do.
     """
     _check_callable(fun, "fun")
     if num_samples is not None:
@@ -409,7 +415,7 @@ class OnlineJacobian:
 
     def __init__(
         self,
-        fun: BlackBox,
+        fun: Callable[[Tensor], Tensor],
         in_features: int,
         out_features: int,
         *,
@@ -472,8 +478,9 @@ class OnlineJacobian:
             df: Output changes, shape ``(k, p)``.
 
         Raises:
-            TypeError, ValueError: As :func:`fit_jacobian` for malformed pairs; ValueError also
-                when ``m`` or ``p`` differ from ``in_features``/``out_features``.
+            TypeError: As :func:`fit_jacobian`, for pairs that are not floating-point tensors.
+            ValueError: As :func:`fit_jacobian`, for malformed or non-finite pairs, and when the
+                pairs are not 2-D or ``m`` or ``p`` differ from ``in_features``/``out_features``.
         """
         _check_pairs(dx, df)
         if dx.dim() != 2 or dx.shape[1] != self.in_features or df.shape[1] != self.out_features:
@@ -527,9 +534,9 @@ class OnlineJacobian:
             points.shape[0], (self.probes_per_call,), generator=generator, device=device
         ).to(x.device)  # (q,)
         base = points[rows]  # (q, m)
-        directions = _random_directions(
-            1, self.probes_per_call, self.in_features, x, generator
-        )[0]  # (q, m)
+        directions = _random_directions(1, self.probes_per_call, self.in_features, x, generator)[
+            0
+        ]  # (q, m)
         probes = base + self.eps * directions  # (q, m)
         if x.dim() == 1:  # fun is only known to take single points
             outputs = torch.stack([_checked_output(self.counter(p), p, "fun") for p in probes])
@@ -553,7 +560,7 @@ class OnlineJacobian:
 # NumPy black boxes and counting calls
 
 
-def wrap_numpy(fun: Callable[[np.ndarray], np.ndarray]) -> BlackBox:
+def wrap_numpy(fun: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensor], Tensor]:
     """Turn a NumPy function into the torch-in, torch-out ``fun`` a gradiator expects.
 
     The wrapper hands ``fun`` a detached CPU copy of ``x`` as a NumPy array and returns the
@@ -594,7 +601,7 @@ class CallCounter:
             call on an ``(n, m)`` batch (the cost that matters for a simulator).
     """
 
-    def __init__(self, fun: BlackBox) -> None:
+    def __init__(self, fun: Callable[[Tensor], Tensor]) -> None:
         _check_callable(fun, "fun")
         self.fun = fun
         self.num_calls = 0
@@ -712,7 +719,7 @@ def _checked_output(y: object, x: Tensor, name: str) -> Tensor:
 class _PointEvaluator:
     """Evaluate ``fun`` point by point on an ``(N, m)`` stack, checking every output."""
 
-    def __init__(self, fun: BlackBox, x: Tensor) -> None:
+    def __init__(self, fun: Callable[[Tensor], Tensor], x: Tensor) -> None:
         self.fun, self.x, self.shape = fun, x, None
 
     def __call__(self, points: Tensor) -> Tensor:

@@ -427,8 +427,7 @@ def test_more_samples_average_noise_away():
     A = torch.randn(3, 5, dtype=F64)
     x = torch.randn(5, dtype=F64)
     errors = [
-        relative_error(estimate_jacobian(noisy_linear(A, 1e-5, 0), x, k, 1e-2), A)
-        for k in (5, 500)
+        relative_error(estimate_jacobian(noisy_linear(A, 1e-5, 0), x, k, 1e-2), A) for k in (5, 500)
     ]
     assert errors[1] < errors[0] / 4  # 100x the samples: about 10x less error
 
