@@ -23,8 +23,9 @@ Two routes lead to the same numbers:
   A_{i,t}^\top` (``t`` runs over the positions of an input with extra dimensions; one term for
   plain vectors). Norms, weighted means (hence clipping) and, for plain vectors, second moments
   can be computed from :math:`A` and :math:`G` directly, never forming an ``(n, d_out, d_in)``
-  tensor. :class:`LinearFactors` holds one layer in this form; :func:`mlp_factors` and
-  :func:`linear_factors` build it. The statistics functions (:func:`gradient_norms`,
+  tensor. :class:`LinearFactors` holds one layer in this form; :func:`mlp_factors` (an MLP),
+  :func:`recorded_factors` (what ``PerExampleGradients`` recorded) and :func:`linear_factors`
+  (any layer's tensors) build it. The statistics functions (:func:`gradient_norms`,
   :func:`clipped_mean`, :func:`gradient_mean`, :func:`gradient_second_moment`,
   :func:`gradient_variance`, :func:`gradient_variance_trace`, :func:`noise_scale_parts`,
   :func:`gradient_noise_scale`) accept either form and return the same numbers.
@@ -62,6 +63,7 @@ __all__ = [
     "linear_factors",
     "mlp_factors",
     "noise_scale_parts",
+    "recorded_factors",
 ]
 
 Transform = Callable[[Tensor], Tensor]
@@ -494,6 +496,76 @@ def mlp_factors(
     return factors
 
 
+def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
+    """The factored per-example gradients of every ``nn.Linear`` a recorder saw in its batch.
+
+    Reads ``recorder.layers`` of a :class:`goodfellow.PerExampleGradients` after the batch's
+    ``loss.backward()``: each layer's inputs and per-example output gradients (all calls of the
+    layer). Statistics computed from the result are dicts keyed like
+    ``model.named_parameters()`` (``"fc1.weight"``, ``"fc1.bias"``, ...), ready for
+    :func:`assign_grads`::
+
+        with PerExampleGradients(model, loss_reduction="mean") as pe:
+            F.cross_entropy(model(x), y).backward()
+        assign_grads(model, clipped_mean(recorded_factors(pe), max_norm=1.0))
+
+    Args:
+        recorder: A :class:`goodfellow.PerExampleGradients` that recorded a forward and a
+            backward.
+
+    Returns:
+        Module name to :class:`LinearFactors`, for every Linear with a trainable weight, in the
+        order of ``model.named_modules()``. A frozen bias is left out of the layer's results.
+
+    Raises:
+        TypeError: If ``recorder`` has no ``layers`` dict of records.
+        ValueError: If a layer's weight is frozen while its bias is trained, or a weight is
+            shared by several Linear modules (use ``recorder.grads`` for those).
+        RuntimeError: If no forward and backward were recorded for the batch.
+    """
+    layers = getattr(recorder, "layers", None)
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            "recorder must be a goodfellow.PerExampleGradients that recorded a batch, got "
+            f"{type(recorder).__name__}."
+        )
+    factors: dict[str, LinearFactors] = {}
+    owner_of_weight: dict[int, str] = {}
+    for name, record in layers.items():
+        module = record.module
+        has_bias = module.bias is not None and module.bias.requires_grad
+        if not module.weight.requires_grad:
+            if has_bias:
+                raise ValueError(
+                    f"Linear {name!r} has a frozen weight but a trainable bias, which the "
+                    "factored form does not cover; use recorder.grads."
+                )
+            continue
+        if id(module.weight) in owner_of_weight:
+            raise ValueError(
+                f"Linear {name!r} shares its weight with {owner_of_weight[id(module.weight)]!r}; "
+                "the factored form keeps one layer per weight: use recorder.grads."
+            )
+        owner_of_weight[id(module.weight)] = name
+        if record.inputs:
+            inputs = list(record.inputs)
+            grad_outputs = record.per_example_grad_outputs  # raises if no backward was recorded
+        else:  # not called in this batch: a zero gradient
+            n = getattr(recorder, "batch_size", None)
+            if n is None:
+                raise RuntimeError(
+                    "the recorder holds no batch: run the forward and loss.backward() inside "
+                    "`with PerExampleGradients(model) as pe:` first."
+                )
+            like = module.weight
+            inputs = [torch.zeros(n, 1, module.in_features, dtype=like.dtype, device=like.device)]
+            grad_outputs = [inputs[0].new_zeros(n, 1, module.out_features)]
+        factors[name] = linear_factors(inputs, grad_outputs, has_bias, "sum")
+    if not factors:
+        raise ValueError("the recorder holds no Linear layer with a trainable weight.")
+    return factors
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels on one layer in factored form. Index letters: n example, t position, o output
 # feature, i input feature.
@@ -603,7 +675,7 @@ def _pack_factored(
     out: dict[str, Tensor] = {}
     for key, layer in zip(keys, per_layer):
         for suffix, t in zip(("weight", "bias"), layer):
-            out[f"{key}.{suffix}"] = t
+            out[f"{key}.{suffix}" if key else suffix] = t  # "" is the root module
     return out
 
 

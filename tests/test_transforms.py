@@ -42,6 +42,7 @@ from goodfellow import (
     noise_scale_parts,
     per_example_grads,
     per_example_norms,
+    recorded_factors,
     torch_func_per_example_grads,
 )
 from tests.conftest import TOLERANCES
@@ -601,6 +602,86 @@ def test_bad_factors_are_refused(call, error, match):
     G = torch.randn(5, 2, 4, dtype=torch.float64)
     with pytest.raises(error, match=match):
         call(A, G)
+
+
+@pytest.mark.parametrize("positions", [1, 3, 8])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_recorded_factors_match_the_hooks_and_torch_func(positions, reduction):
+    _, reference = sequence_setting(positions, reduction)
+    torch.manual_seed(positions)
+    model = SequenceNet(4, 16, 3).double()
+    x = torch.randn(6, positions, 4, dtype=torch.float64)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    with goodfellow.PerExampleGradients(model, loss_reduction=reduction) as pe:
+        nn.MSELoss(reduction=reduction)(model(x), y).backward()
+    factors = recorded_factors(pe)
+    assert list(factors) == ["embed", "shared", "head"]
+    assert factors["shared"].inputs.shape == (6, 2 * positions, 16)  # both calls, end to end
+    assert_close(gradient_norms(factors), gradient_norms(reference))
+    assert_close(gradient_norms(factors), gradient_norms(pe.grads))
+    assert_all_close(clipped_mean(factors, 0.05), clipped_mean(reference, 0.05))
+    assert_all_close(gradient_second_moment(factors), gradient_second_moment(pe.grads))
+
+
+def test_recorded_factors_drive_the_training_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    with goodfellow.PerExampleGradients(model, loss_reduction="mean") as pe:
+        F.cross_entropy(model(x), y).backward()
+    expected = clipped_mean(pe.grads, 0.2)
+    assign_grads(model, clipped_mean(recorded_factors(pe), 0.2))
+    optimizer.step()
+    for p, p0, g in zip(model.parameters(), before, expected.values()):
+        assert_close(p.detach(), p0 - 0.5 * g)
+
+
+def test_recorded_factors_of_a_root_linear_and_edge_cases():
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with goodfellow.PerExampleGradients(layer) as pe:
+        layer(x).square().sum().backward()
+    assert list(gradient_mean(recorded_factors(pe))) == ["weight", "bias"]
+    # a frozen bias is left out
+    layer.bias.requires_grad_(False)
+    with goodfellow.PerExampleGradients(layer) as pe:
+        layer(x).square().sum().backward()
+    assert list(gradient_mean(recorded_factors(pe))) == ["weight"]
+    assert_all_close(gradient_mean(recorded_factors(pe)), expected_transform(pe.grads, lambda g: g))
+
+
+def test_recorded_factors_of_a_layer_not_called_are_zero():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(2, 2)}).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with goodfellow.PerExampleGradients(model) as pe:
+        model["used"](x).square().sum().backward()
+    mean = gradient_mean(recorded_factors(pe))
+    assert torch.equal(mean["unused.weight"], torch.zeros(2, 2, dtype=torch.float64))
+    assert_close(mean["used.weight"], pe.grads["used.weight"].mean(0))
+
+
+def test_recorded_factors_refuse_what_they_cannot_cover():
+    with pytest.raises(TypeError, match="must be a goodfellow.PerExampleGradients"):
+        recorded_factors(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="holds no batch"):
+        recorded_factors(goodfellow.PerExampleGradients(nn.Linear(2, 2)).attach())
+    tied = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}).double()
+    tied["b"].weight = tied["a"].weight
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with goodfellow.PerExampleGradients(tied) as pe:
+        (tied["a"](x) + tied["b"](x)).sum().backward()
+    with pytest.raises(ValueError, match="shares its weight with 'a'"):
+        recorded_factors(pe)
+    frozen = nn.Linear(2, 2).double()
+    frozen.weight.requires_grad_(False)
+    with goodfellow.PerExampleGradients(frozen) as pe:
+        frozen(x).sum().backward()
+    with pytest.raises(ValueError, match="frozen weight but a trainable bias"):
+        recorded_factors(pe)
 
 
 # --------------------------------------------------------------------------------------------
