@@ -43,8 +43,8 @@ What the fit recovers:
   :math:`\varepsilon`.
 
 Three backwards are built on this: :func:`gradiator` with an exact ``grad_fun``;
-:func:`fitted_gradiator`, which fits :math:`J_f(x)` afresh at every input (:math:`k` or
-:math:`2k` black-box calls per example and step); and :class:`OnlineJacobian`, which keeps one
+:func:`fitted_gradiator`, which fits :math:`J_f(x)` afresh at every input (:math:`k + 1` or
+:math:`2k` black-box evaluations per example and step); and :class:`OnlineJacobian`, which keeps one
 estimate across calls and refines it by recursive least squares from a few probes per step.
 :func:`wrap_numpy` turns a NumPy function into the torch-in, torch-out ``fun`` they expect, and
 :class:`CallCounter` counts how often the black box runs.
@@ -377,10 +377,11 @@ class OnlineJacobian:
     \end{bmatrix}`, so that :math:`\hat J^\top = R^+ Z`. A new block of pairs is absorbed by one
     QR factorization of :math:`\begin{bmatrix} \sqrt\lambda R & \sqrt\lambda Z \\ dX & dF
     \end{bmatrix}`, of size :math:`(m + k) \times (m + p)`: :math:`dX^\top dX` is never formed,
-    and the result is the same as refitting all pairs at once with :func:`fit_jacobian`. For
-    linear ``fun`` it is exact once the pairs span :math:`\mathbb{R}^m`, after ``m /
-    probes_per_call`` training steps, whatever the directions (Broyden's rank-one update, by
-    contrast, is exact only for orthogonal ones).
+    and with ``forgetting=1`` the result is the same as refitting all pairs at once with
+    :func:`fit_jacobian`. For linear ``fun`` it is exact once the pairs span
+    :math:`\mathbb{R}^m`, after ``m / probes_per_call`` training steps, whatever the directions
+    (Broyden's rank-one update, by contrast, is in general not exact after ``m`` non-orthogonal
+    pairs).
 
     Calling the object runs ``fun`` forward; its backward is
     :math:`\bar y^\top \hat J`, at no black-box cost. When a backward can follow (grad mode on
@@ -403,6 +404,11 @@ class OnlineJacobian:
         forgetting: :math:`\lambda \in (0, 1]`; ``1`` (default) weights all pairs equally.
         generator: Optional ``torch.Generator`` for the probe rows and directions.
         device: Where the state lives (default CPU).
+
+    Attributes:
+        counter: The :class:`CallCounter` wrapped around ``fun``; it counts the forwards and the
+            probes.
+        num_pairs: How many pairs the estimate has absorbed.
 
     Example:
         >>> A = torch.randn(2, 3, dtype=torch.float64)
