@@ -97,7 +97,7 @@ class LayerRecord:
 
     @property
     def scale(self) -> int:
-        """The batch-size factor: ``1`` for ``"sum"``, ``n`` for ``"mean"``.
+        """The batch-size factor, ``1`` for ``"sum"`` and ``n`` for ``"mean"``.
 
         Raises:
             RuntimeError: If the module has not run in the current batch.
@@ -157,7 +157,7 @@ class PerExampleGradients:
 
         pe = PerExampleGradients(model).attach()
         for x, y in loader:
-            loss_fn(model(x), y).backward()   # each forward of the model starts a new batch
+            loss_fn(model(x), y).backward()   # the first forward after a backward: new batch
             use(pe.layers)                    # inputs and output gradients of every Linear
         pe.detach()
 
