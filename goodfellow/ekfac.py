@@ -55,6 +55,11 @@ So KFAC's damping here is exact Tikhonov damping of the Kronecker product,
 :math:`(G + \sqrt\lambda I)^{-1} \otimes (A + \sqrt\lambda I)^{-1}`: the two methods then differ
 only in :math:`S`, and a comparison between them measures nothing else.
 
+:class:`EKFAC` (and :class:`KFAC`) is a ``torch.optim`` optimizer built on these functions: it
+records :math:`\bar a` and :math:`\delta` through :class:`goodfellow.PerExampleGradients`,
+keeps running averages of :math:`A`, :math:`G` and :math:`S^*`, and refreshes the eigenbasis
+every ``update_freq`` steps.
+
 Inputs with extra dimensions ``(n, ..., d_in)`` (a layer applied at several positions) use
 KFAC-expand (Eschenhagen et al. 2023, arXiv:2311.00636): every position counts as an example of
 ``A`` and the positions of one example add up in ``G``; :math:`S^*` stays the exact second moment
@@ -63,14 +68,19 @@ of the per-example gradients :math:`g_n = \sum_t \delta_{n,t} \bar a_{n,t}^\top`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from goodfellow.backprop import batched_outer
+from goodfellow.hooks import LayerRecord, PerExampleGradients
 
 __all__ = [
+    "EKFAC",
+    "KFAC",
     "KroneckerEigenbasis",
     "append_ones",
     "dense_curvature",
@@ -117,32 +127,34 @@ def append_ones(inputs: Tensor) -> Tensor:
 def join_weight_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
     r"""Weight and bias (or their gradients) side by side, as the one matrix KFAC works on.
 
+    Works the same on a batch of per-example gradients (leading dimensions are kept).
+
     Args:
-        weight: Shape ``(d_out, d_in)``.
-        bias: Shape ``(d_out,)``, or ``None`` for a layer without bias.
+        weight: Shape ``(..., d_out, d_in)``.
+        bias: Shape ``(..., d_out)``, or ``None`` for a layer without bias.
 
     Returns:
-        :math:`[W \; b]` of shape ``(d_out, d_in + 1)``, or ``weight`` itself without bias.
+        :math:`[W \; b]` of shape ``(..., d_out, d_in + 1)``, or ``weight`` itself without bias.
     """
     if bias is None:
         return weight
-    return torch.cat([weight, bias.unsqueeze(1)], dim=1)  # (d_out, d_in + 1)
+    return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)  # (..., d_out, d_in + 1)
 
 
 def split_weight_bias(matrix: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
     """Undo :func:`join_weight_bias`.
 
     Args:
-        matrix: Shape ``(d_out, d_in + 1)`` with bias, ``(d_out, d_in)`` without.
+        matrix: Shape ``(..., d_out, d_in + 1)`` with bias, ``(..., d_out, d_in)`` without.
         has_bias: Whether the last column is the bias.
 
     Returns:
-        ``(weight, bias)``: views of shapes ``(d_out, d_in)`` and ``(d_out,)`` (``bias`` is
-        ``None`` when ``has_bias`` is false).
+        ``(weight, bias)``: views of shapes ``(..., d_out, d_in)`` and ``(..., d_out)``
+        (``bias`` is ``None`` when ``has_bias`` is false).
     """
     if not has_bias:
         return matrix, None
-    return matrix[:, :-1], matrix[:, -1]
+    return matrix[..., :-1], matrix[..., -1]
 
 
 def _check_batch(inputs: Tensor, grad_outputs: Tensor) -> None:
@@ -366,3 +378,295 @@ def dense_curvature(basis: KroneckerEigenbasis, scalings: Tensor) -> Tensor:
     # P = d_out (d_in + 1); kron(U_G, U_A) matches the row-major vec: vec(δ āᵀ) = δ ⊗ ā.
     Q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)  # (P, P)
     return (Q * scalings.reshape(1, -1)) @ Q.T  # (P, P)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def _check_positive(name: str, value: float, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}: {hint}")
+
+
+def _check_finite(tensor: Tensor, what: str, layer: str, step: int) -> None:
+    """Refuse a non-finite curvature statistic before it reaches the optimizer's state."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"EKFAC step {step}: the {what} of Linear {layer!r} has non-finite entries (inf or "
+            "nan), so no parameter was changed. The layer's inputs or output gradients "
+            "overflowed or the loss is not finite: lower the learning rate, raise the damping, "
+            "or check the data."
+        )
+
+
+def _stack_calls(tensors: list[Tensor], n: int) -> Tensor:
+    """One tensor per call of a layer -> one; several calls become extra positions."""
+    if len(tensors) == 1:
+        return tensors[0]  # (n, ..., d)
+    return torch.cat([t.reshape(n, -1, t.shape[-1]) for t in tensors], dim=1)  # (n, T, d)
+
+
+class EKFAC(torch.optim.Optimizer):
+    r"""EKFAC (or KFAC) preconditioned gradient descent for models made of ``nn.Linear`` layers.
+
+    Used like any ``torch.optim`` optimizer, with one forward and one ``loss.backward()`` of
+    the model per step::
+
+        optimizer = goodfellow.EKFAC(model, lr=0.1, damping=1e-3, update_freq=10)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)  # reduction="mean"
+            loss.backward()
+            optimizer.step()
+
+    The optimizer keeps a :class:`goodfellow.PerExampleGradients` attached to the model (remove
+    it with :meth:`remove_hooks`) and reads, for every Linear, its inputs :math:`a` and the
+    per-example output gradients :math:`\delta` of the step's batch; no per-example gradient is
+    materialized. Per layer and step ``k`` (counted from 0), with :math:`\beta` = ``decay``:
+
+    1. running averages of the KFAC factors,
+       :math:`A \leftarrow \beta A + (1 - \beta) A_{batch}` and likewise :math:`G`
+       (:func:`kfac_factors`; the first batch initializes them);
+    2. if ``k % update_freq == 0``: a new eigenbasis of :math:`A` and :math:`G`
+       (:func:`kronecker_eigenbasis`); the scalings restart from this batch, since the old
+       ones belong to the old basis;
+    3. EKFAC: running average of the scalings in the current basis,
+       :math:`S \leftarrow \beta S + (1 - \beta) S^*_{batch}` (:func:`ekfac_scalings`, every
+       step). KFAC: :math:`S = \lambda_G \lambda_A^\top` of the last eigenbasis
+       (:func:`kfac_scalings`);
+    4. :math:`[W \; b] \leftarrow [W \; b] - \eta\,` :func:`precondition`
+       :math:`([\nabla_W \; \nabla_b], S, \lambda)`, i.e.
+       :math:`\theta \leftarrow \theta - \eta (\hat F + \lambda I)^{-1} \nabla_\theta \mathcal{L}`
+       with :math:`\nabla_\theta \mathcal{L}` the ``.grad`` autograd accumulated.
+
+    :math:`\hat F` approximates the empirical Fisher :math:`\mathbb{E}_n[g_n g_n^\top]` of the
+    examples' own losses, whatever the reduction. The preconditioned gradient is the batch
+    loss's: with ``loss_reduction="sum"`` it is ``n`` times the mean's, and so is the step.
+
+    Args:
+        model: A module whose trainable parameters all belong to ``nn.Linear`` layers (frozen
+            parameters elsewhere are allowed; the hooks refuse anything else).
+        lr: Learning rate :math:`\eta > 0`.
+        damping: :math:`\lambda > 0`, added to every eigenvalue of :math:`\hat F`.
+        update_freq: Recompute the eigenbases every ``update_freq`` steps (an integer
+            :math:`\ge 1`); the scalings are updated every step.
+        decay: :math:`\beta \in [0, 1)`, the weight of the past in the running averages
+            (``0``: use only the current batch).
+        mode: ``"ekfac"`` (scalings :math:`S^*`) or ``"kfac"`` (eigenvalue products).
+        loss_reduction: How the loss is reduced over the batch, ``"mean"`` (torch's default)
+            or ``"sum"``; sets the batch-size factor that turns recorded output gradients into
+            per-example ones.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``, or ``lr`` or ``damping`` is not a
+            number.
+        ValueError: If the model has no trainable ``nn.Linear``, holds other trainable
+            parameters, ties weights between Linear layers, or an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float = 1e-3,
+        update_freq: int = 10,
+        decay: float = 0.95,
+        mode: str = "ekfac",
+        loss_reduction: str = "mean",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        _check_positive("lr", lr, "it scales every step (try 0.01 to 1 for EKFAC).")
+        _check_damping(damping)
+        if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+            raise ValueError(
+                f"update_freq must be an integer >= 1, got {update_freq!r}: it is the number of "
+                "steps between two eigendecompositions (1 = every step)."
+            )
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(
+                f"decay must be a number in [0, 1), got {decay!r}: it weighs the past in the "
+                "running averages (0 = current batch only; 0.95 is common)."
+            )
+        if mode not in ("ekfac", "kfac"):
+            raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
+        for name, module in model.named_modules():
+            if (
+                isinstance(module, nn.Linear)
+                and module.bias is not None
+                and module.bias.requires_grad
+                and not module.weight.requires_grad
+            ):
+                raise ValueError(
+                    f"Linear {name!r} has a frozen weight but a trainable bias; EKFAC treats "
+                    "weight and bias as one matrix: freeze both or neither."
+                )
+        linears = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module.weight.requires_grad
+        ]
+        if not linears:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
+                "weights: EKFAC preconditions nn.Linear layers only."
+            )
+        owner: dict[int, str] = {}
+        for name, module in linears:
+            for param in module.parameters():
+                if id(param) in owner:
+                    raise ValueError(
+                        f"Linear {name!r} shares a parameter with Linear {owner[id(param)]!r}; "
+                        "the Fisher of a tied weight is not one Kronecker product per layer, "
+                        "so EKFAC does not handle tied weights (untie them, or apply one "
+                        "Linear module twice instead)."
+                    )
+                owner[id(param)] = name
+        recorder = PerExampleGradients(model, loss_reduction=loss_reduction)
+        try:
+            recorder.attach()
+        except ValueError as error:
+            raise ValueError(f"EKFAC cannot precondition this model: {error}") from error
+        self.model = model
+        self.mode = mode
+        self.loss_reduction = loss_reduction
+        self.recorder = recorder
+        """The :class:`goodfellow.PerExampleGradients` that records each batch."""
+        self._layers = {name: module for name, module in linears}
+        params = [
+            p for module in self._layers.values() for p in module.parameters() if p.requires_grad
+        ]
+        defaults = {"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay}
+        super().__init__(params, defaults)
+
+    def remove_hooks(self) -> None:
+        """Take the recording hooks off the model; :meth:`step` then refuses to run."""
+        self.recorder.detach()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every Linear layer with its preconditioned gradient.
+
+        Args:
+            closure: Optional function that clears the gradients, runs the forward and
+                ``loss.backward()`` and returns the loss (as for any torch optimizer).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: If the hooks were removed or no forward and backward of the model
+                was recorded since the last step.
+            FloatingPointError: If a layer's curvature statistics are not finite (nothing is
+                changed then).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.recorder.attached:
+            raise RuntimeError("EKFAC's hooks were removed (remove_hooks()); it cannot step.")
+        if self.recorder.batch_size is None:
+            raise RuntimeError(
+                "EKFAC.step() found no batch recorded since the last step: run the model's "
+                "forward and loss.backward() (with gradients enabled) before every step."
+            )
+        group = self.param_groups[0]
+        updates = []
+        for name, module in self._layers.items():
+            record = self.recorder.layers[name]
+            if module.weight.grad is None or record.num_calls == 0:
+                continue  # the layer took no part in this loss, like torch optimizers skip it
+            updates.append(self._layer_update(name, module, record, group))
+        # Parameters change only once every layer's statistics were found finite.
+        for module, new_state, step in updates:
+            self.state[module.weight].update(new_state)
+            weight, bias = split_weight_bias(step, _has_trainable_bias(module))
+            module.weight.add_(weight, alpha=-group["lr"])
+            if bias is not None:
+                module.bias.add_(bias, alpha=-group["lr"])
+        self.recorder.clear()  # the batch is used: the next step needs a new one
+        return loss
+
+    def _layer_update(
+        self, name: str, module: nn.Linear, record: LayerRecord, group: dict
+    ) -> tuple[nn.Linear, dict[str, Tensor | int], Tensor]:
+        """The new state and the preconditioned gradient of one layer (state not yet written)."""
+        state = self.state.get(module.weight, {})  # .get: a failed step leaves no trace
+        step = state.get("step", 0)
+        decay = group["decay"]
+        has_bias = _has_trainable_bias(module)
+        n = record.batch_size
+        a = _stack_calls(record.inputs, n)  # (n, ..., d_in)
+        a = append_ones(a) if has_bias else a  # (n, ..., d_in + 1)
+        delta = _stack_calls(record.per_example_grad_outputs, n)  # (n, ..., d_out)
+        A_batch, G_batch = kfac_factors(a, delta)
+        _check_finite(A_batch, "input factor A", name, step)
+        _check_finite(G_batch, "output-gradient factor G", name, step)
+        new: dict[str, Tensor | int] = {"step": step + 1}
+        if step == 0:
+            new["A"], new["G"] = A_batch, G_batch
+        else:
+            new["A"] = torch.lerp(A_batch, state["A"], decay)  # β A + (1 - β) A_batch
+            new["G"] = torch.lerp(G_batch, state["G"], decay)
+        if step % group["update_freq"] == 0:
+            basis = kronecker_eigenbasis(new["A"], new["G"])
+            new.update(zip(_BASIS_KEYS, basis))
+        else:
+            basis = KroneckerEigenbasis(*(state[key] for key in _BASIS_KEYS))
+        if self.mode == "kfac":
+            scalings = kfac_scalings(basis)  # (d_out, d_in + 1)
+        else:
+            scalings_batch = ekfac_scalings(a, delta, basis)  # (d_out, d_in + 1)
+            _check_finite(scalings_batch, "EKFAC scalings", name, step)
+            if step % group["update_freq"] == 0:
+                scalings = scalings_batch
+            else:
+                scalings = torch.lerp(scalings_batch, state["scalings"], decay)
+            new["scalings"] = scalings
+        bias_grad = None
+        if has_bias:
+            bias_grad = module.bias.grad
+            bias_grad = torch.zeros_like(module.bias) if bias_grad is None else bias_grad
+        grad = join_weight_bias(module.weight.grad, bias_grad)  # (d_out, d_in + 1)
+        preconditioned = precondition(grad, basis, scalings, group["damping"])
+        _check_finite(preconditioned, "preconditioned gradient", name, step)
+        return module, new, preconditioned
+
+
+_BASIS_KEYS = KroneckerEigenbasis._fields
+
+
+def _has_trainable_bias(module: nn.Linear) -> bool:
+    """A frozen bias is left out of the joint matrix (no ones column): it is not optimized."""
+    return module.bias is not None and module.bias.requires_grad
+
+
+class KFAC(EKFAC):
+    r"""KFAC: :class:`EKFAC` with ``mode="kfac"``.
+
+    Each layer's gradient is preconditioned by :math:`(G \otimes A + \lambda I)^{-1}` (exact
+    Tikhonov damping of the Kronecker product, computed in its eigenbasis).
+
+    Args:
+        model: As for :class:`EKFAC`.
+        lr: Learning rate :math:`\eta > 0`.
+        damping: :math:`\lambda > 0`.
+        update_freq: Steps between two eigendecompositions of the factors.
+        decay: Weight of the past in the running averages of :math:`A` and :math:`G`.
+        loss_reduction: ``"mean"`` or ``"sum"``, as for :class:`EKFAC`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float = 1e-3,
+        update_freq: int = 10,
+        decay: float = 0.95,
+        loss_reduction: str = "mean",
+    ) -> None:
+        super().__init__(model, lr, damping, update_freq, decay, "kfac", loss_reduction)

@@ -8,6 +8,7 @@ loss, reduction, bias, seed).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from goodfellow import (
+    EKFAC,
+    KFAC,
     KroneckerEigenbasis,
     append_ones,
     batch_size_factor,
@@ -352,6 +355,11 @@ def test_append_ones_and_joint_weight_round_trip():
     weight, bias = split_weight_bias(joint, has_bias=True)
     assert torch.equal(weight, layer.weight) and torch.equal(bias, layer.bias)
     assert join_weight_bias(layer.weight, None) is layer.weight
+    batched = join_weight_bias(torch.randn(7, 5, 2), torch.randn(7, 5))  # per-example gradients
+    assert batched.shape == (7, 5, 3)
+    for i in range(7):
+        weight_i, bias_i = split_weight_bias(batched, has_bias=True)
+        torch.testing.assert_close(batched[i], join_weight_bias(weight_i[i], bias_i[i]))
     assert split_weight_bias(layer.weight, has_bias=False) == (layer.weight, None)
 
 
@@ -410,3 +418,365 @@ def test_non_finite_factor_has_no_eigenbasis(bad):
         kronecker_eigenbasis(A, torch.eye(2, dtype=torch.float64))
     with pytest.raises(FloatingPointError, match="factor G has non-finite entries"):
         kronecker_eigenbasis(torch.eye(2, dtype=torch.float64), A)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """Settings of one optimizer run, compared step by step with the functional computation."""
+
+    mode: str = "ekfac"
+    update_freq: int = 2
+    decay: float = 0.9
+    reduction: str = "mean"
+    positions: int | None = None
+    bias: bool = True
+    frozen_bias: bool = False
+    loss: str = "cross_entropy"
+
+    @property
+    def id(self) -> str:
+        return "-".join(f"{k}={v}" for k, v in self.__dict__.items())
+
+
+OPTIMIZER_CASES = [
+    OptimizerCase(mode=mode, update_freq=freq, decay=decay, reduction=reduction)
+    for mode, freq, decay, reduction in itertools.product(
+        ["ekfac", "kfac"], [1, 3], [0.0, 0.9], ["mean", "sum"]
+    )
+] + [
+    OptimizerCase(positions=3),
+    OptimizerCase(mode="kfac", positions=2, reduction="sum", loss="mse"),
+    OptimizerCase(bias=False, loss="mse"),
+    OptimizerCase(frozen_bias=True),
+]
+
+
+def functional_step(model, state, x, y, case, step, lr, damping):
+    """The reference: one EKFAC/KFAC step of ``model`` (a Chain) written with the functions."""
+    loss_fn = LOSSES[case.loss](reduction=case.reduction)
+    prediction, inputs, outputs = model(x)
+    output_grads = torch.autograd.grad(loss_fn(prediction, y), outputs, retain_graph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_grads = dict(zip(params, torch.autograd.grad(loss_fn(prediction, y), params)))
+    factor = batch_size_factor(case.reduction, x.shape[0])
+    with torch.no_grad():
+        for index, layer in enumerate(model.layers):
+            has_bias = layer.bias is not None and layer.bias.requires_grad
+            a = append_ones(inputs[index]) if has_bias else inputs[index]
+            delta = output_grads[index] * factor
+            A, G = kfac_factors(a, delta)
+            memory = state.setdefault(index, {})
+            if step > 0:
+                A = case.decay * memory["A"] + (1 - case.decay) * A
+                G = case.decay * memory["G"] + (1 - case.decay) * G
+            memory["A"], memory["G"] = A, G
+            if step % case.update_freq == 0:
+                memory["basis"] = kronecker_eigenbasis(A, G)
+            basis = memory["basis"]
+            if case.mode == "kfac":
+                S = kfac_scalings(basis)
+            else:
+                S = ekfac_scalings(a, delta, basis)
+                if step % case.update_freq != 0:
+                    S = case.decay * memory["S"] + (1 - case.decay) * S
+                memory["S"] = S
+            grad = join_weight_bias(
+                param_grads[layer.weight], param_grads.get(layer.bias) if has_bias else None
+            )
+            weight_step, bias_step = split_weight_bias(
+                precondition(grad, basis, S, damping), has_bias
+            )
+            layer.weight -= lr * weight_step
+            if has_bias:
+                layer.bias -= lr * bias_step
+
+
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+
+
+def make_run(case: OptimizerCase, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Chain((4, 6, 3), bias=case.bias).double()
+    if case.frozen_bias:
+        model.layers[0].bias.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    middle = (case.positions,) if case.positions else ()
+    batches = []
+    for n in (8, 8, 5, 8, 8):  # a smaller batch in between: statistics are means, not sums
+        x = torch.randn(n, *middle, 4, generator=generator, dtype=torch.float64)
+        if case.loss == "cross_entropy":
+            y = torch.randint(0, 3, (n,), generator=generator)
+        else:
+            y = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        batches.append((x, y))
+    return model, batches
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=[c.id for c in OPTIMIZER_CASES])
+def test_optimizer_step_equals_the_functional_computation(case):
+    model, batches = make_run(case)
+    reference = copy.deepcopy(model)
+    lr, damping = 0.3, 1e-2
+    optimizer = EKFAC(
+        model,
+        lr,
+        damping,
+        case.update_freq,
+        decay=case.decay,
+        mode=case.mode,
+        loss_reduction=case.reduction,
+    )
+    loss_fn = LOSSES[case.loss](reduction=case.reduction)
+    state: dict = {}
+    for step, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        loss_fn(model(x)[0], y).backward()
+        optimizer.step()
+        functional_step(reference, state, x, y, case, step, lr, damping)
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, **F64)
+        # Start the next step from identical parameters, so that round-off is not amplified
+        # over steps (each step must agree, not the chaotic trajectory).
+        with torch.no_grad():
+            for got, want in zip(model.parameters(), reference.parameters()):
+                want.copy_(got)
+    if case.frozen_bias:
+        torch.testing.assert_close(model.layers[0].bias, make_run(case)[0].layers[0].bias)
+
+
+def test_kfac_class_is_ekfac_in_kfac_mode():
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    twin = copy.deepcopy(model)
+    optimizers = [KFAC(model, 0.2, 1e-2, 2), EKFAC(twin, 0.2, 1e-2, 2, mode="kfac")]
+    for x, y in batches:
+        for net, optimizer in zip((model, twin), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x)[0], y).backward()
+            optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_eigenbasis_is_refreshed_every_update_freq_steps():
+    model, batches = make_run(OptimizerCase())
+    optimizer = EKFAC(model, lr=0.1, damping=1e-2, update_freq=3)
+    weight = model.layers[0].weight
+    seen = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x)[0], y).backward()
+        optimizer.step()
+        seen.append(optimizer.state[weight]["input_eigenvectors"].clone())
+    same = [torch.equal(before, after) for before, after in zip(seen, seen[1:])]
+    assert same == [True, True, False, True]  # new bases at steps 0 and 3
+
+
+def test_ekfac_and_kfac_train_faster_than_their_first_loss():
+    torch.manual_seed(0)
+    x = torch.randn(128, 5, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :2])
+    for mode in ("ekfac", "kfac"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+        optimizer = EKFAC(model, lr=0.03, damping=1e-2, update_freq=5, mode=mode)
+        first = nn.functional.mse_loss(model(x), y).item()
+
+        def closure(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(60):
+            loss = optimizer.step(closure)
+        assert loss.item() < 0.2 * first, (mode, first, loss.item())
+
+
+def test_state_dict_round_trip_continues_identically():
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    optimizer = EKFAC(model, lr=0.2, damping=1e-2, update_freq=3)
+
+    def train(net, opt, few):
+        for x, y in few:
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x)[0], y).backward()
+            opt.step()
+
+    train(model, optimizer, batches[:2])
+    twin = copy.deepcopy(model)
+    restored = EKFAC(twin, lr=0.2, damping=1e-2, update_freq=3)
+    restored.load_state_dict(optimizer.state_dict())
+    train(model, optimizer, batches[2:])
+    train(twin, restored, batches[2:])
+    for got, want in zip(twin.parameters(), model.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_remove_hooks_leaves_no_hook():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    assert any(module._forward_hooks for module in model.modules())
+    optimizer.remove_hooks()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    nn.functional.cross_entropy(
+        model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long)
+    ).backward()
+    with pytest.raises(RuntimeError, match="hooks were removed"):
+        optimizer.step()
+
+
+def test_step_needs_a_new_batch_every_time():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    with pytest.raises(RuntimeError, match="no batch recorded"):
+        optimizer.step()
+    nn.functional.cross_entropy(
+        model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long)
+    ).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="no batch recorded"):
+        optimizer.step()  # the same batch again would count twice in the running averages
+
+
+def test_evaluation_forward_under_no_grad_does_not_disturb_a_step():
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    twin = copy.deepcopy(model)
+    optimizers = [EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin)]
+    x, y = batches[0]
+    for net, optimizer in zip((model, twin), optimizers):
+        nn.functional.cross_entropy(net(x)[0], y).backward()
+        if net is model:
+            with torch.no_grad():
+                net(batches[1][0])
+        optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_reported_and_nothing_changes(bad):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    optimizer = EKFAC(model, lr=0.1)
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[2, 1] = bad
+    loss = nn.functional.cross_entropy(model(x), torch.zeros(6, dtype=torch.long))
+    loss.backward()
+    with pytest.raises(FloatingPointError, match="Linear '0' has non-finite entries"):
+        optimizer.step()
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+    assert not optimizer.state
+
+
+def test_non_finite_output_gradients_in_a_later_layer_change_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    optimizer = EKFAC(model, lr=0.1)
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    output = model(x)
+    # an infinite gradient enters at the output: layer '2' is reached first, layer '0' too
+    (output * torch.tensor([[float("inf"), 1.0]], dtype=torch.float64)).sum().backward()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        optimizer.step()
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (nn.Sequential(nn.ReLU()), "no nn.Linear layer"),
+        (nn.Sequential(nn.Conv1d(1, 1, 2)), "no nn.Linear layer"),
+        (nn.Sequential(nn.Linear(3, 3), Scale()), "EKFAC cannot precondition this model.*'1'"),
+        (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "EKFAC cannot precondition this model"),
+        (nn.Linear(3, 3).requires_grad_(False), "no nn.Linear layer with trainable"),
+    ],
+    ids=["relu-only", "conv", "other-parameter", "layernorm", "frozen"],
+)
+def test_models_ekfac_cannot_precondition_are_refused(model, match):
+    with pytest.raises(ValueError, match=match):
+        EKFAC(model, lr=0.1)
+
+
+def test_tied_weights_are_refused():
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    with pytest.raises(ValueError, match="shares a parameter with Linear '0'"):
+        EKFAC(nn.Sequential(first, nn.Tanh(), second), lr=0.1)
+
+
+def test_a_linear_applied_twice_is_one_layer_with_more_positions():
+    # the two calls are stacked like positions: statistics over both, one update of the weight
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    twice = nn.Sequential(layer, nn.Tanh(), layer)
+    optimizer = EKFAC(twice, lr=0.1, damping=1e-2)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    reference = copy.deepcopy(layer)
+    nn.functional.cross_entropy(twice(x), y).backward()
+    optimizer.step()
+    hidden = reference(x)
+    prediction = reference(torch.tanh(hidden))
+    loss = nn.functional.cross_entropy(prediction, y)
+    grads = torch.autograd.grad(loss, [hidden, prediction, reference.weight, reference.bias])
+    with torch.no_grad():
+        a = torch.stack([append_ones(x), append_ones(torch.tanh(hidden))], dim=1)  # (n, 2, 4)
+        delta = torch.stack([grads[0], grads[1]], dim=1) * 6  # (n, 2, 3)
+        basis = kronecker_eigenbasis(*kfac_factors(a, delta))
+        S = ekfac_scalings(a, delta, basis)
+        step = precondition(join_weight_bias(grads[2], grads[3]), basis, S, 1e-2)
+        expected = join_weight_bias(reference.weight, reference.bias) - 0.1 * step
+    torch.testing.assert_close(join_weight_bias(layer.weight, layer.bias), expected, **F64)
+
+
+def test_frozen_weight_with_trainable_bias_is_refused():
+    model = nn.Linear(3, 2)
+    model.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="freeze both or neither"):
+        EKFAC(model, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": 0.0}, ValueError, "lr must be positive"),
+        ({"lr": -1.0}, ValueError, "lr must be positive"),
+        ({"lr": float("nan")}, ValueError, "lr must be positive"),
+        ({"lr": "0.1"}, TypeError, "lr must be a positive number"),
+        ({"lr": 0.1, "damping": 0.0}, ValueError, "damping must be positive"),
+        ({"lr": 0.1, "damping": -1e-3}, ValueError, "damping must be positive"),
+        ({"lr": 0.1, "update_freq": 0}, ValueError, "update_freq must be an integer >= 1"),
+        ({"lr": 0.1, "update_freq": 2.5}, ValueError, "update_freq must be an integer >= 1"),
+        ({"lr": 0.1, "update_freq": True}, ValueError, "update_freq must be an integer >= 1"),
+        ({"lr": 0.1, "decay": 1.0}, ValueError, "decay must be a number in \\[0, 1\\)"),
+        ({"lr": 0.1, "decay": -0.1}, ValueError, "decay must be a number in \\[0, 1\\)"),
+        ({"lr": 0.1, "mode": "natural"}, ValueError, "mode must be 'ekfac' or 'kfac'"),
+        ({"lr": 0.1, "loss_reduction": "none"}, ValueError, "loss_reduction must be one of"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EKFAC(nn.Linear(3, 2), **kwargs)
+
+
+def test_not_a_model_is_refused():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        EKFAC([nn.Parameter(torch.ones(2))], lr=0.1)
