@@ -5,5 +5,5 @@
 * :mod:`benchmarks.run`: the command line, the timing loop, the two allocator settings;
 * :mod:`benchmarks.report`: the figures and tables of the docs' Benchmarks page, made from
   ``results.json``;
-* :mod:`benchmarks.profile`: ``torch.profiler`` tables of where each method spends its time.
+* :mod:`benchmarks.profiling`: ``torch.profiler`` tables of where each method spends its time.
 """

@@ -387,6 +387,36 @@ class GoodfellowBackpropFresh(Method):
 
 
 @register
+class Hooks(Method):
+    name = "hooks"
+    produces = "per_example"
+    description = "goodfellow.PerExampleGradients(reuse_buffers=True) around loss.backward()"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self.recorder = gf.PerExampleGradients(
+            self.model, loss_reduction="sum", reuse_buffers=True
+        ).attach()
+        # The recorder keeps the tensors of one batch to write the next into: n * P numbers.
+        config = problem.config
+        self.workspace_bytes = config.n * config.num_params * problem.inputs.element_size()
+
+    def step(self) -> None:
+        p = self.problem
+        p.loss_fn(self.model(p.inputs), p.targets).backward()
+        self.recorder.grads  # noqa: B018 - materializes the per-example gradients
+
+    def reset(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def result(self) -> list[Tensor]:
+        grads = self.recorder.grads
+        return [grads[name] for name in self.names]
+
+
+@register
 class NormsOnly(Method):
     name = "norms_only"
     produces = "norms"
