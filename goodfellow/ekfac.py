@@ -63,7 +63,8 @@ every ``update_freq`` steps.
 Inputs with extra dimensions ``(n, ..., d_in)`` (a layer applied at several positions) use
 KFAC-expand (Eschenhagen et al. 2023, arXiv:2311.00636): every position counts as an example of
 ``A`` and the positions of one example add up in ``G``; :math:`S^*` stays the exact second moment
-of the per-example gradients :math:`g_n = \sum_t \delta_{n,t} \bar a_{n,t}^\top`.
+of the per-example gradients :math:`g_n = \sum_t \delta_{n,t} \bar a_{n,t}^\top`. A Linear called
+several times in one forward is treated the same way, its calls stacked as positions.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ loss, reduction, bias, seed).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -132,7 +133,8 @@ class LayerRecord:
     batch_grad: torch.Tensor  # the joint weight's .grad, (d_out, d_in + 1)
 
 
-def record(case: Case, dtype: torch.dtype = torch.float64) -> list[LayerRecord]:
+@functools.cache  # cases are immutable and tests only read the records
+def record(case: Case, dtype: torch.dtype = torch.float64) -> tuple[LayerRecord, ...]:
     """Run one batch: per layer ā, per-example δ, torch.func per-example grads, batch grad."""
     model, x, y, loss_fn = case.make(dtype)
     prediction, inputs, outputs = model(x)
@@ -159,7 +161,7 @@ def record(case: Case, dtype: torch.dtype = torch.float64) -> list[LayerRecord]:
                 ),
             )
         )
-    return records
+    return tuple(records)
 
 
 def empirical_fisher(per_example_grads: torch.Tensor) -> torch.Tensor:
