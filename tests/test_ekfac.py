@@ -782,3 +782,27 @@ def test_bad_hyperparameters_are_refused(kwargs, error, match):
 def test_not_a_model_is_refused():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         EKFAC([nn.Parameter(torch.ones(2))], lr=0.1)
+
+
+def test_step_reads_the_learning_rate_and_damping_of_its_param_group():
+    # what an lr scheduler changes is param_groups[0]["lr"]; the step must use it
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    twin = copy.deepcopy(model)
+    changed = EKFAC(model, lr=0.1, damping=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(changed, step_size=1, gamma=3.0)
+    reference = EKFAC(twin, lr=0.1, damping=0.5)
+    for index, (x, y) in enumerate(batches[:2]):
+        for net, optimizer in ((model, changed), (twin, reference)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x)[0], y).backward()
+            if net is twin and index == 1:
+                optimizer.param_groups[0]["lr"] = 0.3
+                optimizer.param_groups[0]["damping"] = 1e-2
+            if net is model and index == 1:
+                optimizer.param_groups[0]["damping"] = 1e-2
+            optimizer.step()
+        scheduler.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, **F64)
+    assert changed.param_groups[0]["lr"] == pytest.approx(0.9)
