@@ -209,6 +209,7 @@ nbsphinx_prolog = (
 html_theme = "furo"
 html_title = "goodfellow"
 html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
 html_css_files = ["custom.css"]
 html_show_sourcelink = True
 html_theme_options = {"navigation_with_keys": True}
