@@ -376,6 +376,7 @@ def per_example_grads(
     loss_fn: LossFunction,
     inputs: Tensor,
     targets: Tensor,
+    *,
     loss_reduction: str | None = None,
     create_graph: bool = False,
 ) -> list[Tensor]:
