@@ -62,6 +62,8 @@ RAW_TEX = re.compile(
     r"\\\(|\\\)|\\\[|\\\]|\$\$|(?<![\w$])\$[^$\s][^$\n]{0,200}?[^$\s\\]\$(?![\w$])"
 )
 
+# reStructuredText that reached the page as text (e.g. pandoc cannot nest math or code in bold).
+RAW_RST = re.compile(r":(?:math|doc|ref|func|class|cite:[pt]):`|``\S")
 
 # -- The site -------------------------------------------------------------------------------------
 
@@ -376,7 +378,7 @@ def test_no_failed_resource_load(visits, site):
     assert not problems, "\n".join(problems)
 
 
-def test_math_is_typeset_and_no_raw_tex_is_left(visits, site):
+def test_math_is_typeset_and_no_raw_markup_is_left(visits, site):
     problems = []
     pages_with_math = 0
     for page, visit in visits.items():
@@ -386,6 +388,9 @@ def test_math_is_typeset_and_no_raw_tex_is_left(visits, site):
         leftover = RAW_TEX.findall(prose)
         if leftover:
             problems.append(f"{page}: raw TeX left in the text: {leftover[:3]}")
+        markup = RAW_RST.findall(prose)
+        if markup:
+            problems.append(f"{page}: reStructuredText markup shown as text: {markup[:3]}")
         if "mjx-merror" in visit.parsed.tags or "data-mjx-error" in visit.dom:
             problems.append(f"{page}: MathJax reported a TeX error")
         if has_math:

@@ -19,6 +19,12 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 NOTEBOOK_IDS = [path.stem for path in NOTEBOOKS]
 TITLE = re.compile(r"\A# (\d+)\. \S")
 SOLUTION = "<details><summary>Solution</summary>"
+# Inline code or math inside **bold** or *italics*: the docs build converts markdown to
+# reStructuredText, which cannot nest inline markup, so the page would show raw backticks and
+# ":math:" (write "**Against the width** $w$" instead of "**Against the width $w$**").
+NESTED_MARKUP = re.compile(
+    r"\*\*[^*\n]*[$`][^*\n]*\*\*|(?<![*\w])\*[^*\s][^*\n]*[$`][^*\n]*[^\s*]\*(?![*\w])"
+)
 # A notebook must finish in under a minute on two cores; this only stops a hung kernel.
 EXECUTION_TIMEOUT_S = 600
 
@@ -94,3 +100,18 @@ def test_notebook_follows_the_tutorial_layout(path: Path):
         assert cell.source.rstrip().endswith("</details>"), (
             f"{path.name}: a solution block is not closed with </details>"
         )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_notebook_markdown_survives_the_conversion_to_the_site(path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    nested = [
+        (index, match.group(0)[:60])
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "markdown"
+        for match in NESTED_MARKUP.finditer(cell.source)
+    ]
+    assert not nested, (
+        f"{path.name}: inline code or math inside bold/italics (cell, text): {nested}; "
+        "the site would show it as raw markup. Move the code or math outside the emphasis."
+    )
