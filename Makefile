@@ -37,6 +37,7 @@ docs: $(VENV)/.installed-docs
 	@echo "The site is built: open file://$(CURDIR)/docs/_build/html/index.html"
 
 bench: $(VENV)/.installed-bench $(VENV)/.installed-docs
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) -r requirements/bench.txt
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.installed-test
