@@ -261,7 +261,8 @@ def plot_setting(results: dict, allocator: str, path: Path) -> Path:
     configs, methods = _configs(records), _methods(records)
     device = results["meta"].get("device_name") or results["meta"]["device"]
     fig, axes = plt.subplots(
-        1, len(configs), figsize=(2.6 * len(configs) + 1.6, 4.4), sharey=True, squeeze=False
+        1, len(configs), figsize=(max(2.6 * len(configs) + 1.6, 8.0), 4.4), sharey=True,
+        squeeze=False,
     )
     for ax, config in zip(axes[0], configs):
         values, colors, labels = [], [], []

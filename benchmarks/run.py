@@ -97,6 +97,58 @@ def peak_extra_mb(method: bm.Method) -> float | None:
     return (max(extra, 0) + method.workspace_bytes) / 2**20
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks, from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _own_jiffies() -> int:
+    """CPU time this process (all its threads) has used, in clock ticks."""
+    with open("/proc/self/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by *other* processes between start() and share()."""
+
+    def start(self) -> None:
+        self.machine, self.own = _cpu_jiffies(), _own_jiffies()
+
+    def share(self) -> float | None:
+        machine, own = _cpu_jiffies(), _own_jiffies()
+        if machine is None or self.machine is None or machine[1] == self.machine[1]:
+            return None
+        foreign = (machine[0] - self.machine[0]) - (own - self.own)
+        return max(foreign, 0) / (machine[1] - self.machine[1])
+
+
+def wait_for_quiet(max_share: float, timeout: float, window: float = 2.0) -> float:
+    """Wait until other processes use less than ``max_share`` of the CPU over ``window`` seconds.
+
+    The machine is shared; starting a configuration in a quiet moment keeps its timings from
+    being dominated by someone else's work. Gives up after ``timeout`` seconds.
+
+    Returns:
+        The seconds waited.
+    """
+    start = time.perf_counter()
+    load = ForeignLoad()
+    while True:
+        load.start()
+        time.sleep(window)
+        share = load.share()
+        waited = time.perf_counter() - start
+        if share is None or share < max_share or waited >= timeout:
+            return waited
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -118,12 +170,16 @@ def benchmark_config(
     method_names: list[str],
     allocator: str,
     progress=None,
+    quiet_wait: float = 0.0,
 ) -> list[dict]:
     """Check, warm up, time and measure every method on one configuration.
 
+    Args:
+        quiet_wait: Before timing, wait up to this many seconds for a moment in which other
+            processes use less than 25% of the CPU (0: do not wait).
+
     Returns:
-        One record per method (see the module docstring of :mod:`benchmarks` and
-        ``benchmarks/README.md`` for the fields).
+        One record per method (see ``benchmarks/README.md`` for the fields).
     """
     problem = bm.Problem(config, device)
     methods = [bm.METHODS[name](problem) for name in method_names]
@@ -142,6 +198,9 @@ def benchmark_config(
     _synchronize(device)
 
     times: dict[str, list[float]] = {method.name: [] for method in methods}
+    waited = wait_for_quiet(0.25, quiet_wait) if quiet_wait > 0 else 0.0
+    foreign = ForeignLoad()
+    foreign.start()
     gc.collect()
     gc.disable()
     try:
@@ -158,6 +217,7 @@ def benchmark_config(
             gc.collect()
     finally:
         gc.enable()
+    foreign_share = foreign.share()
     peaks = {method.name: peak_extra_mb(method) for method in methods}
     for method in methods:
         method.reset()
@@ -184,6 +244,8 @@ def benchmark_config(
             "per_example_mb": config.per_example_mb,
             "threads": torch.get_num_threads(),
             "check_deviation": deviations[method.name],
+            "foreign_cpu_share": foreign_share,
+            "quiet_wait_s": waited,
             "times_s": samples,
         }
         if peaks[method.name] is not None:
@@ -215,7 +277,8 @@ def run_setting(args: argparse.Namespace) -> dict:
         for config in configs:
             progress.set_postfix_str(config.label)
             records += benchmark_config(
-                config, device, args.runs, args.warmup, method_names, args.child, progress
+                config, device, args.runs, args.warmup, method_names, args.child, progress,
+                quiet_wait=args.quiet_wait,
             )
     return {
         "allocator": args.child,
@@ -255,6 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allocator settings to run (default: both on CPU, default only on CUDA)",
     )
     parser.add_argument(
+        "--quiet-wait", type=float, default=None,
+        help="seconds to wait, before each configuration, for other processes to leave the "
+        "CPU mostly idle (default: 120 for a full run, 0 with --quick)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true",
         help="do not benchmark: redraw the figures and tables from an existing --out",
     )
@@ -281,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.configs = [c.label for c in (bm.QUICK_CONFIGS if args.quick else bm.CONFIGS)]
     for label in args.configs:
         bm.config_by_label(label)
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if args.quick else 120.0
     if args.allocators is None:
         args.allocators = list(ALLOCATORS) if args.device == "cpu" else ["default"]
     if args.runs < 1 or args.warmup < 0:
@@ -310,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                     sys.executable, "-m", "benchmarks.run", "--child", allocator,
                     "--device", args.device, "--out", str(child_out),
                     "--runs", str(args.runs), "--warmup", str(args.warmup),
-                    "--configs", *args.configs,
+                    "--configs", *args.configs, "--quiet-wait", str(args.quiet_wait),
                 ]
                 if args.methods is not None:
                     command += ["--methods", *args.methods]
