@@ -48,7 +48,7 @@ else:
     else:
         os.environ["PATH"] = _pandoc_dir + os.pathsep + os.environ.get("PATH", "")
 
-# -- Tutorials: tutorials/*.ipynb are the sources, docs/tutorials/ is a build-time copy --------------
+# -- Tutorials: tutorials/*.ipynb are the sources, docs/tutorials/ a build-time copy --------
 
 TUTORIALS_SOURCE = ROOT / "tutorials"
 TUTORIALS_COPY = DOCS / "tutorials"  # gitignored
@@ -91,7 +91,6 @@ exclude_patterns = [
     "tutorials/**/*.rst",
     "tutorials/**/*.md",
 ]
-templates_path = ["_templates"]
 nitpicky = True
 # Types that appear in signatures and have no page in this offline build (there is no
 # intersphinx): they are shown as plain text instead of failing the nitpicky build.
@@ -176,8 +175,10 @@ html_sourcelink_suffix = ""
 
 # Every tutorial page starts with links to run it: the notebook itself (copied next to the page
 # by nbsphinx, with its outputs), Colab and Binder (both read the notebook from the repository).
-nbsphinx_prolog = (
-    r"""
+_GITHUB_PATH = REPOSITORY_URL.removeprefix("https://github.com/")
+_COLAB = f"https://colab.research.google.com/github/{_GITHUB_PATH}/blob/{REPOSITORY_BRANCH}/"
+_BINDER = f"https://mybinder.org/v2/gh/{_GITHUB_PATH}/{REPOSITORY_BRANCH}?labpath="
+nbsphinx_prolog = r"""
 {%- set notebook = env.docname.split('/')[-1] ~ '.ipynb' %}
 {%- set repo_path = 'tutorials/' ~ notebook %}
 .. raw:: html
@@ -186,23 +187,12 @@ nbsphinx_prolog = (
       <p class="admonition-title">Run this tutorial yourself</p>
       <p>This page is a Jupyter notebook, executed when the site was built.
       <a class="reference internal" href="{{ notebook }}" download>Download the notebook</a>,
-      or open it in
-      <a class="reference external" href="https://colab.research.google.com/github/"""
-    + REPOSITORY_URL.removeprefix("https://github.com/")
-    + r"""/blob/"""
-    + REPOSITORY_BRANCH
-    + r"""/{{ repo_path }}">Google Colab</a>
-      or on
-      <a class="reference external" href="https://mybinder.org/v2/gh/"""
-    + REPOSITORY_URL.removeprefix("https://github.com/")
-    + r"""/"""
-    + REPOSITORY_BRANCH
-    + r"""?labpath={{ repo_path }}">Binder</a>
-      (see <a class="reference internal" href="../installation.html#colab-and-binder">Installation</a>
+      or open it in <a class="reference external" href="COLAB{{ repo_path }}">Google Colab</a>
+      or on <a class="reference external" href="BINDER{{ repo_path }}">Binder</a> (see
+      <a class="reference internal" href="../installation.html#colab-and-binder">Installation</a>
       for the one line Colab needs first).</p>
     </div>
-"""
-)
+""".replace("COLAB", _COLAB).replace("BINDER", _BINDER)
 
 # -- HTML ----------------------------------------------------------------------------------------
 
