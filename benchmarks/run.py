@@ -25,6 +25,7 @@ page (``docs/_static/benchmarks``). ``--quick`` runs three small configurations 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -71,12 +72,25 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``), where available.
+
+    Without it, a step can reuse memory an earlier step freed but the allocator kept, and the
+    resident set would not show that memory at all.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_mb(method: bm.Method) -> float | None:
     """Peak memory of one step above what the process held before it, plus the kept workspace.
 
-    On CPU this is the rise of the resident set (``VmHWM`` after ``clear_refs``), on CUDA the rise
-    of ``torch.cuda.max_memory_allocated``. Buffers a method keeps across steps (``out=``
-    workspaces) count too, since the method needs them.
+    On CPU this is the rise of the resident set (``VmHWM`` after ``clear_refs``) after the free
+    heap was handed back to the kernel, on CUDA the rise of ``torch.cuda.max_memory_allocated``.
+    Buffers a method keeps across steps (``out=`` workspaces) count too, since the method needs
+    them.
     """
     device = method.problem.device
     method.reset()
@@ -89,6 +103,7 @@ def peak_extra_mb(method: bm.Method) -> float | None:
         _synchronize(device)
         extra = torch.cuda.max_memory_allocated(device) - base
     else:
+        _release_free_heap()
         if not _reset_peak_rss():
             return None
         base = _proc_status_kib("VmRSS") * 1024
