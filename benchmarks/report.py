@@ -292,7 +292,7 @@ def plot_setting(results: dict, allocator: str, path: Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
