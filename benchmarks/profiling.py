@@ -49,7 +49,7 @@ def profile_method(method: bm.Method, steps: int, rows: int) -> str:
         for _ in range(steps):
             method.reset()
             method.step()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
     seconds.sort()
     header = (

@@ -383,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(result))
         return
     if not args.report_only:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(
+                "--device cuda: torch.cuda.is_available() is False here (this torch is "
+                f"{torch.__version__}); run on a machine with a GPU and a CUDA build of torch."
+            )
         settings = []
         for allocator in args.allocators:
             env = dict(os.environ)

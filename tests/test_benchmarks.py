@@ -219,3 +219,11 @@ def test_quick_run_never_overwrites_the_committed_results():
 def test_unknown_configuration_is_refused():
     with pytest.raises(ValueError, match="unknown configuration 'mnist/n7'"):
         parse_args(["--configs", "mnist/n7"])
+
+
+def test_cuda_without_a_gpu_is_refused_clearly(monkeypatch):
+    from benchmarks.run import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="torch.cuda.is_available\\(\\) is False"):
+        main(["--device", "cuda", "--quick"])
