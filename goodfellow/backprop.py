@@ -287,8 +287,10 @@ def per_example_norms(
     with torch.set_grad_enabled(differentiable):
         squared = torch.zeros(n, dtype=activations[0].dtype, device=activations[0].device)
         for a, g in zip(activations, linear_grads):
-            squared = squared + g.square().sum(1) * (a.square().sum(1) + 1)  # (n,)
-        return squared.sqrt() * scale  # (n,)
+            # vecdot(x, x) is each row's squared norm in one kernel: ||G_i||^2 (||A_i||^2 + 1)
+            squared = squared + torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + 1)  # (n,)
+        norms = squared.sqrt()  # (n,)
+        return norms * scale if scale != 1 else norms
 
 
 def _model_output(output: Tensor | tuple) -> Tensor:
