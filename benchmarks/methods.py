@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -438,38 +438,11 @@ class NormsOnly(Method):
         return self.norms
 
 
-def clipped_mean_grads(
-    activations: Sequence[Tensor], linear_grads: Sequence[Tensor], max_norm: float
-) -> list[Tensor]:
-    """Mean of the per-example gradients clipped to norm ``max_norm``, none of them materialized.
-
-    With :math:`w_i = \\min(1, C/\\|g_i\\|)/n` from :func:`goodfellow.per_example_norms`, the
-    result for a layer is :math:`\\sum_i w_i G_i A_i^\\top = (w \\odot G)^\\top A`: the
-    weight-gradient half of a backward of :math:`\\sum_i w_i L_i` (row ``i`` of that loss's
-    gradient w.r.t. a layer output is :math:`w_i G_i`), one ``(o, n) @ (n, i)`` product per layer.
-
-    Args:
-        activations: Layer inputs ``[(n, d_l), ...]``.
-        linear_grads: Gradients of the summed loss w.r.t. the layer outputs ``[(n, d_{l+1}), ...]``.
-        max_norm: The clipping threshold ``C``.
-
-    Returns:
-        ``[gW_1, gb_1, ...]`` of shapes ``(d_{l+1}, d_l)`` and ``(d_{l+1},)``.
-    """
-    norms = gf.per_example_norms(activations, linear_grads, "sum")  # (n,)
-    weights = (max_norm / norms).clamp(max=1.0) / norms.shape[0]  # (n,)
-    grads: list[Tensor] = []
-    for a, g in zip(activations, linear_grads):
-        weighted = g * weights.unsqueeze(1)  # (n, o)
-        grads += [weighted.T @ a, weighted.sum(0)]  # (o, i), (o,)
-    return grads
-
-
 @register
 class ClippedMean(Method):
     name = "clipped_mean"
     produces = "clipped_mean"
-    description = "DP-SGD step without noise: norms, then reweighted weight gradients, no n * P"
+    description = "goodfellow.clipped_mean of goodfellow.mlp_factors: a DP-SGD step without noise"
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
@@ -478,7 +451,10 @@ class ClippedMean(Method):
 
     def step(self) -> None:
         activations, linear_grads = self.problem.linear_grads(self.mlp)
-        self.grads = clipped_mean_grads(activations, linear_grads, self.problem.max_norm)
+        # Norms from the factors, weights w_i = min(1, C / ||g_i||) / n, then per layer the
+        # reweighted batch-gradient product (w * G)^T A: no per-example tensor is formed.
+        factors = gf.mlp_factors(activations, linear_grads, "sum")
+        self.grads = gf.clipped_mean(factors, self.problem.max_norm)
 
     def reset(self) -> None:
         self.grads = None
