@@ -268,20 +268,22 @@ def plot_setting(results: dict, allocator: str, path: Path) -> Path:
         values, colors, labels = [], [], []
         for method in methods:
             record = index.get((allocator, config, method))
-            values.append(record["ratio_to_plain_backward"] if record else float("nan"))
+            ratio = record.get("ratio_to_plain_backward") if record else None
+            values.append(float("nan") if ratio is None else ratio)
             colors.append(COLORS.get(method, "#777777"))
             labels.append(f"{record['median_s'] * 1e3:.1f} ms" if record else "")
         positions = range(len(methods))
         ax.barh(positions, values, color=colors)
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
-        finite = [v for v in values if v == v]
+        finite = [v for v in values if v == v] or [1.0]
         ax.set_xlim(min(finite) / 1.6, max(finite) * 6)
         for y, (value, label) in enumerate(zip(values, labels)):
             if value == value:
                 ax.text(value * 1.08, y, label, va="center", fontsize=7)
-        plain_ms = index[(allocator, config, "plain_backward")]["median_s"] * 1e3
-        ax.set_title(f"{config}\nplain {plain_ms:.2f} ms", fontsize=9)
+        plain = index.get((allocator, config, "plain_backward"))
+        plain_text = f"plain {plain['median_s'] * 1e3:.2f} ms" if plain else "no plain_backward"
+        ax.set_title(f"{config}\n{plain_text}", fontsize=9)
         ax.set_xlabel("time / plain_backward", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].set_yticks(range(len(methods)), methods)
