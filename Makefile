@@ -27,7 +27,12 @@ $(VENV)/.installed-%: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[$*]"
 	@touch $@
 
-test: $(VENV)/.installed-test $(VENV)/.installed-docs
+# The peers the benchmarks compare against (Opacus, BackPACK); the test suite checks them too.
+$(VENV)/.installed-peers: requirements/bench.txt $(VENV)/.installed-bench
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) -r requirements/bench.txt
+	@touch $@
+
+test: $(VENV)/.installed-test $(VENV)/.installed-docs $(VENV)/.installed-peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 docs: $(VENV)/.installed-docs
@@ -36,8 +41,7 @@ docs: $(VENV)/.installed-docs
 	@echo
 	@echo "The site is built: open file://$(CURDIR)/docs/_build/html/index.html"
 
-bench: $(VENV)/.installed-bench $(VENV)/.installed-docs
-	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) -r requirements/bench.txt
+bench: $(VENV)/.installed-peers $(VENV)/.installed-docs
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.installed-test
