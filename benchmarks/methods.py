@@ -243,48 +243,43 @@ class WriteFloor(Method):
         return self.buffer
 
 
+class _Reference(Method):
+    """A reference route of goodfellow.backprop, called on the whole batch every step."""
+
+    produces = "per_example"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+        self.grads: list[Tensor] | None = None
+
+    @staticmethod
+    def compute(model, loss_fn, inputs, targets) -> list[Tensor]:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        p = self.problem
+        self.grads = self.compute(self.model, p.loss_fn, p.inputs, p.targets)
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
 @register
-class NaiveLoop(Method):
+class NaiveLoop(_Reference):
     name = "naive_loop"
-    produces = "per_example"
     description = "one forward and backward per example (goodfellow.naive_per_example_grads)"
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem)
-        self.model = problem.sequential()
-        self.grads: list[Tensor] | None = None
-
-    def step(self) -> None:
-        p = self.problem
-        self.grads = gf.naive_per_example_grads(self.model, p.loss_fn, p.inputs, p.targets)
-
-    def reset(self) -> None:
-        self.grads = None
-
-    def result(self) -> list[Tensor]:
-        return self.grads
+    compute = staticmethod(gf.naive_per_example_grads)
 
 
 @register
-class TorchFuncVmap(Method):
+class TorchFuncVmap(_Reference):
     name = "torch_func_vmap"
-    produces = "per_example"
     description = "vmap(grad(loss of one example)) (goodfellow.torch_func_per_example_grads)"
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem)
-        self.model = problem.sequential()
-        self.grads: list[Tensor] | None = None
-
-    def step(self) -> None:
-        p = self.problem
-        self.grads = gf.torch_func_per_example_grads(self.model, p.loss_fn, p.inputs, p.targets)
-
-    def reset(self) -> None:
-        self.grads = None
-
-    def result(self) -> list[Tensor]:
-        return self.grads
+    compute = staticmethod(gf.torch_func_per_example_grads)
 
 
 @register
