@@ -32,6 +32,7 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "batch_size_factor",
     "batched_outer",
+    "check_layer_lists",
     "goodfellow_backprop",
     "naive_per_example_grads",
     "per_example_grads",
@@ -102,10 +103,23 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
     return torch.bmm(left, right, out=out)  # (n, o, i)
 
 
-def _check_layer_lists(
+def check_layer_lists(
     activations: Sequence[Tensor], linear_grads: Sequence[Tensor]
 ) -> int:
-    """Validate the two per-layer lists of an MLP and return the batch size."""
+    """Check that two per-layer lists describe one batch through one chain of linear layers.
+
+    Args:
+        activations: ``activations[l]`` of shape ``(n, d_l)``.
+        linear_grads: ``linear_grads[l]`` of shape ``(n, d_{l+1})``.
+
+    Returns:
+        The batch size ``n``.
+
+    Raises:
+        TypeError: If the lists or their entries are not lists and tensors.
+        ValueError: If their lengths, ranks, dtypes, devices, batch sizes or widths do not fit
+            one MLP, or the batch is empty.
+    """
     for name, seq in (("activations", activations), ("linear_grads", linear_grads)):
         if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
             raise TypeError(
@@ -192,7 +206,7 @@ def goodfellow_backprop(
         ValueError: If their lengths, ranks, batch sizes or widths do not fit one MLP, the batch
             is empty, or ``loss_reduction`` is unknown.
     """
-    n = _check_layer_lists(activations, linear_grads)
+    n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
     if out is not None:
         out = _check_out(out, activations, linear_grads)
@@ -281,7 +295,7 @@ def per_example_norms(
         Tensor of shape ``(n,)``: :math:`\|\nabla_\theta L_i\|_2` over all weights and biases.
         Differentiable when ``linear_grads`` were computed with ``create_graph=True``.
     """
-    n = _check_layer_lists(activations, linear_grads)
+    n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
     differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in linear_grads)
     with torch.set_grad_enabled(differentiable):

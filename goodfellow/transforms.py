@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from goodfellow.backprop import batch_size_factor, batched_outer
+from goodfellow.backprop import batch_size_factor, batched_outer, check_layer_lists
 
 __all__ = [
     "CABS",
@@ -472,23 +472,11 @@ def mlp_factors(
 
     Raises:
         TypeError: If the arguments are not lists of tensors.
-        ValueError: If the lists differ in length, are empty, or describe different batches.
+        ValueError: If the lists do not describe one batch through one chain of layers (see
+            :func:`goodfellow.goodfellow_backprop`).
     """
-    for name, seq in (("activations", activations), ("linear_grads", linear_grads)):
-        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
-            raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}.")
-    if len(activations) != len(linear_grads) or not activations:
-        raise ValueError(
-            f"activations and linear_grads must have one entry per linear layer each, got "
-            f"{len(activations)} and {len(linear_grads)}."
-        )
-    for layer, (a, g) in enumerate(zip(activations, linear_grads)):
-        for name, t in (("activations", a), ("linear_grads", g)):
-            if not isinstance(t, Tensor) or t.dim() != 2:
-                shown = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"{name}[{layer}] must be a tensor of shape (n, features), got {shown}."
-                )
+    # the same checks as goodfellow_backprop: one chain of (n, features) layers, one batch
+    check_layer_lists(activations, linear_grads)
     factors = [
         linear_factors(a, g, True, loss_reduction) for a, g in zip(activations, linear_grads)
     ]

@@ -1137,3 +1137,21 @@ def test_adaptive_batches_refuse_bad_data(dataset, error, match):
 def test_public_names_are_exported():
     for name in ["expected_transform", "assign_grads", "CABS", "AdaptiveBatchSampler"]:
         assert name in goodfellow.__all__ and hasattr(goodfellow, name)
+
+
+@pytest.mark.parametrize(
+    "mangle, error, message",
+    [
+        (lambda acts, grads: (acts[:-1], grads), ValueError, "one entry per linear layer"),
+        (lambda acts, grads: ([acts[0][0], *acts[1:]], grads), ValueError, r"\(n, features\)"),
+        (lambda acts, grads: (grads, acts), ValueError, "do not describe one chain"),
+        (lambda acts, grads: (acts[0], grads), TypeError, "list or tuple of tensors"),
+    ],
+    ids=["lengths", "rank", "swapped", "not-a-list"],
+)
+def test_mlp_factors_refuses_lists_that_are_not_one_mlp(mangle, error, message):
+    model = goodfellow.MLP(3, [4, 5], 2).double()
+    prediction, activations, linear_combs = model(torch.randn(6, 3, dtype=torch.float64))
+    linear_grads = torch.autograd.grad(prediction.square().sum(), linear_combs)
+    with pytest.raises(error, match=message):
+        goodfellow.mlp_factors(*mangle(list(activations), list(linear_grads)))
