@@ -36,7 +36,8 @@ to the value it had when the hook was registered: exactly
 What is needed for the results to be per-example gradients: every Linear sees the batch on
 dimension 0, and nothing in the model mixes the examples of a batch (BatchNorm in training mode
 does, and is refused). Parameters of a Linear used outside its own ``forward`` (for instance
-through ``F.linear(x, layer.weight)``) are not seen by the hooks.
+through ``F.linear(x, layer.weight)``) are not seen by the hooks. Activation checkpointing
+(``torch.utils.checkpoint``) reruns Linear layers inside the backward and is refused.
 """
 
 from __future__ import annotations
@@ -337,6 +338,13 @@ class PerExampleGradients:
         def forward_hook(module: nn.Linear, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
                 return  # no backward of ours can come through this call
+            if _in_backward():
+                raise ValueError(
+                    f"Linear {_display(record.name)} ran during the backward, as it does "
+                    "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
+                    "the forward then; PerExampleGradients cannot tell such a recomputation "
+                    "from a new batch. Run the model without checkpointing while recording."
+                )
             if self._backward_seen:
                 self.clear()
             a = args[0] if args else kwargs["input"]
@@ -553,6 +561,16 @@ def _is_functorch(tensor: Tensor) -> bool:
     """Whether a tensor lives inside a ``torch.func`` transform (``vmap``, ``grad``)."""
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(is_wrapped is not None and is_wrapped(tensor))
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread right now.
+
+    Uses the graph-task id that ``torch.utils.checkpoint`` itself reads (``-1`` outside a
+    backward).
+    """
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
 
 
 def _hookable(output: Tensor) -> Tensor:

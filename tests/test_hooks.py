@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 from goodfellow import (
     MLP,
@@ -744,6 +745,35 @@ def test_torch_func_inside_the_context_is_not_recorded():
         assert pe.layers["block.shared"].num_calls == 2
         for name, expected in want.items():
             torch.testing.assert_close(pe.grads[name], expected, **F64, msg=name)
+
+
+class Checkpointed(nn.Module):
+    """Two Linear layers, the first inside activation checkpointing."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        def block(t):
+            return torch.tanh(self.first(t))
+
+        hidden = checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return self.second(hidden)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_is_refused(use_reentrant):
+    # The checkpointed Linear runs again inside the backward; that must neither start a new
+    # batch (dropping what 'second' recorded: silently zero gradients) nor count as a call.
+    model = Checkpointed(use_reentrant).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=use_reentrant)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    with PerExampleGradients(model) as pe:
+        with pytest.raises(ValueError, match="'first' ran during the backward.*checkpoint"):
+            nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+        assert pe.layers["second"].num_calls == 1  # the batch was not replaced
 
 
 def test_attach_twice():
