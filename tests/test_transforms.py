@@ -757,6 +757,34 @@ def test_factored_statistics_are_differentiable(setting64):
     assert_all_close(list(actual), torch_func_gradient_of(setting64, statistic))
 
 
+def test_clipped_mean_differentiates_through_a_zero_gradient():
+    """An example with g_i = 0 (inside the ball) has factor 1 and contributes no NaN.
+
+    The clipped mean is (1/n) sum_i g_i min(1, C/||g_i||); near g_i = 0 the factor is
+    constantly 1, so the derivative is that of the plain mean there. Reference: the same
+    function written with torch.linalg.vector_norm, whose derivative at 0 is 0.
+    """
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 1, 3, dtype=torch.float64, generator=generator)
+    G = torch.randn(4, 1, 2, dtype=torch.float64, generator=generator)
+    A[1], G[2] = 0.0, 0.0  # example 1: zero weight gradient; example 2: zero gradient
+    A.requires_grad_(True)
+    G.requires_grad_(True)
+    directions = [torch.randn(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
+
+    def value(grads):
+        return sum((d * g).sum() for d, g in zip(directions, grads))
+
+    def per_example():
+        return [G[:, 0, :, None] * A[:, 0, None, :], G[:, 0]]  # (n, 2, 3), (n, 2)
+
+    reference = value(expected_transform(per_example(), clip_to_norm(0.5)))
+    expected = torch.autograd.grad(reference, (A, G))
+    for source in (LinearFactors(A, G, True), per_example()):
+        actual = torch.autograd.grad(value(clipped_mean(source, 0.5)), (A, G))
+        assert_all_close(actual, expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Property tests
 # --------------------------------------------------------------------------------------------
