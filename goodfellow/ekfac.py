@@ -579,7 +579,8 @@ class EKFAC(torch.optim.Optimizer):
         updates = []
         for name, module in self._layers.items():
             record = self.recorder.layers[name]
-            if module.weight.grad is None or record.num_calls == 0:
+            reached = any(g is not None for g in record.grad_outputs)
+            if module.weight.grad is None or not reached:
                 continue  # the layer took no part in this loss, like torch optimizers skip it
             updates.append(self._layer_update(name, module, record, group))
         # Parameters change only once every layer's statistics were found finite.
@@ -601,9 +602,14 @@ class EKFAC(torch.optim.Optimizer):
         decay = group["decay"]
         has_bias = _has_trainable_bias(module)
         n = record.batch_size
-        a = _stack_calls(record.inputs, n)  # (n, ..., d_in)
+        # A call whose output never reached the loss (a forward with gradients enabled but no
+        # backward, such as an evaluation) is not part of this loss: its inputs stay out of A.
+        reached = [g is not None for g in record.grad_outputs]
+        inputs = [a for a, used in zip(record.inputs, reached) if used]
+        deltas = [d for d, used in zip(record.per_example_grad_outputs, reached) if used]
+        a = _stack_calls(inputs, n)  # (n, ..., d_in)
         a = append_ones(a) if has_bias else a  # (n, ..., d_in + 1)
-        delta = _stack_calls(record.per_example_grad_outputs, n)  # (n, ..., d_out)
+        delta = _stack_calls(deltas, n)  # (n, ..., d_out)
         A_batch, G_batch = kfac_factors(a, delta)
         _check_finite(A_batch, "input factor A", name, step)
         _check_finite(G_batch, "output-gradient factor G", name, step)

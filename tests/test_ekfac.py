@@ -663,6 +663,24 @@ def test_evaluation_forward_under_no_grad_does_not_disturb_a_step():
         assert torch.equal(got, want)
 
 
+def test_a_forward_that_misses_the_loss_does_not_enter_the_statistics():
+    # A validation forward with gradients enabled and no backward joins the batch as an extra
+    # call of every Linear; its output gets no gradient, so its inputs must not count in A.
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    twin = copy.deepcopy(model)
+    optimizers = [EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin)]
+    for x, y in batches[:3]:
+        for net, optimizer in zip((model, twin), optimizers):
+            optimizer.zero_grad()
+            if net is model:
+                net(torch.randn_like(x) * 3)  # (n, 4) of the same size, never used
+            nn.functional.cross_entropy(net(x)[0], y).backward()
+            optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, **F64)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_statistics_are_reported_and_nothing_changes(bad):
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
