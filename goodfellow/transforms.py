@@ -400,9 +400,12 @@ def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
                 f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
             )
     n = uses[0].shape[0]
+    laid_out = [t.reshape(n, -1, t.shape[-1]) for t in uses]  # views where the layout allows
+    if len(laid_out) == 1:
+        return laid_out[0]  # (n, T, d), no copy: the statistics only read the factors
     # A layer used several times in one forward: its gradient is the sum over all uses, which is
     # the sum over the positions of all uses laid end to end.
-    return torch.cat([t.reshape(n, -1, t.shape[-1]) for t in uses], dim=1)  # (n, T, d)
+    return torch.cat(laid_out, dim=1)  # (n, T, d)
 
 
 def linear_factors(
@@ -425,7 +428,9 @@ def linear_factors(
             Pass ``"sum"`` for gradients already scaled to example ``i``'s own loss.
 
     Returns:
-        A :class:`LinearFactors` with tensors of shape ``(n, T, d_in)`` and ``(n, T, d_out)``.
+        A :class:`LinearFactors` with tensors of shape ``(n, T, d_in)`` and ``(n, T, d_out)``:
+        views of ``inputs`` and ``grad_outputs`` for a single use (no copy; ``grad_outputs``
+        is copied once, scaled, for ``"mean"``).
 
     Raises:
         TypeError: If the inputs are not tensors.
