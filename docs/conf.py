@@ -213,5 +213,17 @@ copybutton_prompt_is_regexp = True
 copybutton_exclude = ".linenos, .gp, .go"
 
 
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+    """Leave out the "Alias for field number N" entries of a NamedTuple without field docstrings.
+
+    Such a class documents its fields in its own docstring already; the generated aliases would
+    list every field a second time, with no text.
+    """
+    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    return None
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_reexports)
+    app.connect("autodoc-skip-member", _skip_namedtuple_aliases)

@@ -282,7 +282,10 @@ def per_example_norms(
 
         \|g_i\|^2 = c^2 \sum_l \|G_{l,i}\|^2 \left(\|A_{l-1,i}\|^2 + 1\right),
 
-    which costs :math:`O(n \sum_l (d_{l-1} + d_l))` instead of :math:`O(nP)`.
+    where :math:`G_{l,i}` is row ``i`` of ``linear_grads[l-1]``, :math:`A_{l-1,i}` row ``i`` of
+    ``activations[l-1]``, and :math:`c` is :func:`batch_size_factor` (``1`` for ``"sum"``,
+    :math:`n` for ``"mean"``). This costs :math:`O(n \sum_l (d_{l-1} + d_l))` instead of the
+    :math:`O(nP)` of materializing the gradients.
 
     Args:
         activations: As for :func:`goodfellow_backprop`, ``activations[l]`` of shape
