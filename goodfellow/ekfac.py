@@ -426,7 +426,9 @@ class EKFAC(torch.optim.Optimizer):
     The optimizer keeps a :class:`goodfellow.PerExampleGradients` attached to the model (remove
     it with :meth:`remove_hooks`) and reads, for every Linear, its inputs :math:`a` and the
     per-example output gradients :math:`\delta` of the step's batch; no per-example gradient is
-    materialized. Per layer and step ``k`` (counted from 0), with :math:`\beta` = ``decay``:
+    materialized. Calls of a Linear whose output did not reach the loss (a forward run with
+    gradients enabled but never differentiated) are left out of the statistics.
+    Per layer and step ``k`` (counted from 0), with :math:`\beta` = ``decay``:
 
     1. running averages of the KFAC factors,
        :math:`A \leftarrow \beta A + (1 - \beta) A_{batch}` and likewise :math:`G`
