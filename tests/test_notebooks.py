@@ -107,6 +107,11 @@ def test_notebook_follows_the_tutorial_layout(path: Path):
         f"blocks, found {len(solutions)}"
     )
     for cell in solutions:
+        # The teachers' page strips solutions for handouts by this prefix.
+        assert cell.source.lstrip().startswith(SOLUTION), (
+            f"{path.name}: a solution cell must start with '{SOLUTION}', got "
+            f"{cell.source[:40]!r}"
+        )
         assert cell.source.rstrip().endswith("</details>"), (
             f"{path.name}: a solution block is not closed with </details>"
         )
