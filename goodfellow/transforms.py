@@ -710,9 +710,14 @@ def gradient_norms(source: PerExampleGrads | LinearFactors | Sequence[LinearFact
             :func:`mlp_factors`) or a dict of them.
 
     Returns:
-        Tensor of shape ``(n,)``; differentiable if the source is.
+        Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
+        gradient, as for ``torch.linalg.vector_norm``).
     """
-    return _sq_norms(source).sqrt()
+    squares = _sq_norms(source)  # (n,)
+    # sqrt has an infinite derivative at 0; a zero gradient gets derivative 0 instead, the
+    # subgradient of torch.linalg.vector_norm (the double where keeps NaN out of the backward).
+    positive = squares > 0  # (n,)
+    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)  # (n,)
 
 
 def _weighted_sum(source: object, weights: Tensor) -> PerExampleGrads:

@@ -803,6 +803,28 @@ def test_clipped_mean_differentiates_through_a_zero_gradient():
         assert_all_close(actual, expected)
 
 
+def test_gradient_norms_differentiate_through_a_zero_gradient():
+    """Derivative 0 at g_i = 0, the subgradient of torch.linalg.vector_norm, not NaN."""
+    generator = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 1, 3, dtype=torch.float64, generator=generator)
+    G = torch.randn(4, 1, 2, dtype=torch.float64, generator=generator)
+    G[2] = 0.0  # example 2: zero gradient
+    A.requires_grad_(True)
+    G.requires_grad_(True)
+    weights = torch.randn(4, dtype=torch.float64, generator=generator)
+    per_example = torch.cat([(G[:, 0, :, None] * A[:, 0, None, :]).flatten(1), G[:, 0]], 1)
+    reference = weights @ torch.linalg.vector_norm(per_example, dim=1)
+    expected = torch.autograd.grad(reference, (A, G))
+    sources = (
+        lambda: LinearFactors(A, G, True),
+        lambda: [G[:, 0, :, None] * A[:, 0, None, :], G[:, 0]],  # (n, 2, 3), (n, 2)
+    )
+    for source in sources:
+        norms = gradient_norms(source())
+        assert_close(norms.detach(), torch.linalg.vector_norm(per_example, dim=1).detach())
+        assert_all_close(torch.autograd.grad(weights @ norms, (A, G)), expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Property tests
 # --------------------------------------------------------------------------------------------
