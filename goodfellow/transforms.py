@@ -325,17 +325,6 @@ def _clip_factors(norms: Tensor, max_norm: float) -> Tensor:
     return max_norm / norms.clamp(min=max_norm)  # (n,)
 
 
-def _clip_factors_of_squares(sq_norms: Tensor, max_norm: float) -> Tensor:
-    r""":math:`\min(1, C / \|g_i\|)` from the squared norms :math:`\|g_i\|^2`, shape ``(n,)``.
-
-    The clamp comes before the square root: ``sqrt`` has an infinite derivative at 0, which
-    the clamp's zero derivative would turn into NaN for a zero gradient. Clamped first, the
-    root is only taken at :math:`\|g_i\|^2 \ge C^2 > 0` and examples inside the ball get
-    factor 1 (exactly: :math:`\sqrt{C^2} = C` in floating point) and derivative 0.
-    """
-    return max_norm / sq_norms.clamp(min=max_norm**2).sqrt()  # (n,)
-
-
 def clip_to_norm(max_norm: float) -> Transform:
     r"""The DP-SGD clipping transformation :math:`T(g) = g \min(1, C / \|g\|_2)`.
 
@@ -774,7 +763,7 @@ def clipped_mean(
     weighted sum :math:`\sum_i w_i g_i` with :math:`w_i = \min(1, C/\|g_i\|)/n`. In factored
     form that is one contraction per layer, ``einsum("n,nto,nti->oi", w, G, A)``: the rows of
     :math:`G` are rescaled before the usual batch-gradient product, and no per-example tensor
-    is formed (the squared norms are those of :func:`gradient_norms`). Abadi et al. 2016,
+    is formed (the norms come from :func:`gradient_norms`). Abadi et al. 2016,
     arXiv:1607.00133; the noise DP-SGD adds afterwards is not part of this function.
 
     Args:
@@ -790,7 +779,8 @@ def clipped_mean(
     """
     max_norm = _check_max_norm(max_norm)
     n = _batch_size(source)
-    weights = _clip_factors_of_squares(_sq_norms(source), max_norm) / n  # (n,)
+    # gradient_norms has derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
+    weights = _clip_factors(gradient_norms(source), max_norm) / n  # (n,)
     return _weighted_sum(source, weights)
 
 

@@ -775,7 +775,8 @@ def test_factored_statistics_are_differentiable(setting64):
     assert_all_close(list(actual), torch_func_gradient_of(setting64, statistic))
 
 
-def test_clipped_mean_differentiates_through_a_zero_gradient():
+@pytest.mark.parametrize("max_norm", [0.5, 1e-200], ids=["C=0.5", "C^2_underflows"])
+def test_clipped_mean_differentiates_through_a_zero_gradient(max_norm):
     """An example with g_i = 0 (inside the ball) has factor 1 and contributes no NaN.
 
     The clipped mean is (1/n) sum_i g_i min(1, C/||g_i||); near g_i = 0 the factor is
@@ -796,10 +797,10 @@ def test_clipped_mean_differentiates_through_a_zero_gradient():
     def per_example():
         return [G[:, 0, :, None] * A[:, 0, None, :], G[:, 0]]  # (n, 2, 3), (n, 2)
 
-    reference = value(expected_transform(per_example(), clip_to_norm(0.5)))
+    reference = value(expected_transform(per_example(), clip_to_norm(max_norm)))
     expected = torch.autograd.grad(reference, (A, G))
     for source in (LinearFactors(A, G, True), per_example()):
-        actual = torch.autograd.grad(value(clipped_mean(source, 0.5)), (A, G))
+        actual = torch.autograd.grad(value(clipped_mean(source, max_norm)), (A, G))
         assert_all_close(actual, expected)
 
 
