@@ -213,13 +213,35 @@ copybutton_prompt_is_regexp = True
 copybutton_exclude = ".linenos, .gp, .go"
 
 
-def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
-    """Leave out the "Alias for field number N" entries of a NamedTuple without field docstrings.
+def _documented_namedtuple_fields() -> set[int]:
+    """The ids of NamedTuple field accessors in goodfellow that have a docstring in the source."""
+    import inspect
 
-    Such a class documents its fields in its own docstring already; the generated aliases would
-    list every field a second time, with no text.
+    from sphinx.pycode import ModuleAnalyzer
+
+    documented = set()
+    for name in goodfellow.__all__:
+        cls = getattr(goodfellow, name)
+        if not (inspect.isclass(cls) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+            continue
+        attribute_docs = ModuleAnalyzer.for_module(cls.__module__).find_attr_docs()
+        for field in cls._fields:
+            if (cls.__qualname__, field) in attribute_docs:
+                documented.add(id(cls.__dict__[field]))
+    return documented
+
+
+_DOCUMENTED_FIELDS = _documented_namedtuple_fields()
+
+
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+    """Leave out a NamedTuple field that has no docstring of its own.
+
+    Autodoc would show it as "Alias for field number N", listing the field a second time after
+    the class docstring's own list of fields. Fields with a docstring in the source stay.
     """
-    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+    doc = getattr(obj, "__doc__", None) or ""
+    if doc.startswith("Alias for field number") and id(obj) not in _DOCUMENTED_FIELDS:
         return True
     return None
 
