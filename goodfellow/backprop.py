@@ -35,6 +35,7 @@ __all__ = [
     "check_layer_lists",
     "goodfellow_backprop",
     "naive_per_example_grads",
+    "norm_from_squares",
     "per_example_grads",
     "per_example_norms",
     "torch_func_per_example_grads",
@@ -268,6 +269,23 @@ def _check_out(
     return list(out)
 
 
+def norm_from_squares(squares: Tensor) -> Tensor:
+    """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
+
+    ``sqrt`` has an infinite derivative at 0, so an example whose gradient vanishes would turn
+    the derivative of every norm-based quantity into NaN. The subgradient 0 is the one
+    ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
+
+    Args:
+        squares: Squared norms, any shape, entries ``>= 0``.
+
+    Returns:
+        Tensor of the same shape: their square roots.
+    """
+    positive = squares > 0
+    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
+
+
 def per_example_norms(
     activations: Sequence[Tensor],
     linear_grads: Sequence[Tensor],
@@ -296,7 +314,8 @@ def per_example_norms(
 
     Returns:
         Tensor of shape ``(n,)``: :math:`\|\nabla_\theta L_i\|_2` over all weights and biases.
-        Differentiable when ``linear_grads`` were computed with ``create_graph=True``.
+        Differentiable when ``linear_grads`` were computed with ``create_graph=True`` (with
+        derivative 0 at an example whose gradient is 0, as for ``torch.linalg.vector_norm``).
     """
     n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
@@ -306,7 +325,7 @@ def per_example_norms(
         for a, g in zip(activations, linear_grads):
             # vecdot(x, x) is each row's squared norm in one kernel: ||G_i||^2 (||A_i||^2 + 1)
             squared = squared + torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + 1)  # (n,)
-        norms = squared.sqrt()  # (n,)
+        norms = norm_from_squares(squared)  # (n,)
         return norms * scale if scale != 1 else norms
 
 

@@ -43,7 +43,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from goodfellow.backprop import batch_size_factor, batched_outer, check_layer_lists
+from goodfellow.backprop import (
+    batch_size_factor,
+    batched_outer,
+    check_layer_lists,
+    norm_from_squares,
+)
 
 __all__ = [
     "CABS",
@@ -702,11 +707,7 @@ def gradient_norms(source: PerExampleGrads | LinearFactors | Sequence[LinearFact
         Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
         gradient, as for ``torch.linalg.vector_norm``).
     """
-    squares = _sq_norms(source)  # (n,)
-    # sqrt has an infinite derivative at 0; a zero gradient gets derivative 0 instead, the
-    # subgradient of torch.linalg.vector_norm (the double where keeps NaN out of the backward).
-    positive = squares > 0  # (n,)
-    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)  # (n,)
+    return norm_from_squares(_sq_norms(source))  # (n,)
 
 
 def _weighted_sum(source: object, weights: Tensor) -> PerExampleGrads:

@@ -387,3 +387,24 @@ def test_convenience_route_needs_the_reduction_of_a_plain_function():
         per_example_grads(model, summed_squares, x, y, loss_reduction="sum"),
         naive_per_example_grads(model, summed_squares, x, y),
     )
+
+
+def test_norms_have_a_finite_derivative_at_an_example_with_zero_gradient():
+    torch.manual_seed(5)
+    model = MLP(3, [4], 2, activation=torch.tanh).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = model(x)[0].detach().clone()
+    y[1:] += torch.randn(3, 2, dtype=torch.float64)  # example 0 is fit exactly: g_0 = 0
+    loss_fn = nn.MSELoss(reduction="sum")
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn, create_graph=True)
+    norms = per_example_norms(activations, linear_grads)
+    assert norms[0] == 0
+    ours = torch.autograd.grad(norms.sum(), list(model.parameters()), retain_graph=True)
+    # the reference: vector_norm of the materialized gradients, whose subgradient at 0 is 0
+    grads = goodfellow_backprop(activations, linear_grads)
+    flat = torch.cat([g.reshape(4, -1) for g in grads], dim=1)  # (n, P)
+    reference = torch.autograd.grad(
+        torch.linalg.vector_norm(flat, dim=1).sum(), list(model.parameters())
+    )
+    assert all(torch.isfinite(g).all() for g in ours)
+    assert_lists_close(list(ours), list(reference))
