@@ -91,6 +91,8 @@ class _GradiatorFunction(torch.autograd.Function):
         grad_fun: Callable[[Tensor, Tensor], Tensor],
     ) -> Tensor:  # noqa: D102
         y = _checked_output(fun(x), x, "fun")
+        # a nan from a black box would surface only later, far from its cause
+        _check_finite(y, "fun's output")
         ctx.grad_fun = grad_fun
         ctx.save_for_backward(x)
         return y
@@ -140,8 +142,8 @@ def gradiator(
         TypeError: If ``fun`` or ``grad_fun`` is not callable. At call time: if ``x`` or what
             ``fun``/``grad_fun`` return is not a tensor.
         ValueError: At call time: if ``x`` is not 1-D or 2-D, ``fun`` returns a shape that does
-            not match ``x`` (rank, or batch size), or ``grad_fun`` returns a shape other than
-            ``x``'s.
+            not match ``x`` (rank, or batch size) or non-finite values, or ``grad_fun`` returns
+            a shape other than ``x``'s.
 
     Example:
         >>> A = torch.randn(3, 4, dtype=torch.float64)

@@ -779,3 +779,16 @@ def test_online_rejects_non_finite_probe_outputs():
     online = OnlineJacobian(blows_up_off_the_data, 3, 2, probes_per_call=1, eps=1.0)
     with pytest.raises(ValueError, match="non-finite"):
         online(torch.zeros(2, 3, dtype=F64, requires_grad=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gradiator_refuses_non_finite_output_of_fun(bad):
+    def broken(v):
+        out = v * 2.0
+        out[..., 0] = bad
+        return out
+
+    wrapped = gradiator(broken, lambda v, g: 2.0 * g)
+    for x in (torch.ones(3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="fun's output holds non-finite"):
+            wrapped(x.requires_grad_())
