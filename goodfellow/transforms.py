@@ -376,8 +376,11 @@ class LinearFactors(NamedTuple):
         bias: Whether the layer has a bias.
     """
 
+    #: The layer's inputs :math:`A`, shape ``(n, T, d_in)``.
     inputs: Tensor
+    #: Each example's own output gradients :math:`G`, shape ``(n, T, d_out)``.
     grad_outputs: Tensor
+    #: Whether the layer has a bias.
     bias: bool
 
 
@@ -1007,9 +1010,12 @@ class CABS(torch.optim.Optimizer):
 
     .. math::
 
-        \xi \leftarrow \mu\xi + (1-\mu)\operatorname{tr}\hat\Sigma, \qquad
-        \bar L \leftarrow \mu\bar L + (1-\mu)\tfrac1n\textstyle\sum_i L_i, \qquad
-        m \leftarrow \operatorname{clip}\big(\lceil \alpha\xi/\bar L\rceil, m_{min}, m_{max}\big),
+        \xi \leftarrow \mu\xi + (1-\mu)\operatorname{tr}\hat\Sigma,
+
+        \bar L \leftarrow \mu\bar L + (1-\mu)\tfrac1n\textstyle\sum_i L_i,
+
+        m \leftarrow \operatorname{clip}\big(\lceil \alpha\xi/\bar L\rceil,
+        m_\text{min}, m_\text{max}\big),
 
     with :math:`\operatorname{tr}\hat\Sigma = \frac1n\sum_i\|g_i\|^2 - \|\bar g\|^2` (the
     reference code's biased estimate; ``unbiased=True`` divides by ``n - 1``). The reference
