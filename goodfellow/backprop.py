@@ -36,6 +36,7 @@ __all__ = [
     "goodfellow_backprop",
     "naive_per_example_grads",
     "norm_from_squares",
+    "outer_sq_norms",
     "per_example_grads",
     "per_example_norms",
     "torch_func_per_example_grads",
@@ -269,6 +270,23 @@ def _check_out(
     return list(out)
 
 
+def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor) -> Tensor:
+    r"""Squared Frobenius norms of the per-example outer products, without forming them.
+
+    :math:`\|G_i A_i^\top\|_F^2 = \|G_i\|^2 \|A_i\|^2`: the norm of an outer product
+    factorizes, so the cost is :math:`O(n (d_{out} + d_{in}))`, not :math:`O(n d_{out} d_{in})`.
+
+    Args:
+        grad_outputs: :math:`G`, shape ``(n, d_out)``.
+        inputs: :math:`A`, shape ``(n, d_in)``.
+
+    Returns:
+        Tensor of shape ``(n,)``.
+    """
+    # vecdot(x, x) is each row's squared norm in one kernel
+    return torch.linalg.vecdot(grad_outputs, grad_outputs) * torch.linalg.vecdot(inputs, inputs)
+
+
 def norm_from_squares(squares: Tensor) -> Tensor:
     """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
 
@@ -323,8 +341,8 @@ def per_example_norms(
     with torch.set_grad_enabled(differentiable):
         squared = torch.zeros(n, dtype=activations[0].dtype, device=activations[0].device)
         for a, g in zip(activations, linear_grads):
-            # vecdot(x, x) is each row's squared norm in one kernel: ||G_i||^2 (||A_i||^2 + 1)
-            squared = squared + torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + 1)  # (n,)
+            # weight ||G_i||^2 ||A_i||^2, plus the bias ||G_i||^2
+            squared = squared + outer_sq_norms(g, a) + torch.linalg.vecdot(g, g)  # (n,)
         norms = norm_from_squares(squared)  # (n,)
         return norms * scale if scale != 1 else norms
 

@@ -48,6 +48,7 @@ from goodfellow.backprop import (
     batched_outer,
     check_layer_lists,
     norm_from_squares,
+    outer_sq_norms,
 )
 
 __all__ = [
@@ -586,7 +587,7 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     n, positions, d_in = A.shape
     d_out = G.shape[2]
     if positions == 1:
-        weight = G.square().sum(dim=(1, 2)) * A.square().sum(dim=(1, 2))  # (n,)
+        weight = outer_sq_norms(G[:, 0], A[:, 0])  # (n,)
     elif positions * (d_in + d_out) <= d_in * d_out:
         gram_G = torch.bmm(G, G.transpose(1, 2))  # (n, t, t)
         gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, t)

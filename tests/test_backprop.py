@@ -408,3 +408,18 @@ def test_norms_have_a_finite_derivative_at_an_example_with_zero_gradient():
     )
     assert all(torch.isfinite(g).all() for g in ours)
     assert_lists_close(list(ours), list(reference))
+
+
+@given(
+    batch=st.integers(1, 8),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_property_outer_sq_norms_equal_norms_of_the_outer_products(batch, d_in, d_out, seed):
+    generator = torch.Generator().manual_seed(seed)
+    g = torch.randn(batch, d_out, generator=generator, dtype=torch.float64)
+    a = torch.randn(batch, d_in, generator=generator, dtype=torch.float64)
+    expected = goodfellow.batched_outer(g, a).square().sum(dim=(1, 2))
+    result = goodfellow.outer_sq_norms(g, a)
+    torch.testing.assert_close(result, expected, **TOLERANCES[torch.float64])
