@@ -95,6 +95,9 @@ class Problem:
         dtype: Floating-point type of the model and the inputs (float32 in the benchmark,
             float64 in the tests).
         seed: Seeds the weights, the inputs and the labels.
+        reference: Compute the naive-loop reference (and clip at the median norm). ``False``
+            skips it and clips at 1.0: for a device whose values cannot be read back, such as
+            ``"meta"``, on which the tests run every method to find tensors left on the CPU.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Problem:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        reference: bool = True,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -116,7 +120,12 @@ class Problem:
         self.targets = torch.randint(widths[-1], (config.n,), generator=generator)
         self.targets = self.targets.to(self.device)  # (n,)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.max_norm = 1.0
+        self.reference: list[Tensor] | None = None
+        if reference:
+            self._compute_reference()
 
+    def _compute_reference(self) -> None:
         # The reference: one backward per example, on a Sequential copy of the same weights.
         self.reference = gf.naive_per_example_grads(
             self.sequential(), self.loss_fn, self.inputs, self.targets
