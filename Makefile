@@ -27,12 +27,17 @@ $(VENV)/.installed-%: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[$*]"
 	@touch $@
 
-# The peers the benchmarks compare against (Opacus, BackPACK); the test suite checks them too.
-$(VENV)/.installed-peers: requirements/bench.txt $(VENV)/.installed-bench
-	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) -r requirements/bench.txt
+# The `bench` extra brings the peers the benchmarks compare against (Opacus, BackPACK); the test
+# suite checks them too. BackPACK declares torchvision but imports it only in its examples, and
+# PyPI's torchvision is built for CUDA torch: beside the CPU wheel pinned here its import fails
+# ("operator torchvision::nms does not exist"), so it is uninstalled again. With a CUDA torch
+# (`pip install goodfellow[bench]` on a GPU machine) it works and can stay.
+$(VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[bench]"
+	$(PIP) uninstall --quiet --yes torchvision
 	@touch $@
 
-test: $(VENV)/.installed-test $(VENV)/.installed-docs $(VENV)/.installed-peers
+test: $(VENV)/.installed-test $(VENV)/.installed-docs $(VENV)/.installed-bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 docs: $(VENV)/.installed-docs
@@ -41,7 +46,7 @@ docs: $(VENV)/.installed-docs
 	@echo
 	@echo "The site is built: open file://$(CURDIR)/docs/_build/html/index.html"
 
-bench: $(VENV)/.installed-peers $(VENV)/.installed-docs
+bench: $(VENV)/.installed-bench $(VENV)/.installed-docs
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.installed-test
