@@ -270,21 +270,26 @@ def _check_out(
     return list(out)
 
 
-def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor) -> Tensor:
-    r"""Squared Frobenius norms of the per-example outer products, without forming them.
+def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
+    r"""Squared norms of the per-example gradients of one linear layer, without forming them.
 
     :math:`\|G_i A_i^\top\|_F^2 = \|G_i\|^2 \|A_i\|^2`: the norm of an outer product
     factorizes, so the cost is :math:`O(n (d_{out} + d_{in}))`, not :math:`O(n d_{out} d_{in})`.
+    The bias gradient is :math:`G_i` itself, so with it the sum is
+    :math:`\|G_i\|^2 (\|A_i\|^2 + 1)`.
 
     Args:
         grad_outputs: :math:`G`, shape ``(n, d_out)``.
         inputs: :math:`A`, shape ``(n, d_in)``.
+        bias: Include the bias gradient's squared norm.
 
     Returns:
         Tensor of shape ``(n,)``.
     """
     # vecdot(x, x) is each row's squared norm in one kernel
-    return torch.linalg.vecdot(grad_outputs, grad_outputs) * torch.linalg.vecdot(inputs, inputs)
+    grad_sq = torch.linalg.vecdot(grad_outputs, grad_outputs)  # (n,)
+    input_sq = torch.linalg.vecdot(inputs, inputs)  # (n,)
+    return grad_sq * (input_sq + 1) if bias else grad_sq * input_sq
 
 
 def norm_from_squares(squares: Tensor) -> Tensor:
@@ -295,11 +300,14 @@ def norm_from_squares(squares: Tensor) -> Tensor:
     ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
 
     Args:
-        squares: Squared norms, any shape, entries ``>= 0``.
+        squares: Squared norms, any shape, entries ``>= 0`` (a negative entry, which only
+            round-off can produce, gives 0).
 
     Returns:
         Tensor of the same shape: their square roots.
     """
+    if not squares.requires_grad:  # no derivative to protect: two kernels instead of four
+        return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
     positive = squares > 0
     return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
 
@@ -339,10 +347,8 @@ def per_example_norms(
     scale = batch_size_factor(loss_reduction, n)
     differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in linear_grads)
     with torch.set_grad_enabled(differentiable):
-        squared = torch.zeros(n, dtype=activations[0].dtype, device=activations[0].device)
-        for a, g in zip(activations, linear_grads):
-            # weight ||G_i||^2 ||A_i||^2, plus the bias ||G_i||^2
-            squared = squared + outer_sq_norms(g, a) + torch.linalg.vecdot(g, g)  # (n,)
+        layer_squares = [outer_sq_norms(g, a, bias=True) for a, g in zip(activations, linear_grads)]
+        squared = torch.stack(layer_squares).sum(dim=0)  # (L, n) -> (n,)
         norms = norm_from_squares(squared)  # (n,)
         return norms * scale if scale != 1 else norms
 

@@ -587,8 +587,8 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     n, positions, d_in = A.shape
     d_out = G.shape[2]
     if positions == 1:
-        weight = outer_sq_norms(G[:, 0], A[:, 0])  # (n,)
-    elif positions * (d_in + d_out) <= d_in * d_out:
+        return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
+    if positions * (d_in + d_out) <= d_in * d_out:
         gram_G = torch.bmm(G, G.transpose(1, 2))  # (n, t, t)
         gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, t)
         weight = (gram_G * gram_A).sum(dim=(1, 2))  # (n,)

@@ -423,3 +423,23 @@ def test_property_outer_sq_norms_equal_norms_of_the_outer_products(batch, d_in, 
     expected = goodfellow.batched_outer(g, a).square().sum(dim=(1, 2))
     result = goodfellow.outer_sq_norms(g, a)
     torch.testing.assert_close(result, expected, **TOLERANCES[torch.float64])
+    # with the bias, whose per-example gradient is G_i itself
+    with_bias = goodfellow.outer_sq_norms(g, a, bias=True)
+    expected_with_bias = expected + g.square().sum(dim=1)
+    torch.testing.assert_close(with_bias, expected_with_bias, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_norm_from_squares_is_the_square_root_and_reads_round_off_negatives_as_zero(
+    requires_grad,
+):
+    squares = torch.tensor([4.0, 0.0, -1e-18, 2.25], dtype=torch.float64)
+    squares.requires_grad_(requires_grad)
+    roots = goodfellow.norm_from_squares(squares)
+    expected_roots = torch.tensor([2.0, 0.0, 0.0, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(roots.detach(), expected_roots)
+    if requires_grad:
+        (derivative,) = torch.autograd.grad(roots.sum(), squares)
+        # d sqrt(s)/ds = 1 / (2 sqrt(s)) where s > 0, the subgradient 0 elsewhere
+        expected = torch.tensor([0.25, 0.0, 0.0, 1 / 3], dtype=torch.float64)
+        torch.testing.assert_close(derivative, expected, **TOLERANCES[torch.float64])
