@@ -44,7 +44,7 @@ from benchmarks import methods as bm
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_RUNS, FULL_WARMUP = 15, 3
-QUICK_RUNS, QUICK_WARMUP = 7, 2
+QUICK_RUNS, QUICK_WARMUP = 11, 3
 ALLOCATORS = {"default": None, "thp": "1"}
 """Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
 
@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="three small configurations, 7 runs")
+    parser.add_argument("--quick", action="store_true", help="three small configurations, 11 runs")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="where to write the results JSON")
     parser.add_argument("--figures-dir", type=Path, default=None, help="where figures/tables go")
