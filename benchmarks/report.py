@@ -310,3 +310,57 @@ def write_all(results: dict, folder: Path) -> list[Path]:
     for allocator in _allocators(results["records"]):
         written.append(plot_setting(results, allocator, folder / f"{device}_{allocator}.png"))
     return written
+
+
+def gpu_section(results: dict | None) -> str:
+    """The reST of the docs' GPU results: the device, its figure and tables, or why there are none.
+
+    ``docs/conf.py`` writes it at every build from ``benchmarks/results_cuda.json``, so a GPU run
+    (``python -m benchmarks.run --device cuda``) appears on the Benchmarks page, labelled with
+    the device, as soon as its results and figures are committed.
+
+    Args:
+        results: The contents of ``results_cuda.json``, or ``None`` if there is none.
+
+    Returns:
+        reST text to be included in ``docs/benchmarks.rst``.
+    """
+    if results is None:
+        return (
+            "No GPU was available when the results on this page were produced, so it has CPU\n"
+            "numbers only. Once a GPU run's ``benchmarks/results_cuda.json`` and ``cuda_*``\n"
+            "figures are committed, they appear here, labelled with the device.\n"
+        )
+    meta = results["meta"]
+    device = meta.get("device_name") or meta["device"]
+    versions = meta.get("versions", {})
+    peers = ", ".join(
+        f"{name} {versions[key]}"
+        for name, key in (("Opacus", "opacus"), ("BackPACK", "backpack-for-pytorch"))
+        if versions.get(key)
+    )
+    lines = [
+        f"Measured on **{device}** on {meta.get('date', 'an unrecorded date')}, torch "
+        f"{versions.get('torch', '?')}" + (f", {peers}" if peers else "") + ": the same",
+        "configurations, methods and checks as on the CPU, with the default allocator only (huge",
+        "pages concern host memory). Times are taken between ``torch.cuda.synchronize()`` calls;",
+        "peak memory is the rise of ``torch.cuda.max_memory_allocated``.",
+        "",
+    ]
+    for allocator in _allocators(results["records"]):
+        lines += [
+            f".. figure:: /_static/benchmarks/cuda_{allocator}.png",
+            f"   :alt: Median step time of every method relative to plain_backward on {device}.",
+            "   :width: 100%",
+            "",
+            f"   Time per step relative to one plain forward and backward on {device}.",
+            "",
+        ]
+    for name, caption in (("targets", "The targets on the GPU"), ("results", "All numbers")):
+        lines += [
+            ".. csv-table:: " + caption,
+            f"   :file: /_static/benchmarks/cuda_{name}.csv",
+            "   :header-rows: 1",
+            "",
+        ]
+    return "\n".join(lines)

@@ -71,6 +71,25 @@ def _copy_tutorials() -> None:
 
 _copy_tutorials()
 
+# -- Benchmarks: the GPU section shows committed GPU results, if there are any ---------------
+
+GENERATED = DOCS / "_generated"  # gitignored
+
+
+def _write_gpu_section() -> None:
+    """Write the Benchmarks page's GPU section from ``benchmarks/results_cuda.json``."""
+    import json
+
+    from benchmarks.report import gpu_section
+
+    results_file = ROOT / "benchmarks" / "results_cuda.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else None
+    GENERATED.mkdir(exist_ok=True)
+    (GENERATED / "gpu_results.txt").write_text(gpu_section(results))
+
+
+_write_gpu_section()
+
 # -- General -------------------------------------------------------------------------------------
 
 extensions = [
@@ -85,6 +104,7 @@ extensions = [
 
 exclude_patterns = [
     "_build",
+    "_generated",
     "Thumbs.db",
     ".DS_Store",
     "**.ipynb_checkpoints",

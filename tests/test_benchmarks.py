@@ -217,3 +217,29 @@ def test_cuda_without_a_gpu_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="torch.cuda.is_available\\(\\) is False"):
         main(["--device", "cuda", "--quick"])
+
+
+def test_gpu_section_says_there_is_none_without_results():
+    text = report.gpu_section(None)
+    assert "No GPU" in text and ".. figure::" not in text
+
+
+def test_gpu_section_shows_the_device_its_figure_and_tables():
+    records = [
+        {"allocator": "default", "config": "tiny/n6", "method": "plain_backward"},
+    ]
+    results = {
+        "meta": {
+            "device": "cuda",
+            "device_name": "NVIDIA Test GPU",
+            "date": "2026-11-23",
+            "versions": {"torch": "2.13.0", "opacus": "1.6.0", "backpack-for-pytorch": "1.7.1"},
+        },
+        "records": records,
+    }
+    text = report.gpu_section(results)
+    assert "**NVIDIA Test GPU**" in text and "Opacus 1.6.0, BackPACK 1.7.1" in text
+    assert ".. figure:: /_static/benchmarks/cuda_default.png" in text
+    assert ":file: /_static/benchmarks/cuda_targets.csv" in text
+    assert ":file: /_static/benchmarks/cuda_results.csv" in text
+    assert "No GPU" not in text
