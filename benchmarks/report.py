@@ -315,7 +315,8 @@ def write_all(results: dict, folder: Path) -> list[Path]:
 def gpu_section(results: dict | None) -> str:
     """The reST of the docs' GPU results: the device, its figure and tables, or why there are none.
 
-    ``docs/conf.py`` writes it at every build from ``benchmarks/results_cuda.json``, so a GPU run
+    ``docs/conf.py`` writes it at every build from ``benchmarks/results_cuda.json`` into a file
+    beside ``docs/benchmarks.rst`` (paths are relative to ``docs/``), so a GPU run
     (``python -m benchmarks.run --device cuda``) appears on the Benchmarks page, labelled with
     the device, as soon as its results and figures are committed.
 
@@ -349,7 +350,7 @@ def gpu_section(results: dict | None) -> str:
     ]
     for allocator in _allocators(results["records"]):
         lines += [
-            f".. figure:: /_static/benchmarks/cuda_{allocator}.png",
+            f".. figure:: _static/benchmarks/cuda_{allocator}.png",
             f"   :alt: Median step time of every method relative to plain_backward on {device}.",
             "   :width: 100%",
             "",
@@ -359,7 +360,7 @@ def gpu_section(results: dict | None) -> str:
     for name, caption in (("targets", "The targets on the GPU"), ("results", "All numbers")):
         lines += [
             ".. csv-table:: " + caption,
-            f"   :file: /_static/benchmarks/cuda_{name}.csv",
+            f"   :file: _static/benchmarks/cuda_{name}.csv",
             "   :header-rows: 1",
             "",
         ]

@@ -73,7 +73,8 @@ _copy_tutorials()
 
 # -- Benchmarks: the GPU section shows committed GPU results, if there are any ---------------
 
-GENERATED = DOCS / "_generated"  # gitignored
+# Beside benchmarks.rst, so that the paths inside it mean the same to Sphinx and to docutils.
+GPU_SECTION = DOCS / "gpu_results.generated.txt"  # gitignored
 
 
 def _write_gpu_section() -> None:
@@ -84,8 +85,7 @@ def _write_gpu_section() -> None:
 
     results_file = ROOT / "benchmarks" / "results_cuda.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else None
-    GENERATED.mkdir(exist_ok=True)
-    (GENERATED / "gpu_results.txt").write_text(gpu_section(results))
+    GPU_SECTION.write_text(gpu_section(results))
 
 
 _write_gpu_section()
@@ -104,7 +104,6 @@ extensions = [
 
 exclude_patterns = [
     "_build",
-    "_generated",
     "Thumbs.db",
     ".DS_Store",
     "**.ipynb_checkpoints",

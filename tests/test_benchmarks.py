@@ -239,7 +239,7 @@ def test_gpu_section_shows_the_device_its_figure_and_tables():
     }
     text = report.gpu_section(results)
     assert "**NVIDIA Test GPU**" in text and "Opacus 1.6.0, BackPACK 1.7.1" in text
-    assert ".. figure:: /_static/benchmarks/cuda_default.png" in text
-    assert ":file: /_static/benchmarks/cuda_targets.csv" in text
-    assert ":file: /_static/benchmarks/cuda_results.csv" in text
+    assert ".. figure:: _static/benchmarks/cuda_default.png" in text
+    assert ":file: _static/benchmarks/cuda_targets.csv" in text
+    assert ":file: _static/benchmarks/cuda_results.csv" in text
     assert "No GPU" not in text
