@@ -108,6 +108,12 @@ def _unpack(per_example_grads: PerExampleGrads) -> tuple[list[str] | None, list[
                 f"per_example_grads entry {label} is a scalar; per-example gradients have a "
                 "leading batch dimension, shape (n, *param.shape)."
             )
+        if not g.is_floating_point():
+            # an integer mean would round 1/n to 0 and return zeros without a word
+            raise TypeError(
+                f"per_example_grads entry {label} is a {g.dtype} tensor; gradients are "
+                "floating point: convert with .to(torch.float64) or .float()."
+            )
     first = tensors[0]
     n = first.shape[0]
     if n == 0:
@@ -648,6 +654,14 @@ def _factor_layers(source: object) -> tuple[list[str] | None, list[LinearFactors
 
 
 def _check_factors(layers: Sequence[LinearFactors]) -> int:
+    for k, layer in enumerate(layers):
+        for name, t in (("inputs", layer.inputs), ("grad_outputs", layer.grad_outputs)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(
+                    f"layer {k}: LinearFactors.{name} must be a floating-point torch.Tensor, "
+                    f"got {kind}; build the factors with linear_factors."
+                )
     first = layers[0].inputs
     n = first.shape[0]
     for k, layer in enumerate(layers):
@@ -663,8 +677,15 @@ def _check_factors(layers: Sequence[LinearFactors]) -> int:
                 f"layer {k} holds {A.shape[0]} examples but layer 0 holds {n}: all layers must "
                 "come from one batch."
             )
-        if A.dtype != first.dtype or G.dtype != first.dtype or A.device != first.device:
+        if (
+            A.dtype != first.dtype
+            or G.dtype != first.dtype
+            or A.device != first.device
+            or G.device != first.device
+        ):
             raise ValueError(f"layer {k} differs in dtype or device from layer 0.")
+    if n == 0:
+        raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
     return n
 
 
@@ -780,13 +801,33 @@ def clipped_mean(
         :func:`gradient_mean`.
 
     Raises:
-        ValueError: If ``max_norm`` is not a positive finite number.
+        ValueError: If ``max_norm`` is not a positive finite number, or an example's gradient
+            holds NaN or inf.
     """
     max_norm = _check_max_norm(max_norm)
     n = _batch_size(source)
     # gradient_norms has derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
-    weights = _clip_factors(gradient_norms(source), max_norm) / n  # (n,)
+    norms = gradient_norms(source)  # (n,)
+    _check_finite_norms(norms)
+    weights = _clip_factors(norms, max_norm) / n  # (n,)
     return _weighted_sum(source, weights)
+
+
+def _check_finite_norms(norms: Tensor) -> None:
+    """Refuse non-finite per-example gradients, which would make the weighted sum NaN.
+
+    An infinite norm gets the weight ``C / inf = 0``, and ``0 * inf`` is NaN: the clipped mean
+    would be NaN with no hint of which example diverged.
+    """
+    finite = torch.isfinite(norms)  # (n,)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"the per-example gradients of {len(bad)} example(s) (rows {shown}) hold NaN or "
+            "inf, so no clipped mean exists: the loss diverged or the inputs hold NaN/inf "
+            "(lower the learning rate or check the data)."
+        )
 
 
 def gradient_second_moment(
@@ -931,6 +972,9 @@ def noise_scale_parts(
 
     Returns:
         ``(trace, squared_norm)``, two scalar tensors.
+
+    Raises:
+        ValueError: If ``unbiased`` and the batch holds a single example.
     """
     trace, mean = _trace_and_mean(source, unbiased)
     values = mean.values() if isinstance(mean, dict) else mean
@@ -956,8 +1000,18 @@ def gradient_noise_scale(
     Returns:
         A scalar tensor (negative or infinite when the noise swamps the unbiased estimate of
         :math:`|G|^2`).
+
+    Raises:
+        ValueError: If ``unbiased`` and the batch holds a single example, or every per-example
+            gradient is zero (the ratio is then 0/0).
     """
     trace, squared_norm = noise_scale_parts(source, unbiased)
+    # Both parts vanish only when every g_i is 0; the ratio would be a silent NaN.
+    if bool(trace == 0) and bool(squared_norm == 0):
+        raise ValueError(
+            "every per-example gradient is zero, so the noise scale tr(Sigma) / |G|^2 is 0/0; "
+            "the batch carries no gradient (check that the loss depends on the parameters)."
+        )
     return trace / squared_norm
 
 
@@ -1163,8 +1217,8 @@ class CABS(torch.optim.Optimizer):
         Raises:
             TypeError: If ``losses`` is not a tensor.
             ValueError: If ``losses`` is not a finite, non-negative ``(n,)`` tensor, its ``n``
-                differs from the gradients', the learning rate was set to a non-positive value,
-                or the gradients do not match the parameters.
+                differs from the gradients', the gradients are not finite, the learning rate was
+                set to a non-positive value, or the gradients do not match the parameters.
         """
         group = self.param_groups[0]
         lr = _check_lr(group["lr"])
@@ -1191,6 +1245,14 @@ class CABS(torch.optim.Optimizer):
             )
         with torch.no_grad():
             trace, mean = _trace_and_mean(per_example_grads, self.unbiased)
+        if not math.isfinite(float(trace)):
+            # caught before the running average, which would stay NaN for good
+            raise ValueError(
+                "the per-example gradients hold NaN or inf (their variance is not finite): "
+                "the training diverged; lower lr. Nothing was changed."
+            )
+        # assign_grads checks the gradients against the parameters: a refused step changes nothing
+        self._apply(mean, lr)
         # The biased trace is a mean of squares minus a square: never negative but for rounding.
         variance = max(float(trace), 0.0)
         loss = float(losses.mean())
@@ -1201,7 +1263,6 @@ class CABS(torch.optim.Optimizer):
         state["variance"], state["loss"] = variance, loss
         state["steps"] += 1
         state["batch_size"] = self._next_batch_size(lr, state["variance_avg"], state["loss_avg"])
-        self._apply(mean, lr)
         return state["batch_size"]
 
     def _next_batch_size(self, lr: float, variance_avg: float, loss_avg: float) -> int:

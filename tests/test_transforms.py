@@ -285,6 +285,7 @@ def test_non_callable_transform_is_refused():
         ([torch.randn(4, 3), torch.randn(5)], ValueError, r"holds 5 examples"),
         ([torch.randn(4, 3), torch.randn(4, dtype=torch.float64)], ValueError, r"one dtype"),
         ([torch.randn(0, 3)], ValueError, r"empty \(n = 0\)"),
+        ([torch.ones(4, 3, dtype=torch.int64)], TypeError, r"torch.int64 tensor.*floating"),
     ],
     ids=[
         "tensor",
@@ -298,6 +299,7 @@ def test_non_callable_transform_is_refused():
         "batch_mismatch",
         "dtype_mismatch",
         "no_examples",
+        "integer",
     ],
 )
 def test_bad_container_is_refused(container, error, match):
@@ -305,6 +307,18 @@ def test_bad_container_is_refused(container, error, match):
         expected_transform(container, lambda g: g)
     with pytest.raises(error, match=match):
         gradient_norms(container)
+    with pytest.raises(error, match=match):
+        gradient_mean(container)
+
+
+def test_integer_gradients_are_refused_not_averaged_to_zero():
+    """An integer mean would use weights 1/n rounded to 0 and return zeros."""
+    grads = [torch.ones(4, 3, dtype=torch.int64)]
+    for function in (gradient_mean, gradient_variance, gradient_second_moment):
+        with pytest.raises(TypeError, match="floating point"):
+            function(grads)
+    with pytest.raises(TypeError, match="floating point"):
+        clipped_mean(grads, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +482,38 @@ def test_statistics_of_two_hand_made_gradients():
     assert_close(clipped, (a / a.norm() * b.norm() + b) / 2)
 
 
+def test_noise_scale_of_a_single_example_and_of_zero_gradients():
+    g = torch.tensor([[3.0, -4.0]], dtype=torch.float64)
+    # plug-in parts of one example: no spread, |g|^2
+    trace, squared_norm = noise_scale_parts([g], unbiased=False)
+    assert_close(trace, torch.tensor(0.0, dtype=torch.float64))
+    assert_close(squared_norm, torch.tensor(25.0, dtype=torch.float64))
+    # equal gradients: no noise at all, B = 0 (finite), with either estimator
+    same = [g.expand(2, 2)]
+    for unbiased in (True, False):
+        assert gradient_noise_scale(same, unbiased).item() == 0.0
+    # all-zero gradients: 0/0, refused rather than NaN, in both forms
+    A = torch.randn(3, 2, dtype=torch.float64)
+    zero_factors = linear_factors(A, torch.zeros(3, 4, dtype=torch.float64))
+    for source in ([torch.zeros(3, 2, dtype=torch.float64)], zero_factors):
+        for unbiased in (True, False):
+            with pytest.raises(ValueError, match="0/0"):
+                gradient_noise_scale(source, unbiased)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_clipped_mean_refuses_non_finite_gradients(bad):
+    """An infinite norm gets weight C/inf = 0 and 0 * inf = NaN: refused, naming the row."""
+    grads = [torch.tensor([[1.0, 2.0], [bad, 0.0], [3.0, 4.0]], dtype=torch.float64)]
+    A = torch.tensor([[1.0], [bad], [2.0]], dtype=torch.float64)
+    factors = linear_factors(A, torch.ones(3, 2, dtype=torch.float64))
+    for source in (grads, factors):
+        with pytest.raises(ValueError, match=r"1 example\(s\) \(rows 1\) hold NaN or inf"):
+            clipped_mean(source, 1.0)
+    with pytest.raises(ValueError, match="already non-finite"):
+        expected_transform(grads, clip_to_norm(1.0))
+
+
 def test_unbiased_needs_two_examples():
     grads = [torch.randn(1, 3, dtype=torch.float64)]
     for function in (gradient_variance, gradient_variance_trace, noise_scale_parts):
@@ -611,9 +657,16 @@ def test_factors_of_a_single_use_are_views_not_copies(setting64):
         (lambda A, G: mlp_factors(A, [G]), TypeError, r"activations must be a list"),
         (lambda A, G: mlp_factors([A[:, 0]], [G[:, 0], G[:, 0]]), ValueError, r"one entry per"),
         (lambda A, G: mlp_factors([A], [G]), ValueError, r"shape \(n, features\)"),
+        (lambda A, G: gradient_norms(LinearFactors(A.tolist(), G, True)), TypeError,
+         r"layer 0: LinearFactors.inputs must be a floating-point torch.Tensor, got list"),
+        (lambda A, G: gradient_mean(linear_factors(A.long(), G.long())), TypeError,
+         r"torch.int64 tensor"),
+        (lambda A, G: gradient_mean(LinearFactors(A[:0], G[:0], True)), ValueError,
+         r"empty \(n = 0\)"),
     ],
     ids=["tensor_and_list", "uses", "no_uses", "positions", "dtype", "rank", "reduction",
-         "entry", "mixed", "batch", "raw_factors", "mlp_tensor", "mlp_lengths", "mlp_rank"],
+         "entry", "mixed", "batch", "raw_factors", "mlp_tensor", "mlp_lengths", "mlp_rank",
+         "raw_list", "integer", "no_examples"],
 )  # fmt: skip
 def test_bad_factors_are_refused(call, error, match):
     A = torch.randn(5, 2, 3, dtype=torch.float64)
@@ -1094,6 +1147,29 @@ def test_cabs_step_refuses_bad_input(losses, grads, error, match):
         losses = losses.double()
     with pytest.raises(error, match=match):
         cabs.step(losses, grads)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_cabs_refuses_non_finite_gradients_and_changes_nothing(bad):
+    """A NaN in the running variance would stay there and pin every later batch size."""
+    param = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    cabs = CABS([param], 1.0, (1, 10))
+    grads = [torch.tensor([[1.0, bad], [0.0, 1.0]], dtype=torch.float64)]
+    with pytest.raises(ValueError, match="gradients hold NaN or inf"):
+        cabs.step(torch.ones(2, dtype=torch.float64), grads)
+    state = cabs.state["cabs"]
+    assert (state["steps"], state["variance_avg"], state["loss_avg"]) == (0, 0.0, 1.0)
+    assert torch.equal(param.detach(), torch.zeros(2, dtype=torch.float64)) and param.grad is None
+
+
+def test_cabs_refused_gradients_leave_the_running_averages_alone():
+    param = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    cabs = CABS([param], 1.0, (1, 10))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        cabs.step(torch.ones(2, dtype=torch.float64), [torch.randn(2, 3, dtype=torch.float64)])
+    state = cabs.state["cabs"]
+    assert (state["steps"], state["variance_avg"], state["loss_avg"]) == (0, 0.0, 1.0)
+    assert math.isnan(state["variance"]) and math.isnan(state["loss"])
 
 
 def test_cabs_unbiased_needs_two_examples():
