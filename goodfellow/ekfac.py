@@ -136,9 +136,17 @@ def join_weight_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
 
     Returns:
         :math:`[W \; b]` of shape ``(..., d_out, d_in + 1)``, or ``weight`` itself without bias.
+
+    Raises:
+        ValueError: If ``bias`` is not ``weight``'s shape without its last dimension.
     """
     if bias is None:
         return weight
+    if bias.shape != weight.shape[:-1]:
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not fit weight of shape "
+            f"{tuple(weight.shape)}: a weight (..., d_out, d_in) takes a bias (..., d_out)."
+        )
     return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)  # (..., d_out, d_in + 1)
 
 
@@ -163,6 +171,11 @@ def _check_batch(inputs: Tensor, grad_outputs: Tensor) -> None:
     for name, t in (("inputs", inputs), ("grad_outputs", grad_outputs)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got {t.dtype}: convert it with "
+                ".float() or .double()."
+            )
         if t.dim() < 2:
             raise ValueError(
                 f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
@@ -179,6 +192,26 @@ def _check_batch(inputs: Tensor, grad_outputs: Tensor) -> None:
         raise ValueError(
             f"inputs is {inputs.dtype} on {inputs.device} but grad_outputs is "
             f"{grad_outputs.dtype} on {grad_outputs.device}; use one dtype on one device."
+        )
+
+
+def _check_basis(basis: object) -> None:
+    if not isinstance(basis, KroneckerEigenbasis):
+        raise TypeError(
+            f"basis must be a KroneckerEigenbasis (from kronecker_eigenbasis), got "
+            f"{type(basis).__name__}."
+        )
+
+
+def _check_like_basis(t: object, name: str, basis: KroneckerEigenbasis) -> None:
+    """``t`` must be a tensor in the basis's dtype and on its device, else matmuls fail deep."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    like = basis.input_eigenvectors
+    if t.dtype != like.dtype or t.device != like.device:
+        raise ValueError(
+            f"{name} is {t.dtype} on {t.device} but the basis is {like.dtype} on {like.device}; "
+            "compute the basis from factors of the same dtype and device, or convert."
         )
 
 
@@ -230,10 +263,15 @@ def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
         The :class:`KroneckerEigenbasis` ``(λ_A, U_A, λ_G, U_G)``.
 
     Raises:
-        ValueError: If a factor is not a square matrix.
+        TypeError: If a factor is not a floating-point tensor.
+        ValueError: If a factor is not a square, symmetric matrix, or the two differ in dtype or
+            device.
         FloatingPointError: If a factor has a non-finite entry.
     """
     for name, factor in (("A", A), ("G", G)):
+        if not isinstance(factor, Tensor) or not factor.is_floating_point():
+            kind = f"a {factor.dtype}" if isinstance(factor, Tensor) else type(factor).__name__
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
         if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
             raise ValueError(f"{name} must be a square matrix, got shape {tuple(factor.shape)}.")
         if not torch.isfinite(factor).all():
@@ -242,6 +280,20 @@ def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
                 "eigenbasis; the layer's inputs or output gradients overflowed (lower the "
                 "learning rate or check the loss)."
             )
+        # eigh reads one triangle only: an asymmetric matrix would get a silently wrong basis.
+        # Round-off in a computed second moment stays far below this bound.
+        tolerance = 10 * math.sqrt(torch.finfo(factor.dtype).eps) * factor.abs().max()
+        if (factor - factor.T).abs().max() > tolerance:
+            raise ValueError(
+                f"the KFAC factor {name} is not symmetric; it must be a second moment such as "
+                "kfac_factors returns (symmetrize with (M + M.T) / 2 if it is one up to "
+                "round-off)."
+            )
+    if A.dtype != G.dtype or A.device != G.device:
+        raise ValueError(
+            f"A is {A.dtype} on {A.device} but G is {G.dtype} on {G.device}; use one dtype on "
+            "one device."
+        )
     input_eigenvalues, input_eigenvectors = torch.linalg.eigh(A)  # (d_in + 1,), (d_in + 1,)*2
     output_eigenvalues, output_eigenvectors = torch.linalg.eigh(G)  # (d_out,), (d_out, d_out)
     return KroneckerEigenbasis(
@@ -275,10 +327,14 @@ def ekfac_scalings(inputs: Tensor, grad_outputs: Tensor, basis: KroneckerEigenba
         :math:`S^*` of shape ``(d_out, d_in + 1)``, in the layout of the joint weight.
 
     Raises:
-        TypeError: If ``inputs`` or ``grad_outputs`` is not a tensor.
-        ValueError: If the shapes do not fit one layer and its basis.
+        TypeError: If ``inputs`` or ``grad_outputs`` is not a floating-point tensor, or ``basis``
+            is not a :class:`KroneckerEigenbasis`.
+        ValueError: If the shapes do not fit one layer and its basis, or the dtypes or devices
+            differ from the basis's.
     """
     _check_batch(inputs, grad_outputs)
+    _check_basis(basis)
+    _check_like_basis(inputs, "inputs", basis)
     U_A, U_G = basis.input_eigenvectors, basis.output_eigenvectors
     if U_A.shape[0] != inputs.shape[-1] or U_G.shape[0] != grad_outputs.shape[-1]:
         raise ValueError(
@@ -306,7 +362,11 @@ def kfac_scalings(basis: KroneckerEigenbasis) -> Tensor:
     Returns:
         Shape ``(d_out, d_in + 1)``: entry ``(o, i)`` is :math:`\lambda_{G,o} \lambda_{A,i}`, the
         eigenvalue of :math:`G \otimes A` for the eigenvector :math:`u_{G,o} \otimes u_{A,i}`.
+
+    Raises:
+        TypeError: If ``basis`` is not a :class:`KroneckerEigenbasis`.
     """
+    _check_basis(basis)
     return torch.outer(basis.output_eigenvalues, basis.input_eigenvalues)  # (d_out, d_in + 1)
 
 
@@ -343,18 +403,29 @@ def precondition(
         The preconditioned gradient, shape ``(d_out, d_in + 1)``.
 
     Raises:
-        TypeError: If ``damping`` is not a number.
-        ValueError: If ``damping`` is not positive or the shapes do not agree.
+        TypeError: If ``damping`` is not a number, ``basis`` not a :class:`KroneckerEigenbasis`,
+            or ``grad`` or ``scalings`` not a tensor.
+        ValueError: If ``damping`` is not positive, the shapes, dtypes or devices do not agree
+            with the basis's, or a scaling is negative.
     """
     _check_damping(damping)
+    _check_basis(basis)
     U_A, U_G = basis.input_eigenvectors, basis.output_eigenvectors
     expected = (U_G.shape[0], U_A.shape[0])
     for name, t in (("grad", grad), ("scalings", scalings)):
+        _check_like_basis(t, name, basis)
         if tuple(t.shape) != expected:
             raise ValueError(
                 f"{name} must have the shape (d_out, d_in + 1) = {expected} of the basis, got "
                 f"{tuple(t.shape)}; join weight and bias with join_weight_bias first."
             )
+    # S is a second moment or a product of eigenvalues: a negative entry would make S + λ
+    # vanish or flip sign and the step blow up or point uphill.
+    if bool((scalings < 0).any()):
+        raise ValueError(
+            "scalings must be non-negative (second moments, from ekfac_scalings, or eigenvalue "
+            f"products, from kfac_scalings), got a minimum of {scalings.min().item():g}."
+        )
     rotated = U_G.T @ grad @ U_A  # (d_out, d_in + 1)
     return U_G @ (rotated / (scalings + damping)) @ U_A.T  # (d_out, d_in + 1)
 
@@ -375,7 +446,20 @@ def dense_curvature(basis: KroneckerEigenbasis, scalings: Tensor) -> Tensor:
     Returns:
         Shape ``(d_out (d_in + 1), d_out (d_in + 1))``, symmetric. With :func:`kfac_scalings`
         it equals :math:`G \otimes A`.
+
+    Raises:
+        TypeError: If ``basis`` is not a :class:`KroneckerEigenbasis` or ``scalings`` not a
+            tensor.
+        ValueError: If ``scalings`` does not have the basis's shape, dtype and device.
     """
+    _check_basis(basis)
+    _check_like_basis(scalings, "scalings", basis)
+    expected = (basis.output_eigenvectors.shape[0], basis.input_eigenvectors.shape[0])
+    if tuple(scalings.shape) != expected:
+        raise ValueError(
+            f"scalings must have the shape (d_out, d_in + 1) = {expected} of the basis, got "
+            f"{tuple(scalings.shape)}."
+        )
     # P = d_out (d_in + 1); kron(U_G, U_A) matches the row-major vec: vec(δ āᵀ) = δ ⊗ ā.
     Q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)  # (P, P)
     return (Q * scalings.reshape(1, -1)) @ Q.T  # (P, P)
@@ -390,6 +474,26 @@ def _check_positive(name: str, value: float, hint: str) -> None:
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}.")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be positive and finite, got {value}: {hint}")
+
+
+def _check_group(group: dict) -> None:
+    """Check the hyperparameters, at construction and again at every step.
+
+    A scheduler or the user may have changed ``param_groups[0]`` in between.
+    """
+    _check_positive("lr", group["lr"], "it scales every step (try 0.01 to 1 for EKFAC).")
+    _check_damping(group["damping"])
+    update_freq, decay = group["update_freq"], group["decay"]
+    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+        raise ValueError(
+            f"update_freq must be an integer >= 1, got {update_freq!r}: it is the number of "
+            "steps between two eigendecompositions (1 = every step)."
+        )
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(
+            f"decay must be a number in [0, 1), got {decay!r}: it weighs the past in the "
+            "running averages (0 = current batch only; 0.95 is common)."
+        )
 
 
 def _check_finite(tensor: Tensor, what: str, layer: str, step: int) -> None:
@@ -482,18 +586,7 @@ class EKFAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        _check_positive("lr", lr, "it scales every step (try 0.01 to 1 for EKFAC).")
-        _check_damping(damping)
-        if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
-            raise ValueError(
-                f"update_freq must be an integer >= 1, got {update_freq!r}: it is the number of "
-                "steps between two eigendecompositions (1 = every step)."
-            )
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise ValueError(
-                f"decay must be a number in [0, 1), got {decay!r}: it weighs the past in the "
-                "running averages (0 = current batch only; 0.95 is common)."
-            )
+        _check_group({"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay})
         if mode not in ("ekfac", "kfac"):
             raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
         for name, module in model.named_modules():
@@ -561,6 +654,9 @@ class EKFAC(torch.optim.Optimizer):
             The closure's loss, or ``None``.
 
         Raises:
+            TypeError: If ``param_groups[0]`` was given a non-numeric ``lr`` or ``damping``.
+            ValueError: If ``param_groups[0]`` was given an out-of-range ``lr``, ``damping``,
+                ``update_freq`` or ``decay`` since construction (nothing is changed then).
             RuntimeError: If the hooks were removed or no forward and backward of the model
                 was recorded since the last step.
             FloatingPointError: If a layer's curvature statistics are not finite (nothing is
@@ -578,6 +674,7 @@ class EKFAC(torch.optim.Optimizer):
                 "forward and loss.backward() (with gradients enabled) before every step."
             )
         group = self.param_groups[0]
+        _check_group(group)
         updates = []
         for name, module in self._layers.items():
             record = self.recorder.layers[name]

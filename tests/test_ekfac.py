@@ -412,6 +412,65 @@ def test_shapes_are_checked():
         kronecker_eigenbasis(torch.zeros(2, 3), torch.eye(2))
 
 
+def test_types_and_dtypes_are_checked_before_any_matmul():
+    a, delta, basis = _small_basis()
+    A, G = kfac_factors(a, delta)
+    grad, scalings = torch.randn(3, 3, dtype=torch.float64), ekfac_scalings(a, delta, basis)
+    with pytest.raises(TypeError, match="inputs must be a floating-point tensor, got torch.int64"):
+        kfac_factors(a.long(), delta.long())
+    with pytest.raises(TypeError, match="A must be a floating-point torch.Tensor, got list"):
+        kronecker_eigenbasis(A.tolist(), G)
+    with pytest.raises(TypeError, match="G must be a floating-point torch.Tensor, got a torch.int"):
+        kronecker_eigenbasis(A, G.long())
+    with pytest.raises(ValueError, match="A is torch.float32 on cpu but G is torch.float64"):
+        kronecker_eigenbasis(A.float(), G)
+    with pytest.raises(ValueError, match="inputs is torch.float32 on cpu but the basis is"):
+        ekfac_scalings(a.float(), delta.float(), basis)
+    with pytest.raises(ValueError, match="grad is torch.float32 on cpu but the basis is"):
+        precondition(grad.float(), basis, scalings, 0.1)
+    with pytest.raises(ValueError, match="scalings is torch.float32 on cpu but the basis is"):
+        precondition(grad, basis, scalings.float(), 0.1)
+    with pytest.raises(TypeError, match="grad must be a torch.Tensor, got list"):
+        precondition(grad.tolist(), basis, scalings, 0.1)
+    as_tuple = tuple(basis)
+    for call in (
+        lambda: ekfac_scalings(a, delta, as_tuple),
+        lambda: kfac_scalings(as_tuple),
+        lambda: precondition(grad, as_tuple, scalings, 0.1),
+        lambda: dense_curvature(as_tuple, scalings),
+    ):
+        with pytest.raises(TypeError, match="basis must be a KroneckerEigenbasis"):
+            call()
+    with pytest.raises(ValueError, match=r"scalings must have the shape .* = \(3, 3\)"):
+        dense_curvature(basis, scalings[:, :2])
+    with pytest.raises(ValueError, match=r"bias of shape \(3,\) does not fit weight"):
+        join_weight_bias(torch.randn(2, 3), torch.randn(3))
+
+
+def test_an_asymmetric_factor_is_refused():
+    """eigh reads one triangle: an asymmetric matrix would get the basis of another matrix."""
+    A = torch.eye(3, dtype=torch.float64) + torch.triu(torch.ones(3, 3, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="factor A is not symmetric"):
+        kronecker_eigenbasis(A, torch.eye(2, dtype=torch.float64))
+    # round-off asymmetry of a float32 second moment passes and gives the float64 basis
+    a = append_ones(torch.randn(2000, 6))
+    A32 = a.T @ a / a.shape[0]
+    basis = kronecker_eigenbasis(A32, torch.eye(2))
+    expected = torch.linalg.eigvalsh(a.double().T @ a.double() / a.shape[0])
+    torch.testing.assert_close(
+        basis.input_eigenvalues.double(), expected, **TOLERANCES[torch.float32]
+    )
+
+
+def test_negative_scalings_are_refused():
+    """S + λ <= 0 would divide by zero or turn the step uphill."""
+    a, delta, basis = _small_basis()
+    scalings = ekfac_scalings(a, delta, basis).clone()
+    scalings[0, 0] = -1.0
+    with pytest.raises(ValueError, match="scalings must be non-negative.*minimum of -1"):
+        precondition(torch.randn(3, 3, dtype=torch.float64), basis, scalings, 0.1)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_factor_has_no_eigenbasis(bad):
     A = torch.eye(3, dtype=torch.float64)
@@ -795,6 +854,30 @@ def test_frozen_weight_with_trainable_bias_is_refused():
 def test_bad_hyperparameters_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         EKFAC(nn.Linear(3, 2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("lr", -0.1, ValueError, "lr must be positive"),
+        ("lr", None, TypeError, "lr must be a positive number"),
+        ("damping", 0.0, ValueError, "damping must be positive"),
+        ("update_freq", 0, ValueError, "update_freq must be an integer >= 1"),
+        ("decay", 1.5, ValueError, "decay must be a number in \\[0, 1\\)"),
+    ],
+)
+def test_step_refuses_hyperparameters_changed_out_of_range(key, value, error, match):
+    """A scheduler or a user writes param_groups directly: a negative lr would climb the loss
+    without a word, update_freq = 0 crashed on a modulo, decay > 1 diverged."""
+    model = nn.Linear(3, 2).double()
+    optimizer = EKFAC(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 3, dtype=torch.float64)).square().mean().backward()
+    optimizer.param_groups[0][key] = value
+    with pytest.raises(error, match=match):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not optimizer.state
 
 
 def test_not_a_model_is_refused():
