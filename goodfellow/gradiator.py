@@ -185,11 +185,12 @@ def fit_jacobian(dx: Tensor, df: Tensor) -> Tensor:
         ``df = dx @ J.T`` and ``dx`` has rank ``m``.
 
     Raises:
-        TypeError: If ``dx`` or ``df`` is not a floating-point tensor.
+        TypeError: If ``dx`` or ``df`` is not a float32 or float64 tensor.
         ValueError: If they have fewer than 2 dimensions, different leading shapes or numbers of
             rows, dtypes or devices, or hold non-finite values.
     """
     _check_pairs(dx, df)
+    _check_precision(dx, "dx")
     return (torch.linalg.pinv(dx) @ df).mT  # (..., m, k) @ (..., k, p) -> (..., p, m)
 
 
@@ -285,15 +286,16 @@ def estimate_jacobian(
         Tensor of shape ``(p, m)`` in ``x``'s dtype: :math:`\hat J_f(x)`.
 
     Raises:
-        TypeError: If ``x`` is not a floating-point tensor, ``num_samples`` not an integer, or
-            ``fun`` does not return a tensor.
-        ValueError: If ``x`` is not 1-D or not finite, ``num_samples < 1``, ``eps <= 0`` or not
-            finite, or ``fun`` returns a tensor that is not 1-D, changes shape between calls or
-            holds non-finite values.
+        TypeError: If ``x`` is not a float32 or float64 tensor, ``num_samples`` not an integer,
+            ``generator`` not a ``torch.Generator``, or ``fun`` does not return a tensor.
+        ValueError: If ``x`` is not 1-D, empty or not finite, ``num_samples < 1``, ``eps <= 0``
+            or not finite, or ``fun`` returns a tensor that is not 1-D, changes shape between
+            calls or holds non-finite values.
     """
     _check_point(x)
     _check_num_samples(num_samples)
     _check_eps(eps)
+    _check_generator(generator)
     evaluate = _PointEvaluator(fun, x)
     with torch.no_grad():
         points = x.detach().unsqueeze(0)  # (1, m)
@@ -332,8 +334,8 @@ def fitted_gradiator(
         A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`gradiator`.
 
     Raises:
-        TypeError: For a ``num_samples`` or ``eps`` of the wrong type, here; at call time, as
-            :func:`gradiator` and :func:`estimate_jacobian` do.
+        TypeError: For a ``num_samples``, ``eps`` or ``generator`` of the wrong type, here; at
+            call time, as :func:`gradiator` and :func:`estimate_jacobian` do.
         ValueError: For ``num_samples < 1`` or ``eps <= 0``, here; for bad inputs or outputs of
             ``fun``, at call time, as :func:`gradiator` and :func:`estimate_jacobian` do.
     """
@@ -341,10 +343,14 @@ def fitted_gradiator(
     if num_samples is not None:
         _check_num_samples(num_samples)
     _check_eps(eps)
+    _check_generator(generator)
 
     def grad_fun(x: Tensor, grad_output: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            raise TypeError(f"fitted_gradiator needs floating-point inputs, got {x.dtype}.")
+        _check_precision(x, "fitted_gradiator's input x")
+        if x.shape[-1] == 0:
+            raise ValueError("x has no features (shape (..., 0)): there is no Jacobian to fit.")
+        if x.dim() == 2 and x.shape[0] == 0:
+            return torch.zeros_like(x, dtype=grad_output.dtype)  # an empty batch: nothing to fit
         k = x.shape[-1] if num_samples is None else num_samples
         if x.dim() == 1:
             jacobian = estimate_jacobian(fun, x, k, eps, central, generator)  # (p, m)
@@ -444,6 +450,7 @@ class OnlineJacobian:
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}.")
         _check_eps(eps)
+        _check_generator(generator)
         if not isinstance(forgetting, Real) or not 0 < forgetting <= 1:
             raise ValueError(
                 f"forgetting must be a number in (0, 1], got {forgetting!r}: 1 weights all "
@@ -519,6 +526,11 @@ class OnlineJacobian:
 
         Returns:
             ``fun(x)``, shape ``(p,)`` or ``(n, p)``.
+
+        Raises:
+            TypeError: If ``x`` is not a tensor, or not float32/float64 when it is probed.
+            ValueError: If ``x`` does not have ``in_features`` in its last dimension, or ``fun``
+                returns a number of outputs other than ``out_features``.
         """
         _check_input(x)
         if x.shape[-1] != self.in_features:
@@ -526,8 +538,17 @@ class OnlineJacobian:
                 f"x has {x.shape[-1]} features in its last dimension but this OnlineJacobian "
                 f"was built for in_features={self.in_features}."
             )
+        probing = self.probes_per_call > 0 and torch.is_grad_enabled() and x.requires_grad
+        if probing:
+            _check_precision(x, "x")
         y = self._apply(x)
-        if self.probes_per_call > 0 and torch.is_grad_enabled() and x.requires_grad:
+        if y.shape[-1] != self.out_features:
+            # caught here: the backward would fail on a matrix product far from the cause
+            raise ValueError(
+                f"fun returned {y.shape[-1]} outputs per point but this OnlineJacobian was "
+                f"built for out_features={self.out_features}."
+            )
+        if probing and (x.dim() == 1 or x.shape[0] > 0):  # an empty batch has no row to probe
             with torch.no_grad():
                 self._probe(x.detach(), y.detach())
         return y
@@ -653,7 +674,26 @@ def _check_point(x: object) -> None:
             f"x must be a single point of shape (m,), got shape {tuple(x.shape)}; estimate "
             "the Jacobian of each row of a batch separately."
         )
+    if x.shape[0] == 0:
+        raise ValueError("x has no entries (shape (0,)): there is no Jacobian to estimate.")
+    _check_precision(x, "x")
     _check_finite(x, "x")
+
+
+def _check_precision(x: Tensor, name: str) -> None:
+    # half precision keeps 3 digits, and torch has no half QR/SVD on most devices
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name} is {x.dtype}: finite differences and least-squares fits need float32 or "
+            "float64 (convert with .float() or .double())."
+        )
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}."
+        )
 
 
 def _check_num_samples(num_samples: object) -> None:

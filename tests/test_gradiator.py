@@ -724,6 +724,52 @@ def test_fitted_gradiator_checks_arguments_early():
         fitted_gradiator(linear_fun, 0)
     with pytest.raises(ValueError, match="eps must be a finite step length"):
         fitted_gradiator(linear_fun, eps=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        fitted_gradiator(linear_fun, generator=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_with_a_hint(dtype):
+    """No half QR/SVD on CPU: the error came from deep inside torch.linalg."""
+    match = "need float32 or float64"
+    with pytest.raises(TypeError, match=f"x is {dtype}: .*{match}"):
+        estimate_jacobian(lambda v: 2 * v, torch.ones(3, dtype=dtype), 3)
+    with pytest.raises(TypeError, match=f"dx is {dtype}: .*{match}"):
+        fit_jacobian(torch.eye(3, dtype=dtype), torch.eye(3, dtype=dtype))
+    x = torch.ones(4, 3, dtype=dtype, requires_grad=True)
+    with pytest.raises(TypeError, match=f"input x is {dtype}: .*{match}"):
+        fitted_gradiator(lambda v: 2 * v)(x).sum().backward()
+    online = OnlineJacobian(lambda v: 2 * v, 3, 3)
+    with pytest.raises(TypeError, match=f"x is {dtype}: .*{match}"):
+        online(x)
+    assert online.num_calls == 0  # refused before the black box ran
+
+
+def test_estimate_rejects_empty_point_and_bad_generator():
+    with pytest.raises(ValueError, match=r"no entries \(shape \(0,\)\)"):
+        estimate_jacobian(lambda v: torch.ones(2, dtype=F64), torch.ones(0, dtype=F64), 1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        estimate_jacobian(linear_fun, torch.ones(3, dtype=F64), 3, generator=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        OnlineJacobian(linear_fun, 3, 2, generator="cpu")
+
+
+def test_an_empty_batch_has_an_empty_gradient():
+    """The gradient w.r.t. no examples is empty; fitting or probing used to crash on it."""
+    for layer in (fitted_gradiator(linear_fun), OnlineJacobian(linear_fun, 3, 2)):
+        x = torch.zeros(0, 3, dtype=F64, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (0, 2)
+        y.sum().backward()
+        assert x.grad.shape == (0, 3) and x.grad.dtype == F64
+    assert layer.num_pairs == 0
+
+
+def test_online_rejects_a_black_box_with_the_wrong_number_of_outputs():
+    """The backward would fail on a (n, 1) @ (2, 3) product, far from the cause."""
+    online = OnlineJacobian(lambda v: linear_fun(v)[..., :1], 3, 2, probes_per_call=0)
+    with pytest.raises(ValueError, match="fun returned 1 outputs per point but .* out_features=2"):
+        online(torch.zeros(5, 3, dtype=F64, requires_grad=True))
 
 
 @pytest.mark.parametrize(
