@@ -711,8 +711,9 @@ def _check_eps(eps: object) -> None:
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}.")
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(
-            f"eps must be a finite step length > 0, got {eps!r}; about 1e-5 (one-sided) or "
-            "1e-3..1e-5 (central) suits float64, 1e-2..1e-3 float32."
+            f"eps must be a finite step length > 0, got {eps!r}; near sqrt(u) one-sided and "
+            "u**(1/3) central are best: about 1e-8 and 1e-5 in float64, 3e-4 and 5e-3 in "
+            "float32 (for inputs and outputs of order 1)."
         )
 
 

@@ -363,6 +363,31 @@ def test_round_off_grows_like_one_over_eps(dtype):
     assert fitted_slope(eps, errors) == pytest.approx(-1, abs=0.25)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "central", "advised"),
+    [(F64, False, 1e-8), (F64, True, 1e-5), (torch.float32, False, 3e-4),
+     (torch.float32, True, 5e-3)],
+    ids=["f64_one_sided", "f64_central", "f32_one_sided", "f32_central"],
+)  # fmt: skip
+def test_advised_eps_is_near_the_best(dtype, central, advised):
+    """The eps the error message advises (sqrt(u) one-sided, u^(1/3) central) is within a
+    small factor of the best error over a grid spanning eight decades."""
+    box = make_sine_square()
+    x = torch.randn(box.m, dtype=F64)
+    reference = exact_jacobian(box, x)
+
+    def error(eps):
+        estimate = estimate_jacobian(
+            box.fun(), x.to(dtype), box.m, eps, central, torch.Generator().manual_seed(0)
+        )
+        return relative_error(estimate.double(), reference)
+
+    best = min(error(float(e)) for e in np.logspace(-10, -1, 19))
+    assert error(advised) < 10 * best
+    with pytest.raises(ValueError, match=f"{advised:.0e}".replace("-0", "-")):
+        estimate_jacobian(box.fun(), x.to(dtype), box.m, 0.0)
+
+
 def test_float32_round_off_dominates_where_float64_is_accurate():
     box = make_sine_square()
     x = torch.randn(box.m, dtype=F64)
