@@ -213,8 +213,9 @@ def expected_transform(per_example_grads: PerExampleGrads, T: Transform) -> PerE
         of shape ``param.shape`` per parameter: :math:`\frac1n\sum_i T(g_i)`.
 
     Raises:
-        TypeError: If the container is not a list, tuple or dict of tensors, ``T`` is not
-            callable, or ``T`` returns something other than a tensor of the input's dtype.
+        TypeError: If the container is not a list, tuple or dict of floating-point tensors,
+            ``T`` is not callable, or ``T`` returns something other than a tensor of the
+            input's dtype.
         ValueError: If the entries disagree on the batch size, the batch is empty, ``T``
             returns the wrong shape or non-finite values.
 
@@ -399,6 +400,11 @@ def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
     for k, t in enumerate(uses):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{k}] must be a torch.Tensor, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be floating point, got {t.dtype}: convert with .float() or "
+                ".double()."
+            )
         if t.dim() < 2:
             raise ValueError(
                 f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
@@ -437,7 +443,7 @@ def linear_factors(
         is copied once, scaled, for ``"mean"``).
 
     Raises:
-        TypeError: If the inputs are not tensors.
+        TypeError: If the inputs are not floating-point tensors.
         ValueError: If the shapes, batch sizes, dtypes or numbers of uses do not fit together.
     """
     if isinstance(inputs, Tensor) != isinstance(grad_outputs, Tensor):

@@ -659,14 +659,16 @@ def test_factors_of_a_single_use_are_views_not_copies(setting64):
         (lambda A, G: mlp_factors([A], [G]), ValueError, r"shape \(n, features\)"),
         (lambda A, G: gradient_norms(LinearFactors(A.tolist(), G, True)), TypeError,
          r"layer 0: LinearFactors.inputs must be a floating-point torch.Tensor, got list"),
-        (lambda A, G: gradient_mean(linear_factors(A.long(), G.long())), TypeError,
-         r"torch.int64 tensor"),
+        (lambda A, G: linear_factors(A.long(), G.long()), TypeError,
+         r"inputs must be floating point, got torch.int64"),
+        (lambda A, G: gradient_mean(LinearFactors(A.long(), G.long(), True)), TypeError,
+         r"LinearFactors.inputs must be a floating-point torch.Tensor, got a torch.int64"),
         (lambda A, G: gradient_mean(LinearFactors(A[:0], G[:0], True)), ValueError,
          r"empty \(n = 0\)"),
     ],
     ids=["tensor_and_list", "uses", "no_uses", "positions", "dtype", "rank", "reduction",
          "entry", "mixed", "batch", "raw_factors", "mlp_tensor", "mlp_lengths", "mlp_rank",
-         "raw_list", "integer", "no_examples"],
+         "raw_list", "integer", "raw_integer", "no_examples"],
 )  # fmt: skip
 def test_bad_factors_are_refused(call, error, match):
     A = torch.randn(5, 2, 3, dtype=torch.float64)
