@@ -87,7 +87,14 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
 
     Returns:
         Tensor of shape ``(n, d_out, d_in)``.
+
+    Raises:
+        TypeError: If an argument is not a tensor.
+        ValueError: If the shapes do not fit (ranks, batch sizes or middle dimensions differ),
+            the dtypes or devices differ, or ``out`` has the wrong shape, dtype or device or
+            shares memory with an input.
     """
+    _check_outer_arguments(grad_outputs, inputs, out)
     n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
     if grad_outputs.dim() == 2:
         # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
@@ -103,6 +110,85 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
     if out is None:
         return torch.bmm(left, right)  # (n, o, i)
     return torch.bmm(left, right, out=out)  # (n, o, i)
+
+
+def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
+    """Refuse arguments of :func:`batched_outer` that torch would broadcast or reshape silently."""
+    for name, t in (("grad_outputs", grad_outputs), ("inputs", inputs)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    g_shape, a_shape = tuple(grad_outputs.shape), tuple(inputs.shape)
+    # broadcasting (a batch of 1 against n) or a reshape of another batch size into n rows would
+    # return a tensor of the right shape holding the wrong numbers
+    if grad_outputs.dim() < 2 or g_shape[:-1] != a_shape[:-1]:
+        raise ValueError(
+            f"grad_outputs of shape {g_shape} and inputs of shape {a_shape} do not fit: they "
+            "must be (n, ..., d_out) and (n, ..., d_in) with the same n and the same middle "
+            "dimensions (the layer's output gradient and its input, example by example)."
+        )
+    if grad_outputs.dtype != inputs.dtype or grad_outputs.device != inputs.device:
+        raise ValueError(
+            f"grad_outputs is {grad_outputs.dtype} on {grad_outputs.device} but inputs is "
+            f"{inputs.dtype} on {inputs.device}; cast both to one dtype on one device."
+        )
+    if out is None:
+        return
+    shape = (g_shape[0], g_shape[-1], a_shape[-1])
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
+    if tuple(out.shape) != shape or out.dtype != inputs.dtype or out.device != inputs.device:
+        raise ValueError(
+            f"out must be a {inputs.dtype} tensor of shape {shape} on {inputs.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}."
+        )
+    if _overlap(out, grad_outputs) or _overlap(out, inputs):
+        raise ValueError(
+            "out shares memory with grad_outputs or inputs; the products would read entries "
+            "already overwritten: pass a separate buffer."
+        )
+
+
+def _memory_span(t: Tensor) -> tuple[int, int] | None:
+    """First and one-past-last byte a tensor can touch; ``None`` if it touches no real memory."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _overlap(x: Tensor, y: Tensor) -> bool:
+    """Whether two tensors may share memory (exact for contiguous ones, cautious otherwise)."""
+    span_x, span_y = _memory_span(x), _memory_span(y)
+    if span_x is None or span_y is None or x.device != y.device:
+        return False
+    return span_x[0] < span_y[1] and span_y[0] < span_x[1]
+
+
+def _aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> int | None:
+    """Index of a buffer that may share memory with another buffer or with one of ``others``.
+
+    One sweep over the memory spans sorted by their start, ``O(m log m)`` for ``m`` tensors
+    (``others`` may overlap each other). Data pointers of two devices can coincide, so each
+    device is swept on its own.
+    """
+    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+    tagged = [*enumerate(buffers), *((-1, t) for t in others)]  # index -1: not a buffer
+    for k, t in tagged:
+        span = _memory_span(t)
+        if span is not None:
+            by_device.setdefault(t.device, []).append((*span, k))
+    for spans in by_device.values():
+        buffer_end, buffer_index, other_end = -1, -1, -1  # furthest ends swept so far
+        for begin, end, k in sorted(spans):
+            if begin < buffer_end:
+                return k if k >= 0 else buffer_index
+            if k >= 0 and begin < other_end:
+                return k
+            if k >= 0:
+                buffer_end, buffer_index = end, k
+            else:
+                other_end = max(other_end, end)
+    return None
 
 
 def check_layer_lists(
@@ -267,6 +353,14 @@ def _check_out(
                 )
             if not buffer.is_contiguous():
                 raise ValueError(f"out[{k}] must be contiguous.")
+    # a buffer written early that another buffer or a later layer's input lives in would
+    # silently change numbers written or read afterwards
+    aliased = _aliased_buffer(out, [*activations, *linear_grads])
+    if aliased is not None:
+        raise ValueError(
+            f"out[{aliased}] shares memory with another entry of out or with activations or "
+            "linear_grads; every result needs a buffer of its own."
+        )
     return list(out)
 
 
@@ -375,6 +469,33 @@ def _check_model_batch(model: nn.Module, inputs: Tensor, targets: Tensor) -> Non
         raise ValueError("the batch is empty (n = 0): per-example gradients need an example.")
 
 
+def _check_plain_mean(loss_fn: LossFunction, targets: Tensor) -> None:
+    r"""Refuse class-index losses whose ``"mean"`` is not :math:`\frac1n \sum_i L_i`.
+
+    With class weights :math:`w` a cross-entropy or NLL ``"mean"`` divides by
+    :math:`\sum_i w_{y_i}`, and with ignored targets by the number of the others; an example's
+    own loss is normalized by its own weight or count, so the factor :math:`n` would be wrong.
+    """
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return
+    if targets.is_floating_point():
+        return  # class probabilities: their mean divides by the number of examples
+    if loss_fn.weight is not None:
+        why = "has class weights, so its mean divides by the sum of the targets' weights"
+    elif targets.device.type != "meta" and (targets == loss_fn.ignore_index).any():
+        why = (
+            f"ignores targets equal to ignore_index={loss_fn.ignore_index}, so its mean "
+            "divides by the number of the other targets"
+        )
+    else:
+        return
+    raise ValueError(
+        f"loss_fn {why}, not by the number of examples n: the per-example gradients cannot be "
+        "recovered from it. Use the same loss with reduction='sum' (and divide the result by "
+        "what the mean divides by, if that is what you want)."
+    )
+
+
 def naive_per_example_grads(
     model: nn.Module, loss_fn: LossFunction, inputs: Tensor, targets: Tensor
 ) -> list[Tensor]:
@@ -442,7 +563,7 @@ def per_example_grads(
     loss_reduction: str | None = None,
     create_graph: bool = False,
 ) -> list[Tensor]:
-    """Per-example gradients of a :class:`goodfellow.MLP` in one call.
+    r"""Per-example gradients of a :class:`goodfellow.MLP` in one call.
 
     Runs the forward, takes ``torch.autograd.grad`` of the batch loss w.r.t. the linear
     combinations and applies :func:`goodfellow_backprop`.
@@ -459,6 +580,15 @@ def per_example_grads(
 
     Returns:
         ``[gW_1, gb_1, ..., gW_L, gb_L]`` as in :func:`goodfellow_backprop`.
+
+    Raises:
+        TypeError: If the model does not return ``(y, activations, linear_combs)``, or the
+            reduction cannot be read off ``loss_fn``.
+        ValueError: If a layer's output does not require grad (forward under
+            ``torch.no_grad()``, or frozen parameters), the reduction is unknown or
+            contradicts ``loss_fn.reduction``, or
+            ``loss_fn`` is a class-weighted ``"mean"`` or ignores some targets (those means are
+            not :math:`\frac1n \sum_i L_i`).
     """
     _check_model_batch(model, inputs, targets)
     output = model(inputs)
@@ -469,15 +599,33 @@ def per_example_grads(
             "goodfellow.PerExampleGradients."
         )
     prediction, activations, linear_combs = output
+    for layer, z in enumerate(linear_combs, start=1):
+        if not z.requires_grad:
+            raise ValueError(
+                f"the output of linear layer {layer} does not require grad, so autograd cannot "
+                "give the loss's gradient w.r.t. it: run per_example_grads with gradients "
+                "enabled (not under torch.no_grad() or torch.inference_mode()) on a model "
+                "whose parameters are trainable; for a model with frozen layers use "
+                "goodfellow.PerExampleGradients."
+            )
     if not create_graph:
         activations = [a.detach() for a in activations]
+    carried = getattr(loss_fn, "reduction", None)
     if loss_reduction is None:
-        loss_reduction = getattr(loss_fn, "reduction", None)
+        loss_reduction = carried
         if loss_reduction is None:
             raise TypeError(
                 "cannot tell how loss_fn reduces over the batch: pass loss_reduction='sum' or "
                 "'mean' (or use a torch loss module, which carries .reduction)."
             )
+    elif carried is not None and carried != loss_reduction:
+        raise ValueError(
+            f"loss_reduction={loss_reduction!r} contradicts loss_fn.reduction={carried!r}, and "
+            "the gradients would be scaled by the wrong factor: drop loss_reduction (it is "
+            "read off the loss) or make the two agree."
+        )
+    if loss_reduction == "mean":
+        _check_plain_mean(loss_fn, targets)
     loss = loss_fn(prediction, targets)
     linear_grads = torch.autograd.grad(loss, linear_combs, create_graph=create_graph)
     return goodfellow_backprop(activations, linear_grads, loss_reduction)

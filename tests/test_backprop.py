@@ -443,3 +443,174 @@ def test_norm_from_squares_is_the_square_root_and_reads_round_off_negatives_as_z
         # d sqrt(s)/ds = 1 / (2 sqrt(s)) where s > 0, the subgradient 0 elsewhere
         expected = torch.tensor([0.25, 0.0, 0.0, 1 / 3], dtype=torch.float64)
         torch.testing.assert_close(derivative, expected, **TOLERANCES[torch.float64])
+
+
+# --- batched_outer: layouts it accepts, shapes it refuses ---------------------------------------
+
+
+def outer_reference(grad_outputs, inputs):
+    """Σ_t G_t A_tᵀ example by example, one torch.outer at a time."""
+    n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
+    g, a = grad_outputs.reshape(n, -1, d_out), inputs.reshape(n, -1, d_in)
+    return torch.stack([
+        sum(torch.outer(g[i, t], a[i, t]) for t in range(g.shape[1])) for i in range(n)
+    ])
+
+
+@pytest.mark.parametrize("positions", [(), (5,)], ids=["2d", "3d"])
+def test_batched_outer_reads_any_strides_and_writes_into_a_strided_out(positions):
+    generator = torch.Generator().manual_seed(1)
+    g = torch.randn(4, 3, *positions, generator=generator, dtype=torch.float64)
+    g = g.movedim(1, -1)  # (n, ..., 3), not contiguous
+    a = torch.randn(1, *positions, 2, generator=generator, dtype=torch.float64)
+    a = a.expand(4, *positions, 2)  # stride 0 over the batch
+    expected = outer_reference(g, a)
+    out = torch.full((4, 2, 3), float("nan"), dtype=torch.float64).transpose(1, 2)
+    result = goodfellow.batched_outer(g, a, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])
+    fresh = goodfellow.batched_outer(g, a)
+    torch.testing.assert_close(fresh, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(
+    ("g_shape", "a_shape"),
+    [
+        ((1, 3), (4, 2)),  # would broadcast one example's gradient over the batch
+        ((4, 3), (1, 2)),
+        ((2, 3, 3), (3, 2, 2)),  # would reshape 3 examples into 2
+        ((4, 2, 3, 3), (4, 3, 2, 2)),  # six positions, but not the same ones
+        ((4, 3), (4, 5, 2)),
+        ((4, 5, 3), (4, 2)),
+        ((3,), (3,)),
+    ],
+    ids=["g-batch-1", "a-batch-1", "reshapeable", "middle", "2d-3d", "3d-2d", "1d"],
+)
+def test_batched_outer_refuses_shapes_that_do_not_fit(g_shape, a_shape):
+    g, a = torch.randn(g_shape), torch.randn(a_shape)
+    with pytest.raises(ValueError, match="do not fit"):
+        goodfellow.batched_outer(g, a)
+
+
+def test_batched_outer_refuses_mixed_dtypes_non_tensors_and_bad_out():
+    g, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one dtype on one device"):
+        goodfellow.batched_outer(g, a.float())
+    with pytest.raises(ValueError, match="one dtype on one device"):
+        goodfellow.batched_outer(g[:, None].expand(4, 5, 3), a[:, None].expand(4, 5, 2).float())
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+        goodfellow.batched_outer(g, a.tolist())
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        goodfellow.batched_outer(g, a, out=[])
+    for bad in (torch.empty(4, 3, 3, dtype=torch.float64), torch.empty(4, 3, 2)):
+        with pytest.raises(ValueError, match=r"out must be a torch.float64 tensor of shape"):
+            goodfellow.batched_outer(g, a, out=bad)
+
+
+def test_batched_outer_refuses_an_out_that_holds_its_inputs():
+    buffer = torch.randn(4, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shares memory"):
+        goodfellow.batched_outer(buffer[:, :, 0], buffer[:, 0, :], out=buffer)
+
+
+# --- goodfellow_backprop: out= that aliases ----------------------------------------------------
+
+
+@pytest.fixture
+def equal_width_chain():
+    """Two hidden layers of one width: bias buffers (n, 4) of layers 1 and 2 are swappable."""
+    model = MLP(3, [4, 4], 2).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction="sum")
+    activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn)
+    return list(activations), list(linear_grads), naive_per_example_grads(model, loss_fn, x, y)
+
+
+def test_out_buffers_may_be_views_of_one_flat_buffer(equal_width_chain):
+    activations, linear_grads, naive = equal_width_chain
+    flat = torch.full((sum(g.numel() for g in naive),), float("nan"), dtype=torch.float64)
+    chunks = flat.split([g.numel() for g in naive])
+    buffers = [chunk.view(g.shape) for chunk, g in zip(chunks, naive)]
+    assert_lists_close(goodfellow_backprop(activations, linear_grads, out=buffers), naive)
+
+
+def test_refuses_out_buffers_that_share_memory(equal_width_chain):
+    activations, linear_grads, naive = equal_width_chain
+    buffers = [torch.empty_like(g) for g in naive]
+    buffers[3] = buffers[1]  # layer 2's bias would overwrite layer 1's
+    with pytest.raises(ValueError, match=r"out\[(1|3)\] shares memory"):
+        goodfellow_backprop(activations, linear_grads, out=buffers)
+    buffers = [torch.empty_like(g) for g in naive]
+    buffers[1] = linear_grads[1]  # layer 1's bias would overwrite the input of layer 2
+    with pytest.raises(ValueError, match=r"out\[1\] shares memory"):
+        goodfellow_backprop(activations, linear_grads, out=buffers)
+
+
+# --- per_example_grads: losses and states it refuses --------------------------------------------
+
+
+def test_convenience_route_refuses_a_forward_without_gradients():
+    model, x, y, loss_fn = Case(2, "tanh", 5, "mse", "sum").make()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), pytest.raises(ValueError, match="does not require grad.*no_grad"):
+            per_example_grads(model, loss_fn, x, y)
+    model.layers[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="linear layer 1 does not require grad"):
+        per_example_grads(model, loss_fn, x, y)
+
+
+def test_convenience_route_refuses_a_reduction_that_contradicts_the_loss():
+    model, x, y, _ = Case(2, "tanh", 5, "mse", "sum").make()
+    with pytest.raises(ValueError, match="contradicts loss_fn.reduction='sum'"):
+        per_example_grads(model, nn.MSELoss(reduction="sum"), x, y, loss_reduction="mean")
+    assert_lists_close(  # agreeing is fine
+        per_example_grads(model, nn.MSELoss(), x, y, loss_reduction="mean"),
+        naive_per_example_grads(model, nn.MSELoss(), x, y),
+    )
+
+
+CLASS_WEIGHTS = torch.tensor([1.0, 2.0, 5.0, 0.5], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (nn.CrossEntropyLoss(weight=CLASS_WEIGHTS), "class weights"),
+        (nn.CrossEntropyLoss(ignore_index=2), "ignore_index=2"),
+        (nn.NLLLoss(weight=CLASS_WEIGHTS), "class weights"),
+    ],
+    ids=["weighted-ce", "ignored-ce", "weighted-nll"],
+)
+def test_convenience_route_refuses_means_that_do_not_divide_by_n(loss_fn, message):
+    """Their mean is Σ w_i L_i / Σ w_i (or over the kept targets), not (1/n) Σ L_i."""
+    model, x, _, _ = Case(2, "tanh", 6, "cross_entropy", "mean").make()
+    y = torch.tensor([0, 1, 2, 3, 0, 2])
+    with pytest.raises(ValueError, match=f"{message}.*reduction='sum'"):
+        per_example_grads(model, loss_fn, x, y)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHTS, reduction="sum"),
+        nn.CrossEntropyLoss(ignore_index=2, reduction="sum"),
+        nn.CrossEntropyLoss(ignore_index=3),  # a mean whose targets hit no ignore_index
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHTS, label_smoothing=0.1, reduction="sum"),
+    ],
+    ids=["weighted-sum", "ignored-sum", "ignore-unused-mean", "smoothed-weighted-sum"],
+)
+def test_weighted_and_ignoring_losses_are_exact_when_summed(loss_fn):
+    model, x, _, _ = Case(2, "tanh", 6, "cross_entropy", "sum").make()
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    assert_lists_close(
+        per_example_grads(model, loss_fn, x, y), naive_per_example_grads(model, loss_fn, x, y)
+    )
+
+
+def test_weighted_mean_over_class_probabilities_divides_by_n():
+    model, x, _, _ = Case(2, "tanh", 6, "cross_entropy", "mean").make()
+    y = torch.softmax(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    loss_fn = nn.CrossEntropyLoss(weight=CLASS_WEIGHTS)
+    assert_lists_close(
+        per_example_grads(model, loss_fn, x, y), naive_per_example_grads(model, loss_fn, x, y)
+    )
