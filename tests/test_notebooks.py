@@ -2,7 +2,9 @@
 
 The docs build executes the notebooks too (nbsphinx), but the test suite must not depend on a
 docs build having run: here each notebook is executed by nbclient with ``tutorials/`` as its
-working directory, exactly as a student running it from a clone would.
+working directory, exactly as a student running it from a clone would. The code of the exercise
+solutions (hidden in the pages, never executed by the docs build) runs too, after the notebook,
+in the order of the exercises: a solution that no longer runs is caught here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 NOTEBOOK_IDS = [path.stem for path in NOTEBOOKS]
 TITLE = re.compile(r"\A# (\d+)\. \S")
 SOLUTION = "<details><summary>Solution</summary>"
+PYTHON_FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 # Inline code or math inside **bold** or *italics*: the docs build converts markdown to
 # reStructuredText, which cannot nest inline markup, so the page would show raw backticks and
 # ":math:" (write "**Against the width** $w$" instead of "**Against the width $w$**").
@@ -44,11 +47,24 @@ def test_there_are_tutorials():
     assert {"01", "02", "03", "04"} <= set(numbers), f"tutorials/ holds {numbers}"
 
 
+def solution_code(notebook) -> list[str]:
+    """The ```python blocks of the notebook's solution cells, in order."""
+    return [
+        code
+        for cell in notebook.cells
+        if cell.cell_type == "markdown" and SOLUTION in cell.source
+        for code in PYTHON_FENCE.findall(cell.source)
+    ]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
-def test_notebook_executes(path: Path):
+def test_notebook_and_its_solutions_execute(path: Path):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
+    solutions = solution_code(notebook)
+    assert solutions, f"{path.name}: no ```python code in the exercise solutions"
+    notebook.cells += [nbformat.v4.new_code_cell(code) for code in solutions]
     client = NotebookClient(
         notebook,
         timeout=EXECUTION_TIMEOUT_S,
