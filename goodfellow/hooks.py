@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from goodfellow.backprop import batch_size_factor, batched_outer
+from goodfellow.backprop import _aliased_buffer, batch_size_factor, batched_outer
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
 
@@ -169,7 +169,9 @@ class PerExampleGradients:
     batch (the model may be called several times for one loss, like a Linear inside it) and must
     have the same number of examples. Forwards under ``torch.no_grad()`` or inside ``torch.func``
     transforms are not recorded, so evaluation in between is fine; a forward whose output never
-    reaches the backward contributes zero. Read what you need from one batch before running the
+    reaches the backward contributes zero. So does a layer a partial backward stops short of:
+    ``torch.autograd.grad(loss, some_parameters)`` and ``loss.backward(inputs=...)`` run only as
+    far back as those tensors need. Read what you need from one batch before running the
     model on the next.
 
     Nothing per-example is materialized unless asked for: :attr:`grads` is computed on first
@@ -181,7 +183,10 @@ class PerExampleGradients:
             modules may hold parameters only if they are frozen, ``requires_grad=False``).
         loss_reduction: How the batch loss is reduced over examples, as in
             :func:`goodfellow.goodfellow_backprop`: ``"sum"`` (:math:`\sum_i L_i`) or ``"mean"``
-            (:math:`\frac1n \sum_i L_i`; torch losses' default).
+            (:math:`\frac1n \sum_i L_i`; torch losses' default). A cross-entropy ``"mean"``
+            with class weights or ignored targets divides by something else than ``n``, so
+            its per-example gradients come out scaled wrongly: record such a loss with
+            ``reduction="sum"``.
         reuse_buffers: If ``True``, :attr:`grads` writes each batch into the tensors it returned
             for the previous batch when their shapes still fit (saving the allocation of
             ``n * P`` numbers per step); tensors from an earlier batch are then overwritten.
@@ -429,7 +434,9 @@ class PerExampleGradients:
         Returns:
             Dict from parameter name (as in ``model.named_parameters()``, in that order, for
             every trainable parameter of every ``nn.Linear``) to a tensor of shape
-            ``(n, *param.shape)`` whose row ``i`` is :math:`\nabla L_i`. With
+            ``(n, *param.shape)`` in the parameter's dtype whose row ``i`` is
+            :math:`\nabla L_i` (under autocast the products are formed in the dtype the layer
+            ran in, from its input rounded to it, as the layer's own backward does). With
             ``reuse_buffers=True`` the tensors are reused (overwritten) by the next batch.
 
         Raises:
@@ -529,20 +536,41 @@ def _parameter_grad(
     inputs: list[Tensor] = []
     deltas: list[Tensor] = []
     kind = owners[0][1]
+    param = getattr(owners[0][0].module, kind)
     for record, _ in owners:
         for a, g in zip(record.inputs, record.grad_outputs):
             if g is None:
                 continue  # this call's output did not reach the loss: it contributes zero
             if not differentiable:
                 a = a.detach()
-            inputs.append(a)  # (n, ..., i)
+            # Under autocast the layer computed in g's dtype (bfloat16, say) from its input
+            # rounded to it: round a the same way, as the layer's own backward does.
+            inputs.append(a.to(g.dtype))  # (n, ..., i)
             deltas.append(g * scale if scale != 1 else g)  # (n, ..., o): dL_i/dZ_i
-    param = getattr(owners[0][0].module, kind)
     if not deltas:
         shape = (n, *param.shape)
         if buffer is None:
             return torch.zeros(shape, dtype=param.dtype, device=param.device)
         return buffer.zero_()
+    if len({g.dtype for g in deltas}) > 1:  # calls inside and outside an autocast region
+        deltas = [g.to(param.dtype) for g in deltas]
+        inputs = [a.to(param.dtype) for a in inputs]
+    if deltas[0].dtype != param.dtype:
+        # The result is in the parameter's dtype, like its .grad; no buffer for the product.
+        result = _parameter_grad_of(kind, deltas, inputs, scale, n, None)
+        return result.to(param.dtype) if buffer is None else buffer.copy_(result)
+    return _parameter_grad_of(kind, deltas, inputs, scale, n, buffer)
+
+
+def _parameter_grad_of(
+    kind: str,
+    deltas: list[Tensor],
+    inputs: list[Tensor],
+    scale: int,
+    n: int,
+    buffer: Tensor | None,
+) -> Tensor:
+    """The weight's outer products or the bias's sums over positions, from one dtype."""
     if kind == "weight":
         if len(deltas) > 1 or deltas[0].dim() > 2:
             # Several calls and positions are one long position axis t of the same einsum.
@@ -655,6 +683,13 @@ def _check_out(
             )
         if not buffer.is_contiguous():
             raise ValueError(f"out[{p_name!r}] must be contiguous.")
+    names = list(specs)
+    aliased = _aliased_buffer([out[p_name] for p_name in names])
+    if aliased is not None:  # one buffer for two results: the first would be overwritten
+        raise ValueError(
+            f"out[{names[aliased]!r}] shares memory with another entry of out; every "
+            "parameter needs a buffer of its own."
+        )
 
 
 def _fits(

@@ -411,6 +411,59 @@ def test_reuse_buffers_across_batches():
     pe.detach()
 
 
+def test_out_buffers_may_be_views_of_one_flat_buffer_but_not_share_memory():
+    model, x, y, loss_fn = CASES[0].make("sum", torch.float64)
+    pe = record(model, x, y, loss_fn, "sum")
+    sizes = [g.numel() for g in pe.grads.values()]
+    chunks = torch.full((sum(sizes),), float("nan"), dtype=torch.float64).split(sizes)
+    flat = {k: c.view(g.shape) for (k, g), c in zip(pe.grads.items(), chunks)}
+    for name, tensor in pe.compute_grads(out=flat).items():
+        assert torch.equal(tensor, pe.grads[name])
+    shared = {k: torch.empty_like(v) for k, v in pe.grads.items()}
+    shared["2.bias"] = shared["0.bias"]  # both (5, 6): the second write would win
+    with pytest.raises(ValueError, match=r"out\['(0|2).bias'\] shares memory"):
+        pe.compute_grads(out=shared)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def naive_under_autocast(model, x, y, loss_fn):
+    """The naive loop under CPU autocast: one example at a time, each parameter's own .grad."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(x.shape[0]):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x[i : i + 1])
+        loss = loss_fn(output.float(), y[i : i + 1])
+        rows.append(torch.autograd.grad(loss, list(params.values())))
+    return {name: torch.stack(column) for name, column in zip(params, zip(*rows))}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("example_shape", [(4,), (3, 4)], ids=["2d", "3d"])
+def test_autocast_matches_the_naive_loop_under_autocast(example_shape, reduction):
+    """The Linear ran in bfloat16 on its rounded input; results come in the parameter's dtype."""
+    torch.manual_seed(0)
+    model = sequential_mlp()
+    x, y = torch.randn(6, *example_shape), torch.randn(6, *example_shape[:-1], 3)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    expected = naive_under_autocast(model, x, y, loss_fn)
+    pe = PerExampleGradients(model, reduction, reuse_buffers=True).attach()
+    for _ in range(2):  # the second batch goes into the first one's buffers
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+        loss_fn(output.float(), y).backward()
+        for name, want in expected.items():
+            assert pe.grads[name].dtype == torch.float32
+            if reduction == "sum":  # the same bfloat16 products: one rounding apart at most
+                tolerance = {"rtol": 2**-8, "atol": 1e-6}
+            else:  # the backward rounds dL/dZ / n (batch) and dL/dZ (alone) differently
+                tolerance = {"rtol": 0.0, "atol": 2**-7 * want.abs().max().item()}
+            torch.testing.assert_close(pe.grads[name], want, **tolerance, msg=name)
+    pe.detach()
+
+
 # ----------------------------------------------------------------------------- hooks and batches
 
 
@@ -715,6 +768,16 @@ def test_forward_whose_output_is_discarded_contributes_zero():
     assert all(r.grad_outputs[0] is None for r in pe.layers.values())
     for name, expected in reference(model, x, y, loss_fn).items():
         torch.testing.assert_close(pe.grads[name], expected, **F64, msg=name)
+
+
+def test_a_partial_backward_leaves_the_layers_it_stops_short_of_at_zero():
+    """autograd.grad(loss, [last weight]) never reaches the first layers: as documented."""
+    model, x, y, loss_fn = CASES[0].make("sum", torch.float64)
+    with PerExampleGradients(model, "sum") as pe:
+        torch.autograd.grad(loss_fn(model(x), y), [model[4].weight])
+    want = reference(model, x, y, loss_fn)
+    torch.testing.assert_close(pe.grads["4.weight"], want["4.weight"], **F64)
+    assert not pe.grads["0.weight"].any() and want["0.weight"].any()
 
 
 def test_model_called_twice_for_one_loss():
