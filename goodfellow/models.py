@@ -57,6 +57,11 @@ class MLP(nn.Module):
         activation: Callable[[Tensor], Tensor] = torch.relu,
     ) -> None:
         super().__init__()
+        if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
+            raise TypeError(
+                "hidden_sizes must be a list of layer widths (possibly empty), got "
+                f"{hidden_sizes!r}; write [{hidden_sizes!r}] for one hidden layer."
+            )
         sizes = [input_size, *hidden_sizes, output_size]
         for size in sizes:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -85,6 +90,8 @@ class MLP(nn.Module):
             ``activations[l]`` of shape ``(n, d_l)`` and ``linear_combs[l]`` of shape
             ``(n, d_{l+1})`` for ``l = 0, ..., L - 1``.
         """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MLP expects a torch.Tensor input, got {type(x).__name__}.")
         if x.dim() != 2 or x.shape[1] != self.input_size:
             raise ValueError(
                 f"MLP expects an input of shape (n, {self.input_size}), got {tuple(x.shape)}."

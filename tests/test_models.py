@@ -52,3 +52,14 @@ def test_refuses_non_callable_activation():
 def test_refuses_inputs_of_the_wrong_shape(shape):
     with pytest.raises(ValueError, match=r"expects an input of shape \(n, 3\)"):
         MLP(3, [2])(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("hidden", [4, None, "4"], ids=["int", "none", "str"])
+def test_refuses_hidden_sizes_that_are_not_a_list(hidden):
+    with pytest.raises(TypeError, match="hidden_sizes must be a list"):
+        MLP(3, hidden, 2)
+
+
+def test_refuses_inputs_that_are_not_tensors():
+    with pytest.raises(TypeError, match="expects a torch.Tensor input, got list"):
+        MLP(3, [2])([[1.0, 2.0, 3.0]])
