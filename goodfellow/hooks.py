@@ -393,7 +393,13 @@ class PerExampleGradients:
                     "forward starts a new batch and the old records are gone. Call backward "
                     "on the loss of a forward run since."
                 )
-            if record.grad_outputs[call] is not None:
+            recorded = record.grad_outputs[call]
+            if recorded is not None and recorded.requires_grad:
+                # Recorded with create_graph=True: differentiating the results runs a backward
+                # through this forward's graph again, which brings d(penalty)/dZ here, not the
+                # loss's gradient. Keep the first one.
+                return
+            if recorded is not None:
                 raise RuntimeError(
                     f"a second backward went through the same forward (Linear "
                     f"{_display(record.name)}, call {call}); PerExampleGradients records one "
@@ -463,7 +469,9 @@ class PerExampleGradients:
         over ``t``.
 
         If the backward ran with ``create_graph=True``, the result is differentiable (it depends
-        on the recorded inputs and output gradients through autograd).
+        on the recorded inputs and output gradients through autograd), also while attached:
+        later backwards through the same forward, such as the one that differentiates the
+        result, are then not recorded.
 
         Args:
             out: Optional dict with the same keys as :attr:`grads`, holding preallocated

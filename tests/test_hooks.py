@@ -315,6 +315,40 @@ def test_create_graph_makes_the_result_differentiable():
         pe.compute_grads(out={k: torch.empty_like(v) for k, v in pe.grads.items()})
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("first", ["backward", "autograd.grad"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=lambda c: c.name)
+def test_second_order_while_attached(case, first):
+    """A gradient-penalty step inside the context: the penalty's backward passes the recorded
+    outputs again (d penalty/dZ, not the loss's gradient) and must neither raise nor record."""
+    model, x, y, loss_fn = case.make("mean", torch.float64)
+    params = dict(model.named_parameters())
+    with PerExampleGradients(model, "mean") as pe:
+        loss = loss_fn(model(x), y)
+        if first == "backward":
+            loss.backward(create_graph=True)
+        else:
+            torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        before = {k: v.detach().clone() for k, v in pe.grads.items()}
+        penalty = sum(g.square().sum() for g in pe.grads.values())
+        got = torch.autograd.grad(penalty, list(params.values()))
+        for name, g in pe.compute_grads().items():  # the records still hold the loss's dL/dZ
+            torch.testing.assert_close(g.detach(), before[name], rtol=0, atol=0)
+
+    def loss_of_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
+
+    def penalty_of(p):
+        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
+        return sum(g.square().sum() for g in per_example.values())
+
+    want = grad(penalty_of)({k: v.detach() for k, v in params.items()})
+    for name, g in zip(params, got):
+        torch.testing.assert_close(g, want[name], **F64, msg=name)
+    for p in params.values():
+        p.grad = None  # backward(create_graph=True) ties each .grad to the graph
+
+
 # ----------------------------------------------------------------------------- the recorded layers
 
 
