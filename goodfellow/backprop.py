@@ -292,7 +292,9 @@ def goodfellow_backprop(
     Raises:
         TypeError: If the lists or their entries are not lists and tensors.
         ValueError: If their lengths, ranks, batch sizes or widths do not fit one MLP, the batch
-            is empty, or ``loss_reduction`` is unknown.
+            is empty, ``loss_reduction`` is unknown, or ``out`` does not fit the result (count,
+            shape, dtype, device, contiguity), shares memory, or is given for a differentiable
+            result.
     """
     n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
@@ -496,6 +498,14 @@ def _check_plain_mean(loss_fn: LossFunction, targets: Tensor) -> None:
     )
 
 
+def _check_trainable(model: nn.Module, trainable: Sequence) -> None:
+    if not trainable:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameter with requires_grad=True, so "
+            "there is no gradient to compute; unfreeze the parameters (requires_grad_(True))."
+        )
+
+
 def naive_per_example_grads(
     model: nn.Module, loss_fn: LossFunction, inputs: Tensor, targets: Tensor
 ) -> list[Tensor]:
@@ -515,9 +525,15 @@ def naive_per_example_grads(
     Returns:
         One tensor per parameter with ``requires_grad``, in the order of
         ``model.parameters()``, of shape ``(n, *param.shape)``.
+
+    Raises:
+        TypeError: If ``model`` is not a module or the batch not tensors.
+        ValueError: If the batch is empty, inputs and targets hold different numbers of
+            examples, or no parameter requires grad.
     """
     _check_model_batch(model, inputs, targets)
     params = [p for p in model.parameters() if p.requires_grad]
+    _check_trainable(model, params)
     per_example: list[tuple[Tensor, ...]] = []
     for i in range(inputs.shape[0]):
         prediction = _model_output(model(inputs[i : i + 1]))
@@ -541,9 +557,15 @@ def torch_func_per_example_grads(
     Returns:
         One tensor per parameter with ``requires_grad``, in the order of
         ``model.parameters()``, of shape ``(n, *param.shape)``.
+
+    Raises:
+        TypeError: If ``model`` is not a module or the batch not tensors.
+        ValueError: If the batch is empty, inputs and targets hold different numbers of
+            examples, or no parameter requires grad.
     """
     _check_model_batch(model, inputs, targets)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
+    _check_trainable(model, names)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def loss_of_one(params: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:

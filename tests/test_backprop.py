@@ -368,6 +368,14 @@ def test_references_refuse_mismatched_batches():
         torch_func_per_example_grads(lambda t: t, nn.MSELoss(), x, x)
 
 
+@pytest.mark.parametrize("reference", [naive_per_example_grads, torch_func_per_example_grads])
+def test_references_refuse_models_without_trainable_parameters(reference):
+    model = nn.Linear(3, 2).double().requires_grad_(False)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        reference(model, nn.MSELoss(), x, y)
+
+
 def test_convenience_route_refuses_models_without_intermediates():
     model = nn.Sequential(nn.Linear(3, 2)).double()
     x = torch.randn(4, 3, dtype=torch.float64)
