@@ -150,18 +150,19 @@ def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | N
 
 def _memory_span(t: Tensor) -> tuple[int, int] | None:
     """First and one-past-last byte a tensor can touch; ``None`` if it touches no real memory."""
-    if t.numel() == 0 or t.device.type == "meta":
+    if t.is_meta or t.numel() == 0:
         return None
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+    start = t.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # (>= 0)
+    return start, start + (extent + 1) * t.element_size()
 
 
 def _overlap(x: Tensor, y: Tensor) -> bool:
     """Whether two tensors may share memory (exact for contiguous ones, cautious otherwise)."""
     span_x, span_y = _memory_span(x), _memory_span(y)
-    if span_x is None or span_y is None or x.device != y.device:
+    if span_x is None or span_y is None:
         return False
-    return span_x[0] < span_y[1] and span_y[0] < span_x[1]
+    return span_x[0] < span_y[1] and span_y[0] < span_x[1] and x.device == y.device
 
 
 def _aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> int | None:
