@@ -288,7 +288,8 @@ def goodfellow_backprop(
     Returns:
         ``[gW_1, gb_1, ..., gW_L, gb_L]``: ``gW_l`` of shape ``(n, d_l, d_{l-1})`` (PyTorch's
         ``(out, in)`` layout) and ``gb_l`` of shape ``(n, d_l)``; row ``i`` is the gradient of
-        example ``i``'s own loss :math:`L_i`. In the order of ``model.parameters()``.
+        example ``i``'s own loss :math:`L_i`. In the order of ``model.parameters()``. New
+        tensors (or those of ``out``), never the inputs themselves.
 
     Raises:
         TypeError: If the lists or their entries are not lists and tensors.
@@ -320,7 +321,9 @@ def _outer_products(
         g = g * scale if scale != 1 else g  # (n, o): example i's own dL_i/dZ_i
         if out is None:
             grads.append(batched_outer(g, a))  # (n, o, i)
-            grads.append(g)  # (n, o)
+            # a copy, never the caller's tensor: clipping the result in place must not change
+            # linear_grads (nor fail on autograd's expanded gradient of a sum)
+            grads.append(g if scale != 1 else g.clone())  # (n, o)
         else:
             grads.append(batched_outer(g, a, out=out[2 * layer]))  # (n, o, i)
             grads.append(out[2 * layer + 1].copy_(g))  # (n, o)

@@ -179,6 +179,22 @@ def test_out_buffers_are_filled_and_reused():
     assert_lists_close(result, expected)
 
 
+def test_results_can_be_clipped_in_place_without_touching_the_inputs():
+    """A loss that sums the outputs gets an expanded (stride 0) gradient from autograd."""
+    model = MLP(3, [4], 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    prediction, activations, linear_combs = model(x)
+    linear_grads = torch.autograd.grad(prediction.sum(), linear_combs)
+    assert linear_grads[-1].stride() == (0, 0)
+    kept = [g.clone() for g in linear_grads]
+    grads = goodfellow_backprop(activations, linear_grads)
+    naive = naive_per_example_grads(model, lambda p, t: p.sum(), x, x)
+    for g in grads:
+        g.mul_(0.5)  # e.g. scaling each example's gradient to a clipping norm
+    assert_lists_close(grads, [0.5 * g for g in naive])
+    assert all(torch.equal(g, k) for g, k in zip(linear_grads, kept))
+
+
 def test_second_order_gradient_of_mean_squared_norm_matches_torch_func():
     """d/dθ mean_i ||g_i||², through goodfellow_backprop, equals torch.func's."""
     torch.manual_seed(3)
