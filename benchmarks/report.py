@@ -7,7 +7,8 @@ figures folder (``docs/_static/benchmarks`` for a full run), ``<device>`` being 
 
 * ``<device>_<allocator>.png``: time of every method relative to ``plain_backward``, one panel per
   configuration;
-* ``<device>_results.csv``: median times and ratios under both allocator settings, peak memory;
+* ``<device>_results.csv``: median times, ratios and page faults per step under both allocator
+  settings, peak memory;
 * ``<device>_targets.csv``: each speed and memory target of the issue, met or not, with the
   worst measured value.
 """
@@ -203,7 +204,7 @@ def write_results_csv(results: dict, path: Path) -> Path:
     allocators = _allocators(records)
     header = ["Configuration", "Method"]
     for allocator in allocators:
-        header += [f"{allocator}: median ms", f"{allocator}: x plain"]
+        header += [f"{allocator}: median ms", f"{allocator}: x plain", f"{allocator}: faults"]
     header += ["peak extra MB"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -215,11 +216,13 @@ def write_results_csv(results: dict, path: Path) -> Path:
                 for allocator in allocators:
                     record = index.get((allocator, config, method))
                     if record is None:
-                        row += ["", ""]
+                        row += ["", "", ""]
                         continue
                     ratio = record.get("ratio_to_plain_backward")
                     ratio_text = "" if ratio is None else f"{ratio:.2f}"
-                    row += [f"{record['median_s'] * 1e3:.2f}", ratio_text]
+                    faults = record.get("minor_faults_per_step")
+                    faults_text = "" if faults is None else f"{faults:,.0f}"
+                    row += [f"{record['median_s'] * 1e3:.2f}", ratio_text, faults_text]
                     if peak is None and record.get("peak_mem_mb") is not None:
                         peak = record["peak_mem_mb"]
                 row.append("" if peak is None else f"{peak:.0f}")

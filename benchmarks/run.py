@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,11 @@ ALLOCATORS = {"default": None, "thp": "1"}
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel handed out on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _proc_status_kib(field: str) -> int:
@@ -213,6 +219,7 @@ def benchmark_config(
     _synchronize(device)
 
     times: dict[str, list[float]] = {method.name: [] for method in methods}
+    faults: dict[str, list[int]] = {method.name: [] for method in methods}
     waited = wait_for_quiet(0.25, quiet_wait) if quiet_wait > 0 else 0.0
     foreign = ForeignLoad()
     foreign.start()
@@ -223,10 +230,12 @@ def benchmark_config(
             for method in methods:
                 method.reset()
                 _synchronize(device)
+                faults_before = _minor_faults()
                 start = time.perf_counter()
                 method.step()
                 _synchronize(device)
                 times[method.name].append(time.perf_counter() - start)
+                faults[method.name].append(_minor_faults() - faults_before)
                 if progress is not None:
                     progress.update(1)
             gc.collect()
@@ -262,6 +271,7 @@ def benchmark_config(
             "foreign_cpu_share": foreign_share,
             "quiet_wait_s": waited,
             "times_s": samples,
+            "minor_faults_per_step": statistics.median(faults[method.name]),
         }
         if peaks[method.name] is not None:
             record["peak_mem_mb"] = peaks[method.name]

@@ -142,6 +142,7 @@ def test_records_have_the_schema_and_report_is_written(tmp_path):
         assert record["min_s"] <= record["median_s"] <= record["max_s"]
         assert record["device"] == "cpu" and record["torch"] == torch.__version__
         assert record["check_deviation"] <= 1e-4
+        assert record["minor_faults_per_step"] >= 0
         if "peak_mem_mb" in record:
             assert record["peak_mem_mb"] >= 0
     plain = records[0]
