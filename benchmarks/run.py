@@ -15,9 +15,8 @@ Inside one subprocess, for each configuration:
    (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed round-robin (one step of each, repeated
    ``--runs`` times), so that a change in the machine's load hits all of them alike; before each
-   timed step the C heap's free memory goes back to the kernel and the method runs one untimed
-   step, so it finds memory as it would in its own training loop, not as another method left it,
-   and then 128 MiB are written so that it finds no data of its own in the caches either;
+   timed step the C heap's free memory goes back to the kernel, so no method runs on memory
+   another one freed;
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -49,8 +48,6 @@ from benchmarks import methods as bm
 REPO = Path(__file__).resolve().parent.parent
 FULL_RUNS, FULL_WARMUP = 15, 3
 QUICK_RUNS, QUICK_WARMUP = 11, 3
-CACHE_EVICTION_BYTES = 128 * 2**20
-"""Written before every timed step so no step finds its data in the caches (4x a 32 MiB L3)."""
 ALLOCATORS = {"default": None, "thp": "1"}
 """Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
 
@@ -223,7 +220,6 @@ def benchmark_config(
             method.step()
     _synchronize(device)
 
-    cache_evictor = torch.empty(CACHE_EVICTION_BYTES // 4, dtype=torch.float32, device=device)
     times: dict[str, list[float]] = {method.name: [] for method in methods}
     faults: dict[str, list[int]] = {method.name: [] for method in methods}
     waited = wait_for_quiet(0.25, quiet_wait) if quiet_wait > 0 else 0.0
@@ -234,19 +230,12 @@ def benchmark_config(
     try:
         for _ in range(runs):
             for method in methods:
-                # The heap as the method would find it in its own training loop: nothing left
-                # by the other methods (handed back to the kernel), then one untimed step of its
-                # own. Without this, a large result could land, already mapped, in memory that
-                # another method's many smaller blocks left behind, and skip the page faults it
-                # pays every step on its own; without the untimed step, every method would
-                # re-fault its small temporaries too.
                 method.reset()
+                # Each step starts from a heap holding no free memory, as the method would find
+                # it alone in a training loop: otherwise a large result can land, already
+                # mapped, in memory another method's many smaller blocks left behind, and that
+                # method skips the page faults it pays every step on its own.
                 _release_free_heap()
-                method.step()
-                method.reset()
-                # ...and the caches as after other work (data, optimizer): the untimed step
-                # would otherwise leave a small configuration's data hot for the timed one.
-                cache_evictor.fill_(0.0)
                 _synchronize(device)
                 faults_before = _minor_faults()
                 start = time.perf_counter()
