@@ -14,9 +14,7 @@ Inside one subprocess, for each configuration:
 1. every method runs once and its result is checked against the naive per-example loop
    (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed round-robin (one step of each, repeated
-   ``--runs`` times), so that a change in the machine's load hits all of them alike; before each
-   timed step the C heap's free memory goes back to the kernel, so no method runs on memory
-   another one freed;
+   ``--runs`` times), so that a change in the machine's load hits all of them alike;
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -231,11 +229,6 @@ def benchmark_config(
         for _ in range(runs):
             for method in methods:
                 method.reset()
-                # Each step starts from a heap holding no free memory, as the method would find
-                # it alone in a training loop: otherwise a large result can land, already
-                # mapped, in memory another method's many smaller blocks left behind, and that
-                # method skips the page faults it pays every step on its own.
-                _release_free_heap()
                 _synchronize(device)
                 faults_before = _minor_faults()
                 start = time.perf_counter()
