@@ -291,6 +291,20 @@ def test_inplace_after_linear(shape, where):
         torch.testing.assert_close(pe.grads[name], expected, **F64, msg=name)
 
 
+def penalty_gradient(model, x, y, loss_fn) -> dict[str, torch.Tensor]:
+    """torch.func's d/dθ of the penalty Σ_i ||g_i||², g_i one example's gradient of ``loss_fn``."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_of_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
+
+    def penalty_of(p):
+        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
+        return sum(g.square().sum() for g in per_example.values())
+
+    return grad(penalty_of)(params)
+
+
 def test_create_graph_makes_the_result_differentiable():
     """d/dθ of Σ_i ||g_i||² through the hooks equals torch.func's (a second-order check)."""
     model, x, y, loss_fn = CASES[0].make("mean", torch.float64)
@@ -301,14 +315,7 @@ def test_create_graph_makes_the_result_differentiable():
     params = dict(model.named_parameters())
     got = torch.autograd.grad(penalty, list(params.values()))
 
-    def loss_of_one(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
-
-    def penalty_of(p):
-        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
-        return sum(g.square().sum() for g in per_example.values())
-
-    want = grad(penalty_of)({k: v.detach() for k, v in params.items()})
+    want = penalty_gradient(model, x, y, loss_fn)
     for name, g in zip(params, got):
         torch.testing.assert_close(g, want[name], **F64, msg=name)
     with pytest.raises(ValueError, match="create_graph"):
@@ -335,14 +342,7 @@ def test_second_order_while_attached(case, first):
         for name, g in pe.compute_grads().items():  # the records still hold the loss's dL/dZ
             torch.testing.assert_close(g.detach(), before[name], rtol=0, atol=0)
 
-    def loss_of_one(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
-
-    def penalty_of(p):
-        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
-        return sum(g.square().sum() for g in per_example.values())
-
-    want = grad(penalty_of)({k: v.detach() for k, v in params.items()})
+    want = penalty_gradient(model, x, y, loss_fn)
     for name, g in zip(params, got):
         torch.testing.assert_close(g, want[name], **F64, msg=name)
     for p in params.values():
