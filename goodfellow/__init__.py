@@ -4,35 +4,55 @@ Autograd returns the gradient of a summed (or averaged) loss. This package recov
 example's own gradient, by four routes:
 
 * :mod:`goodfellow.backprop`: Goodfellow's trick for an MLP that returns its intermediate
-  tensors (:class:`goodfellow.MLP`), with the naive loop and ``torch.func`` as references;
-* :mod:`goodfellow.hooks`: the same outer products recorded by module hooks on any model made
-  of ``nn.Linear`` layers;
-* :mod:`goodfellow.transforms`: averages of transformed per-example gradients, E[T(g_i)]
-  (clipping, variance, norms, CABS);
+  tensors (:class:`goodfellow.MLP`); :mod:`goodfellow.reference` holds the naive loop and
+  ``torch.func``, the references everything is tested against;
+* :mod:`goodfellow.hooks`: the same quantities recorded by hooks on any model, one rule per
+  layer kind (:mod:`goodfellow.layers`);
+* :mod:`goodfellow.statistics` and :mod:`goodfellow.transforms`: averages of transformed
+  per-example gradients, E[T(g_i)] (clipping, variance, norms), and :mod:`goodfellow.cabs`;
 * :mod:`goodfellow.ekfac`: KFAC and EKFAC preconditioning built on the recorded quantities;
 * :mod:`goodfellow.gradiator`: a learned backward for black-box functions.
 """
 
+from goodfellow import backprop as _backprop
+from goodfellow import cabs as _cabs
+from goodfellow import ekfac as _ekfac
+from goodfellow import gradiator as _gradiator
+from goodfellow import hooks as _hooks
+from goodfellow import layers as _layers
+from goodfellow import models as _models
+from goodfellow import reduction as _reduction
+from goodfellow import reference as _reference
+from goodfellow import statistics as _statistics
+from goodfellow import transforms as _transforms
 from goodfellow.backprop import *  # noqa: F403
-from goodfellow.backprop import __all__ as _backprop_all
+from goodfellow.cabs import *  # noqa: F403
 from goodfellow.ekfac import *  # noqa: F403
-from goodfellow.ekfac import __all__ as _ekfac_all
 from goodfellow.gradiator import *  # noqa: F403
-from goodfellow.gradiator import __all__ as _gradiator_all
 from goodfellow.hooks import *  # noqa: F403
-from goodfellow.hooks import __all__ as _hooks_all
+from goodfellow.layers import *  # noqa: F403
 from goodfellow.models import *  # noqa: F403
-from goodfellow.models import __all__ as _models_all
+from goodfellow.reduction import *  # noqa: F403
+from goodfellow.reference import *  # noqa: F403
+from goodfellow.statistics import *  # noqa: F403
 from goodfellow.transforms import *  # noqa: F403
-from goodfellow.transforms import __all__ as _transforms_all
 
 __version__ = "0.1.0"
 
 __all__ = [
-    *_models_all,
-    *_backprop_all,
-    *_hooks_all,
-    *_transforms_all,
-    *_ekfac_all,
-    *_gradiator_all,
+    name
+    for module in (
+        _models,
+        _reduction,
+        _backprop,
+        _reference,
+        _layers,
+        _hooks,
+        _transforms,
+        _statistics,
+        _cabs,
+        _ekfac,
+        _gradiator,
+    )
+    for name in module.__all__
 ]

@@ -22,175 +22,16 @@ naive loop (one backward per example) and ``torch.func`` (``vmap(grad(...))``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
-__all__ = [
-    "LOSS_REDUCTIONS",
-    "batch_size_factor",
-    "batched_outer",
-    "check_layer_lists",
-    "goodfellow_backprop",
-    "naive_per_example_grads",
-    "norm_from_squares",
-    "outer_sq_norms",
-    "per_example_grads",
-    "per_example_norms",
-    "torch_func_per_example_grads",
-]
+from goodfellow._checks import LossFunction, aliased_buffer, check_model_batch, check_plain_mean
+from goodfellow.layers.linear import batched_outer, norm_from_squares, outer_sq_norms
+from goodfellow.reduction import batch_size_factor
 
-LOSS_REDUCTIONS = ("sum", "mean")
-"""The reductions of a batch loss that per-example gradients can be recovered from."""
-
-LossFunction = Callable[[Tensor, Tensor], Tensor]
-
-
-def batch_size_factor(loss_reduction: str, batch_size: int) -> int:
-    r"""The factor that turns a row of the batch loss's gradient into an example's own gradient.
-
-    Args:
-        loss_reduction: ``"sum"`` (batch loss :math:`\sum_i L_i`) or ``"mean"``
-            (:math:`\frac1n \sum_i L_i`).
-        batch_size: The number of examples ``n`` the batch loss was reduced over.
-
-    Returns:
-        ``1`` for ``"sum"``, ``batch_size`` for ``"mean"``.
-
-    Raises:
-        ValueError: For any other ``loss_reduction``.
-    """
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(
-            f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}: pass "
-            "the reduction the batch loss was computed with (torch losses default to 'mean')."
-        )
-    return batch_size if loss_reduction == "mean" else 1
-
-
-def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
-    r"""Per-example weight gradients of one linear layer: one batched outer product.
-
-    Index letters: ``n`` example, ``t`` position inside an example (absent for plain vectors),
-    ``o`` output feature, ``i`` input feature. The result is
-    ``einsum("nto,nti->noi", grad_outputs, inputs)``: for inputs of shape ``(n, d_in)`` it is the
-    outer product :math:`G_i A_i^\top`; for inputs with extra dimensions ``(n, ..., d_in)`` the
-    layer is applied at every position and an example's gradient sums over its positions.
-
-    Args:
-        grad_outputs: Gradient w.r.t. the layer's output, shape ``(n, ..., d_out)``.
-        inputs: The layer's input, shape ``(n, ..., d_in)`` with the same middle dimensions.
-        out: Optional preallocated ``(n, d_out, d_in)`` tensor to write the result into (not
-            differentiable; reuse it across calls to avoid allocating ``n * d_out * d_in`` floats).
-
-    Returns:
-        Tensor of shape ``(n, d_out, d_in)``.
-
-    Raises:
-        TypeError: If an argument is not a tensor.
-        ValueError: If the shapes do not fit (ranks, batch sizes or middle dimensions differ),
-            the dtypes or devices differ, or ``out`` has the wrong shape, dtype or device or
-            shares memory with an input.
-    """
-    _check_outer_arguments(grad_outputs, inputs, out)
-    n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
-    if grad_outputs.dim() == 2:
-        # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
-        # `out`, at memory bandwidth; bmm with an inner dimension of 1 is about twice as slow on
-        # CPU, and einsum allocates. Bit for bit the same numbers: one product per entry.
-        left = grad_outputs.unsqueeze(2)  # (n, o, 1)
-        right = inputs.unsqueeze(1)  # (n, 1, i)
-        if out is None:
-            return torch.mul(left, right)  # (n, o, i)
-        return torch.mul(left, right, out=out)  # (n, o, i)
-    left = grad_outputs.reshape(n, -1, d_out).transpose(1, 2)  # (n, o, t)
-    right = inputs.reshape(n, -1, d_in)  # (n, t, i)
-    if out is None:
-        return torch.bmm(left, right)  # (n, o, i)
-    return torch.bmm(left, right, out=out)  # (n, o, i)
-
-
-def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
-    """Refuse arguments of :func:`batched_outer` that torch would broadcast or reshape silently."""
-    for name, t in (("grad_outputs", grad_outputs), ("inputs", inputs)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    g_shape, a_shape = tuple(grad_outputs.shape), tuple(inputs.shape)
-    # broadcasting (a batch of 1 against n) or a reshape of another batch size into n rows would
-    # return a tensor of the right shape holding the wrong numbers
-    if grad_outputs.dim() < 2 or g_shape[:-1] != a_shape[:-1]:
-        raise ValueError(
-            f"grad_outputs of shape {g_shape} and inputs of shape {a_shape} do not fit: they "
-            "must be (n, ..., d_out) and (n, ..., d_in) with the same n and the same middle "
-            "dimensions (the layer's output gradient and its input, example by example)."
-        )
-    if grad_outputs.dtype != inputs.dtype or grad_outputs.device != inputs.device:
-        raise ValueError(
-            f"grad_outputs is {grad_outputs.dtype} on {grad_outputs.device} but inputs is "
-            f"{inputs.dtype} on {inputs.device}; cast both to one dtype on one device."
-        )
-    if out is None:
-        return
-    shape = (g_shape[0], g_shape[-1], a_shape[-1])
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
-    if tuple(out.shape) != shape or out.dtype != inputs.dtype or out.device != inputs.device:
-        raise ValueError(
-            f"out must be a {inputs.dtype} tensor of shape {shape} on {inputs.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}."
-        )
-    if _overlap(out, grad_outputs) or _overlap(out, inputs):
-        raise ValueError(
-            "out shares memory with grad_outputs or inputs; the products would read entries "
-            "already overwritten: pass a separate buffer."
-        )
-
-
-def _memory_span(t: Tensor) -> tuple[int, int] | None:
-    """First and one-past-last byte a tensor can touch; ``None`` if it touches no real memory."""
-    if t.is_meta or t.numel() == 0:
-        return None
-    start = t.data_ptr()
-    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # (>= 0)
-    return start, start + (extent + 1) * t.element_size()
-
-
-def _overlap(x: Tensor, y: Tensor) -> bool:
-    """Whether two tensors may share memory (exact for contiguous ones, cautious otherwise)."""
-    span_x, span_y = _memory_span(x), _memory_span(y)
-    if span_x is None or span_y is None:
-        return False
-    return span_x[0] < span_y[1] and span_y[0] < span_x[1] and x.device == y.device
-
-
-def _aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> int | None:
-    """Index of a buffer that may share memory with another buffer or with one of ``others``.
-
-    One sweep over the memory spans sorted by their start, ``O(m log m)`` for ``m`` tensors
-    (``others`` may overlap each other). Data pointers of two devices can coincide, so each
-    device is swept on its own.
-    """
-    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
-    tagged = [*enumerate(buffers), *((-1, t) for t in others)]  # index -1: not a buffer
-    for k, t in tagged:
-        span = _memory_span(t)
-        if span is not None:
-            by_device.setdefault(t.device, []).append((*span, k))
-    for spans in by_device.values():
-        buffer_end, buffer_index, other_end = -1, -1, -1  # furthest ends swept so far
-        for begin, end, k in sorted(spans):
-            if begin < buffer_end:
-                return k if k >= 0 else buffer_index
-            if k >= 0 and begin < other_end:
-                return k
-            if k >= 0:
-                buffer_end, buffer_index = end, k
-            else:
-                other_end = max(other_end, end)
-    return None
-
+__all__ = ["check_layer_lists", "goodfellow_backprop", "per_example_grads", "per_example_norms"]
 
 def check_layer_lists(
     activations: Sequence[Tensor], linear_grads: Sequence[Tensor]
@@ -361,7 +202,7 @@ def _check_out(
                 raise ValueError(f"out[{k}] must be contiguous.")
     # a buffer written early that another buffer or a later layer's input lives in would
     # silently change numbers written or read afterwards
-    aliased = _aliased_buffer(out, [*activations, *linear_grads])
+    aliased = aliased_buffer(out, [*activations, *linear_grads])
     if aliased is not None:
         raise ValueError(
             f"out[{aliased}] shares memory with another entry of out or with activations or "
@@ -370,46 +211,6 @@ def _check_out(
     return list(out)
 
 
-def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
-    r"""Squared norms of the per-example gradients of one linear layer, without forming them.
-
-    :math:`\|G_i A_i^\top\|_F^2 = \|G_i\|^2 \|A_i\|^2`: the norm of an outer product
-    factorizes, so the cost is :math:`O(n (d_{out} + d_{in}))`, not :math:`O(n d_{out} d_{in})`.
-    The bias gradient is :math:`G_i` itself, so with it the sum is
-    :math:`\|G_i\|^2 (\|A_i\|^2 + 1)`.
-
-    Args:
-        grad_outputs: :math:`G`, shape ``(n, d_out)``.
-        inputs: :math:`A`, shape ``(n, d_in)``.
-        bias: Include the bias gradient's squared norm.
-
-    Returns:
-        Tensor of shape ``(n,)``.
-    """
-    # vecdot(x, x) is each row's squared norm in one kernel
-    grad_sq = torch.linalg.vecdot(grad_outputs, grad_outputs)  # (n,)
-    input_sq = torch.linalg.vecdot(inputs, inputs)  # (n,)
-    return grad_sq * (input_sq + 1) if bias else grad_sq * input_sq
-
-
-def norm_from_squares(squares: Tensor) -> Tensor:
-    """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
-
-    ``sqrt`` has an infinite derivative at 0, so an example whose gradient vanishes would turn
-    the derivative of every norm-based quantity into NaN. The subgradient 0 is the one
-    ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
-
-    Args:
-        squares: Squared norms, any shape, entries ``>= 0`` (a negative entry, which only
-            round-off can produce, gives 0).
-
-    Returns:
-        Tensor of the same shape: their square roots.
-    """
-    if not squares.requires_grad:  # no derivative to protect: two kernels instead of four
-        return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
-    positive = squares > 0
-    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
 
 
 def per_example_norms(
@@ -427,16 +228,16 @@ def per_example_norms(
         \|g_i\|^2 = c^2 \sum_l \|G_{l,i}\|^2 \left(\|A_{l-1,i}\|^2 + 1\right),
 
     where :math:`G_{l,i}` is row ``i`` of ``linear_grads[l-1]``, :math:`A_{l-1,i}` row ``i`` of
-    ``activations[l-1]``, and :math:`c` is :func:`batch_size_factor` (``1`` for ``"sum"``,
+    ``activations[l-1]``, and :math:`c` is :func:`goodfellow.batch_size_factor` (``1`` for ``"sum"``,
     :math:`n` for ``"mean"``). This costs :math:`O(n \sum_l (d_{l-1} + d_l))` instead of the
     :math:`O(nP)` of materializing the gradients.
 
     Args:
-        activations: As for :func:`goodfellow_backprop`, ``activations[l]`` of shape
+        activations: As for :func:`goodfellow.goodfellow_backprop`, ``activations[l]`` of shape
             ``(n, d_l)``.
-        linear_grads: As for :func:`goodfellow_backprop`, ``linear_grads[l]`` of shape
+        linear_grads: As for :func:`goodfellow.goodfellow_backprop`, ``linear_grads[l]`` of shape
             ``(n, d_{l+1})``.
-        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow_backprop`.
+        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow.goodfellow_backprop`.
 
     Returns:
         Tensor of shape ``(n,)``: :math:`\|\nabla_\theta L_i\|_2` over all weights and biases.
@@ -453,133 +254,6 @@ def per_example_norms(
         return norms * scale if scale != 1 else norms
 
 
-def _model_output(output: Tensor | tuple) -> Tensor:
-    """The prediction of a model that may return ``(y, activations, linear_combs)``."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _check_model_batch(model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    for name, t in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-        if t.dim() == 0:
-            raise ValueError(f"{name} must have a leading batch dimension, got a scalar.")
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs and targets hold different numbers of examples: {inputs.shape[0]} and "
-            f"{targets.shape[0]}."
-        )
-    if inputs.shape[0] == 0:
-        raise ValueError("the batch is empty (n = 0): per-example gradients need an example.")
-
-
-def _check_plain_mean(loss_fn: LossFunction, targets: Tensor) -> None:
-    r"""Refuse class-index losses whose ``"mean"`` is not :math:`\frac1n \sum_i L_i`.
-
-    With class weights :math:`w` a cross-entropy or NLL ``"mean"`` divides by
-    :math:`\sum_i w_{y_i}`, and with ignored targets by the number of the others; an example's
-    own loss is normalized by its own weight or count, so the factor :math:`n` would be wrong.
-    """
-    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return
-    if targets.is_floating_point():
-        return  # class probabilities: their mean divides by the number of examples
-    if loss_fn.weight is not None:
-        why = "has class weights, so its mean divides by the sum of the targets' weights"
-    elif targets.device.type != "meta" and (targets == loss_fn.ignore_index).any():
-        why = (
-            f"ignores targets equal to ignore_index={loss_fn.ignore_index}, so its mean "
-            "divides by the number of the other targets"
-        )
-    else:
-        return
-    raise ValueError(
-        f"loss_fn {why}, not by the number of examples n: the per-example gradients cannot be "
-        "recovered from it. Use the same loss with reduction='sum' (and divide the result by "
-        "what the mean divides by, if that is what you want)."
-    )
-
-
-def _check_trainable(model: nn.Module, trainable: Sequence) -> None:
-    if not trainable:
-        raise ValueError(
-            f"the model ({type(model).__name__}) has no parameter with requires_grad=True, so "
-            "there is no gradient to compute; unfreeze the parameters (requires_grad_(True))."
-        )
-
-
-def naive_per_example_grads(
-    model: nn.Module, loss_fn: LossFunction, inputs: Tensor, targets: Tensor
-) -> list[Tensor]:
-    """The reference: one forward and one backward per example.
-
-    Example ``i`` is run alone, as a batch of one, and its loss
-    ``L_i = loss_fn(model(inputs[i:i+1]), targets[i:i+1])`` is differentiated with
-    ``torch.autograd.grad``. Slow (``n`` backward passes) but obviously right.
-
-    Args:
-        model: Any module; if it returns a tuple (like :class:`goodfellow.MLP`) its first entry is
-            the prediction.
-        loss_fn: ``loss_fn(prediction, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
-        inputs: Batch of inputs, shape ``(n, ...)``.
-        targets: Batch of targets, shape ``(n, ...)``.
-
-    Returns:
-        One tensor per parameter with ``requires_grad``, in the order of
-        ``model.parameters()``, of shape ``(n, *param.shape)``.
-
-    Raises:
-        TypeError: If ``model`` is not a module or the batch not tensors.
-        ValueError: If the batch is empty, inputs and targets hold different numbers of
-            examples, or no parameter requires grad.
-    """
-    _check_model_batch(model, inputs, targets)
-    params = [p for p in model.parameters() if p.requires_grad]
-    _check_trainable(model, params)
-    per_example: list[tuple[Tensor, ...]] = []
-    for i in range(inputs.shape[0]):
-        prediction = _model_output(model(inputs[i : i + 1]))
-        loss_i = loss_fn(prediction, targets[i : i + 1])
-        per_example.append(torch.autograd.grad(loss_i, params))
-    return [torch.stack(column) for column in zip(*per_example)]
-
-
-def torch_func_per_example_grads(
-    model: nn.Module, loss_fn: LossFunction, inputs: Tensor, targets: Tensor
-) -> list[Tensor]:
-    """The ``torch.func`` reference: ``vmap`` over examples of ``grad`` of one example's loss.
-
-    Args:
-        model: Any module without batch-coupled state; a tuple output's first entry is the
-            prediction.
-        loss_fn: ``loss_fn(prediction, target) -> scalar``, applied to a batch of one.
-        inputs: Batch of inputs, shape ``(n, ...)``.
-        targets: Batch of targets, shape ``(n, ...)``.
-
-    Returns:
-        One tensor per parameter with ``requires_grad``, in the order of
-        ``model.parameters()``, of shape ``(n, *param.shape)``.
-
-    Raises:
-        TypeError: If ``model`` is not a module or the batch not tensors.
-        ValueError: If the batch is empty, inputs and targets hold different numbers of
-            examples, or no parameter requires grad.
-    """
-    _check_model_batch(model, inputs, targets)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    _check_trainable(model, names)
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def loss_of_one(params: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:
-        prediction = _model_output(functional_call(model, params, (x.unsqueeze(0),)))
-        return loss_fn(prediction, target.unsqueeze(0))
-
-    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, inputs, targets)
-    return [grads[name] for name in names]
-
-
 def per_example_grads(
     model: nn.Module,
     loss_fn: LossFunction,
@@ -592,7 +266,7 @@ def per_example_grads(
     r"""Per-example gradients of a :class:`goodfellow.MLP` in one call.
 
     Runs the forward, takes ``torch.autograd.grad`` of the batch loss w.r.t. the linear
-    combinations and applies :func:`goodfellow_backprop`.
+    combinations and applies :func:`goodfellow.goodfellow_backprop`.
 
     Args:
         model: A :class:`goodfellow.MLP` (anything returning ``(y, activations, linear_combs)``).
@@ -605,7 +279,7 @@ def per_example_grads(
         create_graph: Keep the graph so the result can be differentiated again.
 
     Returns:
-        ``[gW_1, gb_1, ..., gW_L, gb_L]`` as in :func:`goodfellow_backprop`.
+        ``[gW_1, gb_1, ..., gW_L, gb_L]`` as in :func:`goodfellow.goodfellow_backprop`.
 
     Raises:
         TypeError: If the model does not return ``(y, activations, linear_combs)``, or the
@@ -616,7 +290,7 @@ def per_example_grads(
             ``loss_fn`` is a class-weighted ``"mean"`` or ignores some targets (those means are
             not :math:`\frac1n \sum_i L_i`).
     """
-    _check_model_batch(model, inputs, targets)
+    check_model_batch(model, inputs, targets)
     output = model(inputs)
     if not (isinstance(output, tuple) and len(output) == 3):
         raise TypeError(
@@ -651,7 +325,7 @@ def per_example_grads(
             "read off the loss) or make the two agree."
         )
     if loss_reduction == "mean":
-        _check_plain_mean(loss_fn, targets)
+        check_plain_mean(loss_fn, targets)
     loss = loss_fn(prediction, targets)
     linear_grads = torch.autograd.grad(loss, linear_combs, create_graph=create_graph)
     return goodfellow_backprop(activations, linear_grads, loss_reduction)

@@ -49,7 +49,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from goodfellow.backprop import _aliased_buffer, batch_size_factor, batched_outer
+from goodfellow._checks import aliased_buffer
+from goodfellow.backprop import batch_size_factor
+from goodfellow.layers.linear import batched_outer
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
 
@@ -211,7 +213,7 @@ class PerExampleGradients:
         self.loss_reduction = loss_reduction
         self.reuse_buffers = reuse_buffers
         self.layers: dict[str, LayerRecord] = {}
-        """Module name -> :class:`LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
+        """Module name -> :class:`goodfellow.LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
         self._owners: dict[str, list[tuple[LayerRecord, str]]] = {}
         self._batchnorms: list[tuple[str, _BatchNorm]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -692,7 +694,7 @@ def _check_out(
         if not buffer.is_contiguous():
             raise ValueError(f"out[{p_name!r}] must be contiguous.")
     names = list(specs)
-    aliased = _aliased_buffer([out[p_name] for p_name in names])
+    aliased = aliased_buffer([out[p_name] for p_name in names])
     if aliased is not None:  # one buffer for two results: the first would be overwritten
         raise ValueError(
             f"out[{names[aliased]!r}] shares memory with another entry of out; every "

@@ -1,0 +1,115 @@
+"""Checks shared by the public entry points: run once where a user's input comes in.
+
+The formulas elsewhere in the package trust their arguments; every refusal a user can meet is
+written here once, with a message that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+def model_output(output: Tensor | tuple) -> Tensor:
+    """The prediction of a model that may return ``(y, activations, linear_combs)``."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def check_model_batch(model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have a leading batch dimension, got a scalar.")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets hold different numbers of examples: {inputs.shape[0]} and "
+            f"{targets.shape[0]}."
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("the batch is empty (n = 0): per-example gradients need an example.")
+
+
+def check_plain_mean(loss_fn: LossFunction, targets: Tensor) -> None:
+    r"""Refuse class-index losses whose ``"mean"`` is not :math:`\frac1n \sum_i L_i`.
+
+    With class weights :math:`w` a cross-entropy or NLL ``"mean"`` divides by
+    :math:`\sum_i w_{y_i}`, and with ignored targets by the number of the others; an example's
+    own loss is normalized by its own weight or count, so the factor :math:`n` would be wrong.
+    """
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return
+    if targets.is_floating_point():
+        return  # class probabilities: their mean divides by the number of examples
+    if loss_fn.weight is not None:
+        why = "has class weights, so its mean divides by the sum of the targets' weights"
+    elif targets.device.type != "meta" and (targets == loss_fn.ignore_index).any():
+        why = (
+            f"ignores targets equal to ignore_index={loss_fn.ignore_index}, so its mean "
+            "divides by the number of the other targets"
+        )
+    else:
+        return
+    raise ValueError(
+        f"loss_fn {why}, not by the number of examples n: the per-example gradients cannot be "
+        "recovered from it. Use the same loss with reduction='sum' (and divide the result by "
+        "what the mean divides by, if that is what you want)."
+    )
+
+
+def check_trainable(model: nn.Module, trainable: Sequence) -> None:
+    if not trainable:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameter with requires_grad=True, so "
+            "there is no gradient to compute; unfreeze the parameters (requires_grad_(True))."
+        )
+
+
+def memory_span(t: Tensor) -> tuple[int, int] | None:
+    """First and one-past-last byte a tensor can touch; ``None`` if it touches no real memory."""
+    if t.is_meta or t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # (>= 0)
+    return start, start + (extent + 1) * t.element_size()
+
+
+def overlap(x: Tensor, y: Tensor) -> bool:
+    """Whether two tensors may share memory (exact for contiguous ones, cautious otherwise)."""
+    span_x, span_y = memory_span(x), memory_span(y)
+    if span_x is None or span_y is None:
+        return False
+    return span_x[0] < span_y[1] and span_y[0] < span_x[1] and x.device == y.device
+
+
+def aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> int | None:
+    """Index of a buffer that may share memory with another buffer or with one of ``others``.
+
+    One sweep over the memory spans sorted by their start, ``O(m log m)`` for ``m`` tensors
+    (``others`` may overlap each other). Data pointers of two devices can coincide, so each
+    device is swept on its own.
+    """
+    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+    tagged = [*enumerate(buffers), *((-1, t) for t in others)]  # index -1: not a buffer
+    for k, t in tagged:
+        span = memory_span(t)
+        if span is not None:
+            by_device.setdefault(t.device, []).append((*span, k))
+    for spans in by_device.values():
+        buffer_end, buffer_index, other_end = -1, -1, -1  # furthest ends swept so far
+        for begin, end, k in sorted(spans):
+            if begin < buffer_end:
+                return k if k >= 0 else buffer_index
+            if k >= 0 and begin < other_end:
+                return k
+            if k >= 0:
+                buffer_end, buffer_index = end, k
+            else:
+                other_end = max(other_end, end)
+    return None

@@ -1,0 +1,418 @@
+r"""CABS: SGD with coupled adaptive batch sizes, and batches of the size it asks for."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from goodfellow.layers.linear import LinearFactors
+from goodfellow.statistics import _batch_size, _trace_and_mean
+from goodfellow.transforms import PerExampleGrads, assign_grads
+
+__all__ = ["CABS", "AdaptiveBatchSampler", "adaptive_batches"]
+
+
+# --------------------------------------------------------------------------------------------
+# CABS: SGD with coupled adaptive batch sizes
+# --------------------------------------------------------------------------------------------
+
+
+def _check_bounds(bounds: tuple[int, int]) -> tuple[int, int]:
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise TypeError(f"bounds must be a pair (min_batch_size, max_batch_size), got {bounds!r}.")
+    low, high = bounds
+    for value in (low, high):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"bounds must hold two integers, got {bounds!r}.")
+    if low < 1:
+        raise ValueError(f"the smallest batch size must be at least 1, got bounds {bounds!r}.")
+    if low > high:
+        raise ValueError(
+            f"bounds are out of order: min_batch_size {low} > max_batch_size {high}; pass "
+            "(min, max)."
+        )
+    return low, high
+
+
+def _check_lr(lr: float) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a positive number, got {type(lr).__name__}.")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr}.")
+    return float(lr)
+
+
+class CABS(torch.optim.Optimizer):
+    r"""SGD with Coupled Adaptive Batch Sizes (Balles, Romero & Hennig 2017, arXiv:1612.05086).
+
+    Plain SGD, :math:`\theta \leftarrow \theta - \alpha \bar g`, that also picks the size of the
+    next batch. The paper bounds the expected gain of an SGD step and maximizes the gain per
+    example seen; with the objective's minimum taken to be 0 the batch size that does so is
+
+    .. math::
+
+        m = \frac{\alpha \operatorname{tr}\Sigma(\theta)}{L(\theta)},
+
+    where :math:`\Sigma` is the covariance of one example's gradient and :math:`L` the loss:
+    small batches while the loss is large compared with the gradient noise, larger ones as
+    training converges. This replaces a decaying learning rate. As in the reference
+    (TensorFlow) code, the two noisy quantities are smoothed by exponential running averages
+    with ``decay`` 0.95, started at :math:`\xi = 0` and :math:`L = 1` and updated before they
+    are used:
+
+    .. math::
+
+        \xi \leftarrow \mu\xi + (1-\mu)\operatorname{tr}\hat\Sigma,
+
+        \bar L \leftarrow \mu\bar L + (1-\mu)\tfrac1n\textstyle\sum_i L_i,
+
+        m \leftarrow \operatorname{clip}\big(\lceil \alpha\xi/\bar L\rceil,
+        m_\text{min}, m_\text{max}\big),
+
+    with :math:`\operatorname{tr}\hat\Sigma = \frac1n\sum_i\|g_i\|^2 - \|\bar g\|^2` (the
+    reference code's biased estimate; ``unbiased=True`` divides by ``n - 1``). The reference
+    code rounds to the nearest integer; ``rounding="round"`` does the same, the default
+    ``"ceil"`` never asks for less than the rule.
+
+    ``step`` takes the per-example losses and the per-example gradients (or their factored
+    form, which never materializes anything), writes :math:`\bar g` into ``p.grad``, updates the
+    parameters and returns the next batch size, also kept in :attr:`batch_size`::
+
+        cabs = CABS(model.parameters(), lr=0.1)
+        for x, y in adaptive_batches(dataset, cabs, epochs=10):
+            y_hat, activations, linear_combs = model(x)
+            losses = F.cross_entropy(y_hat, y, reduction="none")     # (n,)
+            linear_grads = torch.autograd.grad(losses.sum(), linear_combs)
+            cabs.step(losses, mlp_factors(activations, linear_grads))
+
+    Args:
+        params: The parameters (or ``model.named_parameters()``, needed to pass per-example
+            gradients as a dict). A single parameter group.
+        lr: The learning rate :math:`\alpha > 0`.
+        bounds: ``(min_batch_size, max_batch_size)``, default ``(16, 2048)``.
+        decay: The running averages' constant :math:`\mu \in [0, 1)`, default 0.95.
+        initial_batch_size: The first batch's size; default ``bounds[0]``.
+        rounding: ``"ceil"`` (default) or ``"round"`` (the reference code; half to even).
+        unbiased: Estimate :math:`\operatorname{tr}\Sigma` with ``n - 1``.
+
+    Raises:
+        ValueError: If ``lr <= 0``, the bounds are out of order or below 1, ``decay`` is
+            outside ``[0, 1)``, ``initial_batch_size`` is outside the bounds, ``rounding`` is
+            unknown, or there is more than one parameter group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+        lr: float,
+        bounds: tuple[int, int] = (16, 2048),
+        decay: float = 0.95,
+        initial_batch_size: int | None = None,
+        rounding: str = "ceil",
+        unbiased: bool = False,
+    ) -> None:
+        lr = _check_lr(lr)
+        low, high = _check_bounds(bounds)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+        if initial_batch_size is None:
+            initial_batch_size = low
+        if isinstance(initial_batch_size, bool) or not isinstance(initial_batch_size, int):
+            raise TypeError(f"initial_batch_size must be an integer, got {initial_batch_size!r}.")
+        if not low <= initial_batch_size <= high:
+            raise ValueError(
+                f"initial_batch_size {initial_batch_size} lies outside the bounds {bounds!r}."
+            )
+        if rounding not in ("ceil", "round"):
+            raise ValueError(f"rounding must be 'ceil' or 'round', got {rounding!r}.")
+        defaults = {"lr": lr, "bounds": (low, high), "decay": float(decay)}
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                "CABS couples one learning rate to the batch size: pass a single parameter "
+                f"group, got {len(self.param_groups)}."
+            )
+        self.rounding = rounding
+        self.unbiased = bool(unbiased)
+        self.state["cabs"] = {
+            "variance_avg": 0.0,
+            "loss_avg": 1.0,
+            "batch_size": initial_batch_size,
+            "variance": math.nan,
+            "loss": math.nan,
+            "steps": 0,
+        }
+
+    def state_dict(self) -> dict:
+        """The optimizer's state, with a copy of CABS's running averages."""
+        state = super().state_dict()
+        state["state"]["cabs"] = dict(state["state"]["cabs"])
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`."""
+        super().load_state_dict(state_dict)
+        self.state["cabs"] = dict(self.state["cabs"])
+
+    @property
+    def batch_size(self) -> int:
+        """The size CABS asks for the next batch."""
+        return int(self.state["cabs"]["batch_size"])
+
+    @property
+    def last_variance(self) -> float:
+        r"""The last step's :math:`\operatorname{tr}\hat\Sigma` (before averaging)."""
+        return float(self.state["cabs"]["variance"])
+
+    @property
+    def last_loss(self) -> float:
+        """The last step's mean loss (before averaging)."""
+        return float(self.state["cabs"]["loss"])
+
+    @torch.no_grad()
+    def _apply(self, mean: PerExampleGrads, lr: float) -> None:
+        group = self.param_groups[0]
+        if isinstance(mean, Mapping):
+            if "param_names" not in group:
+                raise TypeError(
+                    "the gradients are keyed by name: construct CABS with "
+                    "model.named_parameters() so they can be matched to the parameters."
+                )
+            names = list(group["param_names"])
+            missing = [name for name in names if name not in mean]
+            unknown = [key for key in mean if key not in names]
+            if missing or unknown:
+                raise ValueError(
+                    f"the gradients must cover exactly CABS's parameters; missing {missing}, "
+                    f"unknown {unknown}."
+                )
+            ordered = [mean[name] for name in names]
+        else:
+            ordered = list(mean)
+        assign_grads(group["params"], ordered)
+        for p in group["params"]:
+            p.add_(p.grad, alpha=-lr)
+
+    def step(  # type: ignore[override]
+        self,
+        losses: Tensor,
+        per_example_grads: PerExampleGrads | LinearFactors | Sequence[LinearFactors],
+    ) -> int:
+        r"""One SGD step on the batch's mean loss, and the batch size for the next one.
+
+        Args:
+            losses: The per-example losses :math:`L_i \geq 0` of the batch, shape ``(n,)``
+                (e.g. ``reduction="none"``); only their values are used.
+            per_example_grads: The gradients of the :math:`L_i`: a list or tuple in the order
+                of the parameters, a dict keyed by parameter name (construct CABS with
+                ``model.named_parameters()``), or their factored form (:func:`goodfellow.mlp_factors`, or
+                a dict of :class:`goodfellow.LinearFactors` keyed by module name).
+
+        Returns:
+            The next batch size, an integer within the bounds.
+
+        Raises:
+            TypeError: If ``losses`` is not a tensor.
+            ValueError: If ``losses`` is not a finite, non-negative ``(n,)`` tensor, its ``n``
+                differs from the gradients', the gradients are not finite, the learning rate was
+                set to a non-positive value, or the gradients do not match the parameters.
+        """
+        group = self.param_groups[0]
+        lr = _check_lr(group["lr"])
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"losses must be a tensor of shape (n,), got {type(losses).__name__}.")
+        if losses.dim() != 1 or losses.shape[0] == 0:
+            raise ValueError(
+                f"losses must hold one loss per example, shape (n,), got {tuple(losses.shape)}; "
+                "compute them with reduction='none'."
+            )
+        losses = losses.detach()
+        if not bool(torch.isfinite(losses).all()):
+            raise ValueError("losses hold NaN or inf: the training diverged; lower lr.")
+        if bool((losses < 0).any()):
+            raise ValueError(
+                "CABS needs non-negative losses: its rule divides by the loss, taking the "
+                f"minimum to be 0; got a loss of {losses.min().item():g}. Shift the loss."
+            )
+        n = _batch_size(per_example_grads)
+        if n != losses.shape[0]:
+            raise ValueError(
+                f"losses hold {losses.shape[0]} examples but the gradients {n}: pass both for "
+                "the same batch."
+            )
+        with torch.no_grad():
+            trace, mean = _trace_and_mean(per_example_grads, self.unbiased)
+        if not math.isfinite(float(trace)):
+            # caught before the running average, which would stay NaN for good
+            raise ValueError(
+                "the per-example gradients hold NaN or inf (their variance is not finite): "
+                "the training diverged; lower lr. Nothing was changed."
+            )
+        # assign_grads checks the gradients against the parameters: a refused step changes nothing
+        self._apply(mean, lr)
+        # The biased trace is a mean of squares minus a square: never negative but for rounding.
+        variance = max(float(trace), 0.0)
+        loss = float(losses.mean())
+        state = self.state["cabs"]
+        decay = group["decay"]
+        state["variance_avg"] = decay * state["variance_avg"] + (1 - decay) * variance
+        state["loss_avg"] = decay * state["loss_avg"] + (1 - decay) * loss
+        state["variance"], state["loss"] = variance, loss
+        state["steps"] += 1
+        state["batch_size"] = self._next_batch_size(lr, state["variance_avg"], state["loss_avg"])
+        return state["batch_size"]
+
+    def _next_batch_size(self, lr: float, variance_avg: float, loss_avg: float) -> int:
+        low, high = self.param_groups[0]["bounds"]
+        if loss_avg <= 0:  # only reachable when every loss so far was 0 and decay is 0
+            return high
+        raw = lr * variance_avg / loss_avg
+        if not math.isfinite(raw) or raw >= high:
+            return high
+        rounded = math.ceil(raw) if self.rounding == "ceil" else round(raw)
+        return int(min(max(rounded, low), high))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches of the size CABS asks for
+# --------------------------------------------------------------------------------------------
+
+BatchSizeSource = int | Callable[[], int] | CABS
+
+
+def _check_batch_size_source(source: object) -> None:
+    if isinstance(source, bool) or not (
+        isinstance(source, int) or hasattr(source, "batch_size") or callable(source)
+    ):
+        raise TypeError(
+            "batch_size must be an int, a callable returning one, or an object with a "
+            f".batch_size attribute (like CABS), got {type(source).__name__}."
+        )
+    if isinstance(source, int):
+        _read_batch_size(source)
+
+
+def _read_batch_size(source: BatchSizeSource) -> int:
+    if isinstance(source, int):
+        size = source
+    elif hasattr(source, "batch_size"):
+        size = source.batch_size
+    else:
+        size = source()
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"the batch size must be a positive integer, got {size!r}.")
+    return size
+
+
+class AdaptiveBatchSampler(torch.utils.data.Sampler):
+    """Index batches whose size is asked anew for every batch, e.g. from :class:`goodfellow.CABS`.
+
+    The examples are visited in passes, each a fresh random permutation. A batch takes the next
+    ``b`` indices; when the pass runs out mid-batch, the batch is completed from the next pass
+    with examples it does not already hold (those are moved, not dropped), so every batch has
+    exactly ``b`` distinct examples and every pass visits every example once. A batch cannot
+    hold more distinct examples than the data set: ``b`` is capped at ``num_examples``.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)`` with ``num_workers=0`` (workers
+    would fetch batches before the optimizer has chosen their size), or through
+    :func:`goodfellow.adaptive_batches`.
+
+    Args:
+        num_examples: The size of the data set.
+        batch_size: An ``int`` (a fixed batch size: the same sampling for a baseline), a
+            callable returning the next size, or an object with a ``batch_size`` attribute such
+            as :class:`goodfellow.CABS`; read each time a batch is drawn.
+        epochs: Stop once ``epochs * num_examples`` examples were drawn (the last batch is
+            complete, so slightly more may be); ``None`` never stops.
+        generator: The random generator for the permutations.
+
+    Attributes:
+        examples_seen: How many examples the batches drawn so far held.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: BatchSizeSource,
+        epochs: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}.")
+        if epochs is not None and (
+            isinstance(epochs, bool)
+            or not isinstance(epochs, (int, float))
+            or not math.isfinite(epochs)
+            or epochs <= 0
+        ):
+            raise ValueError(f"epochs must be a positive number or None, got {epochs!r}.")
+        _check_batch_size_source(batch_size)
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.generator = generator
+        self.examples_seen = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield lists of indices until ``epochs`` passes were drawn."""
+        self.examples_seen = 0
+        budget = math.inf if self.epochs is None else self.epochs * self.num_examples
+        pending: list[int] = []  # what is left of the current pass, in order
+        while self.examples_seen < budget:
+            size = min(_read_batch_size(self.batch_size), self.num_examples)
+            if len(pending) >= size:
+                batch, pending = pending[:size], pending[size:]
+            else:
+                batch = pending
+                taken = set(batch)
+                fresh = torch.randperm(self.num_examples, generator=self.generator).tolist()
+                # Complete the batch from the next pass, deferring what it already holds.
+                fill = [i for i in fresh if i not in taken][: size - len(batch)]
+                filled = set(fill)
+                batch = batch + fill
+                pending = [i for i in fresh if i not in filled]
+            self.examples_seen += len(batch)
+            yield batch
+
+
+def adaptive_batches(
+    dataset: torch.utils.data.TensorDataset | Sequence[Tensor],
+    batch_size: BatchSizeSource,
+    epochs: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, ...]]:
+    """Batches of a tensor data set in the sizes an optimizer asks for.
+
+    The batches are drawn as by :class:`goodfellow.AdaptiveBatchSampler`, indexing the tensors directly
+    (faster than a ``DataLoader`` for data in memory).
+
+    Args:
+        dataset: A ``TensorDataset`` or a tuple of tensors with the same first dimension.
+        batch_size: An ``int``, a callable, or an object with ``batch_size`` such as
+            :class:`goodfellow.CABS`; read before every batch.
+        epochs: Stop after about this many passes over the data; ``None`` never stops.
+        generator: The random generator for the permutations.
+
+    Yields:
+        Tuples with one tensor per data tensor, each of shape ``(b, ...)``.
+    """
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        tensors = list(dataset.tensors)
+    elif isinstance(dataset, (list, tuple)) and all(isinstance(t, Tensor) for t in dataset):
+        tensors = list(dataset)
+    else:
+        raise TypeError(
+            f"dataset must be a TensorDataset or a tuple of tensors, got {type(dataset).__name__}."
+        )
+    if not tensors:
+        raise ValueError("dataset holds no tensors.")
+    n = tensors[0].shape[0] if tensors[0].dim() > 0 else 0
+    if any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+        raise ValueError("the data tensors must share their first (example) dimension.")
+    sampler = AdaptiveBatchSampler(n, batch_size, epochs, generator)
+    for indices in sampler:
+        index = torch.tensor(indices, device=tensors[0].device)
+        yield tuple(t[index] for t in tensors)

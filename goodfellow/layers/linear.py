@@ -1,0 +1,312 @@
+r"""The linear rule: per-example gradients of ``nn.Linear``, the one outer product of the package.
+
+A linear layer :math:`Z = A W^\top + b` applied to example :math:`i` at positions :math:`t`
+(one position for plain vectors; the tokens of a sequence, or the output pixels of a
+convolution) has the per-example gradient
+
+.. math::
+
+    \frac{\partial L_i}{\partial W} = \sum_t G_{i,t} A_{i,t}^\top, \qquad
+    \frac{\partial L_i}{\partial b} = \sum_t G_{i,t}, \qquad
+    G_{i,t} = \frac{\partial L_i}{\partial Z_{i,t}}.
+
+Index letters in this file: ``n`` example, ``t`` and ``s`` position, ``o`` output feature,
+``i`` input feature. Everything else in the package that needs a linear layer's per-example
+gradient, norm, weighted sum or second moment calls the functions here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from goodfellow._checks import overlap
+from goodfellow.reduction import batch_size_factor
+
+
+def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
+    r"""Per-example weight gradients of one linear layer: one batched outer product.
+
+    Index letters: ``n`` example, ``t`` position inside an example (absent for plain vectors),
+    ``o`` output feature, ``i`` input feature. The result is
+    ``einsum("nto,nti->noi", grad_outputs, inputs)``: for inputs of shape ``(n, d_in)`` it is the
+    outer product :math:`G_i A_i^\top`; for inputs with extra dimensions ``(n, ..., d_in)`` the
+    layer is applied at every position and an example's gradient sums over its positions.
+
+    Args:
+        grad_outputs: Gradient w.r.t. the layer's output, shape ``(n, ..., d_out)``.
+        inputs: The layer's input, shape ``(n, ..., d_in)`` with the same middle dimensions.
+        out: Optional preallocated ``(n, d_out, d_in)`` tensor to write the result into (not
+            differentiable; reuse it across calls to avoid allocating ``n * d_out * d_in`` floats).
+
+    Returns:
+        Tensor of shape ``(n, d_out, d_in)``.
+
+    Raises:
+        TypeError: If an argument is not a tensor.
+        ValueError: If the shapes do not fit (ranks, batch sizes or middle dimensions differ),
+            the dtypes or devices differ, or ``out`` has the wrong shape, dtype or device or
+            shares memory with an input.
+    """
+    _check_outer_arguments(grad_outputs, inputs, out)
+    n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
+    if grad_outputs.dim() == 2:
+        # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
+        # `out`, at memory bandwidth; bmm with an inner dimension of 1 is about twice as slow on
+        # CPU, and einsum allocates. Bit for bit the same numbers: one product per entry.
+        left = grad_outputs.unsqueeze(2)  # (n, o, 1)
+        right = inputs.unsqueeze(1)  # (n, 1, i)
+        if out is None:
+            return torch.mul(left, right)  # (n, o, i)
+        return torch.mul(left, right, out=out)  # (n, o, i)
+    left = grad_outputs.reshape(n, -1, d_out).transpose(1, 2)  # (n, o, t)
+    right = inputs.reshape(n, -1, d_in)  # (n, t, i)
+    if out is None:
+        return torch.bmm(left, right)  # (n, o, i)
+    return torch.bmm(left, right, out=out)  # (n, o, i)
+
+
+def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
+    """Refuse arguments of :func:`goodfellow.batched_outer` that torch would broadcast or reshape silently."""
+    for name, t in (("grad_outputs", grad_outputs), ("inputs", inputs)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    g_shape, a_shape = tuple(grad_outputs.shape), tuple(inputs.shape)
+    # broadcasting (a batch of 1 against n) or a reshape of another batch size into n rows would
+    # return a tensor of the right shape holding the wrong numbers
+    if grad_outputs.dim() < 2 or g_shape[:-1] != a_shape[:-1]:
+        raise ValueError(
+            f"grad_outputs of shape {g_shape} and inputs of shape {a_shape} do not fit: they "
+            "must be (n, ..., d_out) and (n, ..., d_in) with the same n and the same middle "
+            "dimensions (the layer's output gradient and its input, example by example)."
+        )
+    if grad_outputs.dtype != inputs.dtype or grad_outputs.device != inputs.device:
+        raise ValueError(
+            f"grad_outputs is {grad_outputs.dtype} on {grad_outputs.device} but inputs is "
+            f"{inputs.dtype} on {inputs.device}; cast both to one dtype on one device."
+        )
+    if out is None:
+        return
+    shape = (g_shape[0], g_shape[-1], a_shape[-1])
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
+    if tuple(out.shape) != shape or out.dtype != inputs.dtype or out.device != inputs.device:
+        raise ValueError(
+            f"out must be a {inputs.dtype} tensor of shape {shape} on {inputs.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}."
+        )
+    if overlap(out, grad_outputs) or overlap(out, inputs):
+        raise ValueError(
+            "out shares memory with grad_outputs or inputs; the products would read entries "
+            "already overwritten: pass a separate buffer."
+        )
+
+
+
+
+def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
+    r"""Squared norms of the per-example gradients of one linear layer, without forming them.
+
+    :math:`\|G_i A_i^\top\|_F^2 = \|G_i\|^2 \|A_i\|^2`: the norm of an outer product
+    factorizes, so the cost is :math:`O(n (d_{out} + d_{in}))`, not :math:`O(n d_{out} d_{in})`.
+    The bias gradient is :math:`G_i` itself, so with it the sum is
+    :math:`\|G_i\|^2 (\|A_i\|^2 + 1)`.
+
+    Args:
+        grad_outputs: :math:`G`, shape ``(n, d_out)``.
+        inputs: :math:`A`, shape ``(n, d_in)``.
+        bias: Include the bias gradient's squared norm.
+
+    Returns:
+        Tensor of shape ``(n,)``.
+    """
+    # vecdot(x, x) is each row's squared norm in one kernel
+    grad_sq = torch.linalg.vecdot(grad_outputs, grad_outputs)  # (n,)
+    input_sq = torch.linalg.vecdot(inputs, inputs)  # (n,)
+    return grad_sq * (input_sq + 1) if bias else grad_sq * input_sq
+
+
+def norm_from_squares(squares: Tensor) -> Tensor:
+    """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
+
+    ``sqrt`` has an infinite derivative at 0, so an example whose gradient vanishes would turn
+    the derivative of every norm-based quantity into NaN. The subgradient 0 is the one
+    ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
+
+    Args:
+        squares: Squared norms, any shape, entries ``>= 0`` (a negative entry, which only
+            round-off can produce, gives 0).
+
+    Returns:
+        Tensor of the same shape: their square roots.
+    """
+    if not squares.requires_grad:  # no derivative to protect: two kernels instead of four
+        return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
+    positive = squares > 0
+    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
+
+
+
+
+class LinearFactors(NamedTuple):
+    r"""One linear layer's per-example gradients, kept as their two factors.
+
+    Example ``i``'s gradient is :math:`\partial L_i / \partial W = \sum_t G_{i,t} A_{i,t}^\top`
+    and :math:`\partial L_i / \partial b = \sum_t G_{i,t}`, with ``t`` the positions of an input
+    with extra dimensions (a single position for plain vectors).
+
+    Attributes:
+        inputs: The layer's inputs :math:`A`, shape ``(n, T, d_in)``.
+        grad_outputs: :math:`G`, the gradient of example ``i``'s own loss :math:`L_i` w.r.t. the
+            layer's outputs, shape ``(n, T, d_out)`` (already multiplied by the batch size for
+            a mean-reduced loss: build it with :func:`goodfellow.linear_factors` or :func:`goodfellow.mlp_factors`).
+        bias: Whether the layer has a bias.
+    """
+
+    #: The layer's inputs :math:`A`, shape ``(n, T, d_in)``.
+    inputs: Tensor
+    #: Each example's own output gradients :math:`G`, shape ``(n, T, d_out)``.
+    grad_outputs: Tensor
+    #: Whether the layer has a bias.
+    bias: bool
+
+
+def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
+    """Reshape one use ``(n, ..., d)`` or several uses of a layer into ``(n, T, d)``."""
+    uses = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if not uses:
+        raise ValueError(f"{name} is empty: pass the tensor recorded at each use of the layer.")
+    for k, t in enumerate(uses):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{k}] must be a torch.Tensor, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be floating point, got {t.dtype}: convert with .float() or "
+                ".double()."
+            )
+        if t.dim() < 2:
+            raise ValueError(
+                f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
+            )
+    n = uses[0].shape[0]
+    laid_out = [t.reshape(n, -1, t.shape[-1]) for t in uses]  # views where the layout allows
+    if len(laid_out) == 1:
+        return laid_out[0]  # (n, T, d), no copy: the statistics only read the factors
+    # A layer used several times in one forward: its gradient is the sum over all uses, which is
+    # the sum over the positions of all uses laid end to end.
+    return torch.cat(laid_out, dim=1)  # (n, T, d)
+
+
+def linear_factors(
+    inputs: Tensor | Sequence[Tensor],
+    grad_outputs: Tensor | Sequence[Tensor],
+    bias: bool = True,
+    loss_reduction: str = "sum",
+) -> LinearFactors:
+    """The factored per-example gradient of one linear layer, from what hooks record.
+
+    Args:
+        inputs: The layer's input, shape ``(n, ..., d_in)``; or a list with one such tensor per
+            use of the layer in the forward pass.
+        grad_outputs: The gradient of the batch loss w.r.t. the layer's output, shape
+            ``(n, ..., d_out)`` with the same middle dimensions (or a list, one per use, in the
+            order of ``inputs``).
+        bias: Whether the layer has a bias.
+        loss_reduction: How the batch loss was reduced: ``"sum"`` or ``"mean"`` (then
+            ``grad_outputs`` is multiplied by ``n``, as in :func:`goodfellow.goodfellow_backprop`).
+            Pass ``"sum"`` for gradients already scaled to example ``i``'s own loss.
+
+    Returns:
+        A :class:`goodfellow.LinearFactors` with tensors of shape ``(n, T, d_in)`` and ``(n, T, d_out)``:
+        views of ``inputs`` and ``grad_outputs`` for a single use (no copy; ``grad_outputs``
+        is copied once, scaled, for ``"mean"``).
+
+    Raises:
+        TypeError: If the inputs are not floating-point tensors.
+        ValueError: If the shapes, batch sizes, dtypes or numbers of uses do not fit together.
+    """
+    if isinstance(inputs, Tensor) != isinstance(grad_outputs, Tensor):
+        raise ValueError(
+            "pass inputs and grad_outputs both as tensors or both as lists (one per use)."
+        )
+    if not isinstance(inputs, Tensor):
+        if not isinstance(inputs, Sequence) or not isinstance(grad_outputs, Sequence):
+            raise TypeError("inputs and grad_outputs must be tensors or lists of tensors.")
+        if len(inputs) != len(grad_outputs):
+            raise ValueError(
+                f"got {len(inputs)} inputs but {len(grad_outputs)} grad_outputs: pass one of "
+                "each per use of the layer."
+            )
+        pairs = list(zip(inputs, grad_outputs))
+    else:
+        pairs = [(inputs, grad_outputs)]
+    for k, (a, g) in enumerate(pairs):
+        if isinstance(a, Tensor) and isinstance(g, Tensor) and a.shape[:-1] != g.shape[:-1]:
+            raise ValueError(
+                f"use {k}: inputs of shape {tuple(a.shape)} and grad_outputs of shape "
+                f"{tuple(g.shape)} must agree in all but the last (feature) dimension."
+            )
+    A = _positions(inputs, "inputs")  # (n, T, d_in)
+    G = _positions(grad_outputs, "grad_outputs")  # (n, T, d_out)
+    if A.dtype != G.dtype or A.device != G.device:
+        raise ValueError(
+            f"inputs are {A.dtype} on {A.device} but grad_outputs are {G.dtype} on {G.device}."
+        )
+    if A.shape[0] == 0:
+        raise ValueError("the batch is empty (n = 0).")
+    scale = batch_size_factor(loss_reduction, A.shape[0])
+    return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
+
+
+
+def _layer_sq_norms(layer: LinearFactors) -> Tensor:
+    r"""Squared norms :math:`\|g_i\|^2` of one layer's per-example gradients, ``(n,)``.
+
+    The weight part is :math:`\|\sum_t G_t A_t^\top\|_F^2 = \sum_{t,s} (G_t \cdot G_s)
+    (A_t \cdot A_s)`: the two Gram matrices over positions, multiplied entrywise and summed,
+    ``einsum("nts,nts->n", G G^T, A A^T)``. For one position it is
+    :math:`\|G\|^2 \|A\|^2`. The Gram route costs :math:`T^2 (d_{in} + d_{out})` per example,
+    the materialized one :math:`T d_{in} d_{out}`; the cheaper one is taken.
+    """
+    A, G, has_bias = layer
+    n, positions, d_in = A.shape
+    d_out = G.shape[2]
+    if positions == 1:
+        return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
+    if positions * (d_in + d_out) <= d_in * d_out:
+        gram_G = torch.bmm(G, G.transpose(1, 2))  # (n, t, t)
+        gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, t)
+        weight = (gram_G * gram_A).sum(dim=(1, 2))  # (n,)
+    else:
+        weight = batched_outer(G, A).square().sum(dim=(1, 2))  # (n, o, i) -> (n,)
+    if has_bias:
+        weight = weight + G.sum(dim=1).square().sum(dim=1)  # (n,)
+    return weight
+
+
+def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
+    r""":math:`\sum_i w_i g_i` for one layer: one contraction ``einsum("n,nto,nti->oi")``."""
+    A, G, has_bias = layer
+    d_in, d_out = A.shape[2], G.shape[2]
+    weighted = G * weights[:, None, None]  # (n, t, o)
+    weight_grad = weighted.reshape(-1, d_out).T @ A.reshape(-1, d_in)  # (o, i)
+    return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
+
+
+def _layer_second_moment(layer: LinearFactors) -> list[Tensor]:
+    r"""Entrywise :math:`\frac1n\sum_i g_i^2` of one layer.
+
+    For one position :math:`(G_{io} A_{ii'})^2 = G_{io}^2 A_{ii'}^2`, so the moment is
+    ``einsum("no,ni->oi", G**2, A**2) / n``, a single matrix product. With several positions the
+    square of a sum over ``t`` does not factor, and the per-example gradients are formed.
+    """
+    A, G, has_bias = layer
+    n = A.shape[0]
+    if A.shape[1] == 1:
+        weight = G[:, 0].square().T @ A[:, 0].square() / n  # (o, i)
+    else:
+        weight = batched_outer(G, A).square().mean(dim=0)  # (n, o, i) -> (o, i)
+    return [weight, G.sum(dim=1).square().mean(dim=0)] if has_bias else [weight]  # (o,)
