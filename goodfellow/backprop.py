@@ -228,16 +228,17 @@ def per_example_norms(
         \|g_i\|^2 = c^2 \sum_l \|G_{l,i}\|^2 \left(\|A_{l-1,i}\|^2 + 1\right),
 
     where :math:`G_{l,i}` is row ``i`` of ``linear_grads[l-1]``, :math:`A_{l-1,i}` row ``i`` of
-    ``activations[l-1]``, and :math:`c` is :func:`goodfellow.batch_size_factor` (``1`` for ``"sum"``,
+    ``activations[l-1]``, and :math:`c` is
+    :func:`goodfellow.batch_size_factor` (``1`` for ``"sum"``,
     :math:`n` for ``"mean"``). This costs :math:`O(n \sum_l (d_{l-1} + d_l))` instead of the
     :math:`O(nP)` of materializing the gradients.
 
     Args:
-        activations: As for :func:`goodfellow.goodfellow_backprop`, ``activations[l]`` of shape
+        activations: As for :func:`goodfellow_backprop`, ``activations[l]`` of shape
             ``(n, d_l)``.
-        linear_grads: As for :func:`goodfellow.goodfellow_backprop`, ``linear_grads[l]`` of shape
+        linear_grads: As for :func:`goodfellow_backprop`, ``linear_grads[l]`` of shape
             ``(n, d_{l+1})``.
-        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow.goodfellow_backprop`.
+        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow_backprop`.
 
     Returns:
         Tensor of shape ``(n,)``: :math:`\|\nabla_\theta L_i\|_2` over all weights and biases.
@@ -266,7 +267,7 @@ def per_example_grads(
     r"""Per-example gradients of a :class:`goodfellow.MLP` in one call.
 
     Runs the forward, takes ``torch.autograd.grad`` of the batch loss w.r.t. the linear
-    combinations and applies :func:`goodfellow.goodfellow_backprop`.
+    combinations and applies :func:`goodfellow_backprop`.
 
     Args:
         model: A :class:`goodfellow.MLP` (anything returning ``(y, activations, linear_combs)``).
@@ -279,7 +280,7 @@ def per_example_grads(
         create_graph: Keep the graph so the result can be differentiated again.
 
     Returns:
-        ``[gW_1, gb_1, ..., gW_L, gb_L]`` as in :func:`goodfellow.goodfellow_backprop`.
+        ``[gW_1, gb_1, ..., gW_L, gb_L]`` as in :func:`goodfellow_backprop`.
 
     Raises:
         TypeError: If the model does not return ``(y, activations, linear_combs)``, or the

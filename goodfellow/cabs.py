@@ -208,7 +208,8 @@ class CABS(torch.optim.Optimizer):
                 (e.g. ``reduction="none"``); only their values are used.
             per_example_grads: The gradients of the :math:`L_i`: a list or tuple in the order
                 of the parameters, a dict keyed by parameter name (construct CABS with
-                ``model.named_parameters()``), or their factored form (:func:`goodfellow.mlp_factors`, or
+                ``model.named_parameters()``), or their factored form
+                (:func:`goodfellow.mlp_factors`, or
                 a dict of :class:`goodfellow.LinearFactors` keyed by module name).
 
         Returns:
@@ -308,7 +309,7 @@ def _read_batch_size(source: BatchSizeSource) -> int:
 
 
 class AdaptiveBatchSampler(torch.utils.data.Sampler):
-    """Index batches whose size is asked anew for every batch, e.g. from :class:`goodfellow.CABS`.
+    """Index batches whose size is asked anew for every batch, e.g. from :class:`CABS`.
 
     The examples are visited in passes, each a fresh random permutation. A batch takes the next
     ``b`` indices; when the pass runs out mid-batch, the batch is completed from the next pass
@@ -318,13 +319,13 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` with ``num_workers=0`` (workers
     would fetch batches before the optimizer has chosen their size), or through
-    :func:`goodfellow.adaptive_batches`.
+    :func:`adaptive_batches`.
 
     Args:
         num_examples: The size of the data set.
         batch_size: An ``int`` (a fixed batch size: the same sampling for a baseline), a
             callable returning the next size, or an object with a ``batch_size`` attribute such
-            as :class:`goodfellow.CABS`; read each time a batch is drawn.
+            as :class:`CABS`; read each time a batch is drawn.
         epochs: Stop once ``epochs * num_examples`` examples were drawn (the last batch is
             complete, so slightly more may be); ``None`` never stops.
         generator: The random generator for the permutations.
@@ -386,13 +387,13 @@ def adaptive_batches(
 ) -> Iterator[tuple[Tensor, ...]]:
     """Batches of a tensor data set in the sizes an optimizer asks for.
 
-    The batches are drawn as by :class:`goodfellow.AdaptiveBatchSampler`, indexing the tensors directly
+    The batches are drawn as by :class:`AdaptiveBatchSampler`, indexing the tensors directly
     (faster than a ``DataLoader`` for data in memory).
 
     Args:
         dataset: A ``TensorDataset`` or a tuple of tensors with the same first dimension.
         batch_size: An ``int``, a callable, or an object with ``batch_size`` such as
-            :class:`goodfellow.CABS`; read before every batch.
+            :class:`CABS`; read before every batch.
         epochs: Stop after about this many passes over the data; ``None`` never stops.
         generator: The random generator for the permutations.
 

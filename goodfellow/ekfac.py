@@ -55,7 +55,7 @@ So KFAC's damping here is exact Tikhonov damping of the Kronecker product,
 :math:`(G + \sqrt\lambda I)^{-1} \otimes (A + \sqrt\lambda I)^{-1}`: the two methods then differ
 only in :math:`S`, and a comparison between them measures nothing else.
 
-:class:`goodfellow.EKFAC` (and :class:`goodfellow.KFAC`) is a ``torch.optim`` optimizer built on these functions: it
+:class:`EKFAC` (and :class:`KFAC`) is a ``torch.optim`` optimizer built on these functions: it
 records :math:`\bar a` and :math:`\delta` through :class:`goodfellow.PerExampleGradients`,
 keeps running averages of :math:`A`, :math:`G` and :math:`S^*`, and refreshes the eigenbasis
 every ``update_freq`` steps.
@@ -151,7 +151,7 @@ def join_weight_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def split_weight_bias(matrix: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """Undo :func:`goodfellow.join_weight_bias`.
+    """Undo :func:`join_weight_bias`.
 
     Args:
         matrix: Shape ``(..., d_out, d_in + 1)`` with bias, ``(..., d_out, d_in)`` without.
@@ -226,7 +226,7 @@ def kfac_factors(inputs: Tensor, grad_outputs: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         inputs: The layer's input with the ones column, :math:`\bar a`, shape
-            ``(n, ..., d_in + 1)`` (see :func:`goodfellow.append_ones`; ``(n, ..., d_in)`` for a layer
+            ``(n, ..., d_in + 1)`` (see :func:`append_ones`; ``(n, ..., d_in)`` for a layer
             without bias).
         grad_outputs: Per-example output gradients :math:`\delta_n = \partial L_n/\partial z_n`,
             shape ``(n, ..., d_out)``: autograd's ``dLoss/dZ`` times
@@ -253,14 +253,14 @@ def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
 
     The factors are positive semi-definite; round-off can still make a tiny eigenvalue come out
     negative, so eigenvalues are clamped at zero (the damping then keeps every denominator of
-    :func:`goodfellow.precondition` positive).
+    :func:`precondition` positive).
 
     Args:
         A: Input factor, symmetric, shape ``(d_in + 1, d_in + 1)``.
         G: Output-gradient factor, symmetric, shape ``(d_out, d_out)``.
 
     Returns:
-        The :class:`goodfellow.KroneckerEigenbasis` ``(λ_A, U_A, λ_G, U_G)``.
+        The :class:`KroneckerEigenbasis` ``(λ_A, U_A, λ_G, U_G)``.
 
     Raises:
         TypeError: If a factor is not a floating-point tensor.
@@ -318,17 +318,17 @@ def ekfac_scalings(inputs: Tensor, grad_outputs: Tensor, basis: KroneckerEigenba
     formed with :func:`goodfellow.batched_outer`, ``(n, d_out, d_in + 1)`` floats.
 
     Args:
-        inputs: :math:`\bar a`, shape ``(n, ..., d_in + 1)``, as for :func:`goodfellow.kfac_factors`.
+        inputs: :math:`\bar a`, shape ``(n, ..., d_in + 1)``, as for :func:`kfac_factors`.
         grad_outputs: Per-example :math:`\delta`, shape ``(n, ..., d_out)``, as for
-            :func:`goodfellow.kfac_factors`.
-        basis: The layer's :class:`goodfellow.KroneckerEigenbasis`.
+            :func:`kfac_factors`.
+        basis: The layer's :class:`KroneckerEigenbasis`.
 
     Returns:
         :math:`S^*` of shape ``(d_out, d_in + 1)``, in the layout of the joint weight.
 
     Raises:
         TypeError: If ``inputs`` or ``grad_outputs`` is not a floating-point tensor, or ``basis``
-            is not a :class:`goodfellow.KroneckerEigenbasis`.
+            is not a :class:`KroneckerEigenbasis`.
         ValueError: If the shapes do not fit one layer and its basis, or the dtypes or devices
             differ from the basis's.
     """
@@ -357,14 +357,14 @@ def kfac_scalings(basis: KroneckerEigenbasis) -> Tensor:
     :math:`\lambda_G \lambda_A^\top`, the eigenvalues of :math:`G \otimes A`.
 
     Args:
-        basis: The layer's :class:`goodfellow.KroneckerEigenbasis`.
+        basis: The layer's :class:`KroneckerEigenbasis`.
 
     Returns:
         Shape ``(d_out, d_in + 1)``: entry ``(o, i)`` is :math:`\lambda_{G,o} \lambda_{A,i}`, the
         eigenvalue of :math:`G \otimes A` for the eigenvector :math:`u_{G,o} \otimes u_{A,i}`.
 
     Raises:
-        TypeError: If ``basis`` is not a :class:`goodfellow.KroneckerEigenbasis`.
+        TypeError: If ``basis`` is not a :class:`KroneckerEigenbasis`.
     """
     _check_basis(basis)
     return torch.outer(basis.output_eigenvalues, basis.input_eigenvalues)  # (d_out, d_in + 1)
@@ -393,17 +393,17 @@ def precondition(
 
     Args:
         grad: The gradient :math:`\hat g` of the joint weight, shape ``(d_out, d_in + 1)``
-            (see :func:`goodfellow.join_weight_bias`).
-        basis: The layer's :class:`goodfellow.KroneckerEigenbasis`.
-        scalings: The diagonal :math:`S`, shape ``(d_out, d_in + 1)``: :func:`goodfellow.ekfac_scalings`
-            for EKFAC, :func:`goodfellow.kfac_scalings` for KFAC.
+            (see :func:`join_weight_bias`).
+        basis: The layer's :class:`KroneckerEigenbasis`.
+        scalings: The diagonal :math:`S`, shape ``(d_out, d_in + 1)``: :func:`ekfac_scalings`
+            for EKFAC, :func:`kfac_scalings` for KFAC.
         damping: :math:`\lambda > 0`.
 
     Returns:
         The preconditioned gradient, shape ``(d_out, d_in + 1)``.
 
     Raises:
-        TypeError: If ``damping`` is not a number, ``basis`` not a :class:`goodfellow.KroneckerEigenbasis`,
+        TypeError: If ``damping`` is not a number, ``basis`` not a :class:`KroneckerEigenbasis`,
             or ``grad`` or ``scalings`` not a tensor.
         ValueError: If ``damping`` is not positive, the shapes, dtypes or devices do not agree
             with the basis's, or a scaling is negative.
@@ -440,15 +440,15 @@ def dense_curvature(basis: KroneckerEigenbasis, scalings: Tensor) -> Tensor:
     for tests and small layers only.
 
     Args:
-        basis: The layer's :class:`goodfellow.KroneckerEigenbasis`.
+        basis: The layer's :class:`KroneckerEigenbasis`.
         scalings: The diagonal :math:`S`, shape ``(d_out, d_in + 1)``.
 
     Returns:
-        Shape ``(d_out (d_in + 1), d_out (d_in + 1))``, symmetric. With :func:`goodfellow.kfac_scalings`
+        Shape ``(d_out (d_in + 1), d_out (d_in + 1))``, symmetric. With :func:`kfac_scalings`
         it equals :math:`G \otimes A`.
 
     Raises:
-        TypeError: If ``basis`` is not a :class:`goodfellow.KroneckerEigenbasis` or ``scalings`` not a
+        TypeError: If ``basis`` is not a :class:`KroneckerEigenbasis` or ``scalings`` not a
             tensor.
         ValueError: If ``scalings`` does not have the basis's shape, dtype and device.
     """
@@ -536,15 +536,15 @@ class EKFAC(torch.optim.Optimizer):
 
     1. running averages of the KFAC factors,
        :math:`A \leftarrow \beta A + (1 - \beta) A_{batch}` and likewise :math:`G`
-       (:func:`goodfellow.kfac_factors`; the first batch initializes them);
+       (:func:`kfac_factors`; the first batch initializes them);
     2. if ``k % update_freq == 0``: a new eigenbasis of :math:`A` and :math:`G`
-       (:func:`goodfellow.kronecker_eigenbasis`); the scalings restart from this batch, since the old
+       (:func:`kronecker_eigenbasis`); the scalings restart from this batch, since the old
        ones belong to the old basis;
     3. EKFAC: running average of the scalings in the current basis,
-       :math:`S \leftarrow \beta S + (1 - \beta) S^*_{batch}` (:func:`goodfellow.ekfac_scalings`, every
+       :math:`S \leftarrow \beta S + (1 - \beta) S^*_{batch}` (:func:`ekfac_scalings`, every
        step). KFAC: :math:`S = \lambda_G \lambda_A^\top` of the last eigenbasis
-       (:func:`goodfellow.kfac_scalings`);
-    4. :math:`[W \; b] \leftarrow [W \; b] - \eta\,` :func:`goodfellow.precondition`
+       (:func:`kfac_scalings`);
+    4. :math:`[W \; b] \leftarrow [W \; b] - \eta\,` :func:`precondition`
        :math:`([\nabla_W \; \nabla_b], S, \lambda)`, i.e.
        :math:`\theta \leftarrow \theta - \eta (\hat F + \lambda I)^{-1} \nabla_\theta \mathcal{L}`
        with :math:`\nabla_\theta \mathcal{L}` the ``.grad`` autograd accumulated.
@@ -752,18 +752,18 @@ def _has_trainable_bias(module: nn.Linear) -> bool:
 
 
 class KFAC(EKFAC):
-    r"""KFAC: :class:`goodfellow.EKFAC` with ``mode="kfac"``.
+    r"""KFAC: :class:`EKFAC` with ``mode="kfac"``.
 
     Each layer's gradient is preconditioned by :math:`(G \otimes A + \lambda I)^{-1}` (exact
     Tikhonov damping of the Kronecker product, computed in its eigenbasis).
 
     Args:
-        model: As for :class:`goodfellow.EKFAC`.
+        model: As for :class:`EKFAC`.
         lr: Learning rate :math:`\eta > 0`.
         damping: :math:`\lambda > 0`.
         update_freq: Steps between two eigendecompositions of the factors.
         decay: Weight of the past in the running averages of :math:`A` and :math:`G`.
-        loss_reduction: ``"mean"`` or ``"sum"``, as for :class:`goodfellow.EKFAC`.
+        loss_reduction: ``"mean"`` or ``"sum"``, as for :class:`EKFAC`.
     """
 
     def __init__(

@@ -9,7 +9,7 @@ vector-Jacobian product (VJP)
     \bar x^\top = \bar y^\top J_f(x), \qquad J_f(x) \in \mathbb{R}^{p \times m},
 
 which turns the gradient :math:`\bar y` w.r.t. the output into the gradient :math:`\bar x` w.r.t.
-the input. :func:`goodfellow.gradiator` wraps ``fun`` and any ``grad_fun`` computing that product in a
+the input. :func:`gradiator` wraps ``fun`` and any ``grad_fun`` computing that product in a
 ``torch.autograd.Function``.
 
 When nobody can write :math:`J_f` down, it is *fitted*. Perturb the input by the rows of
@@ -23,7 +23,7 @@ norm is
     \text{ i.e. } J \approx dF\,dX^+),
 
 with :math:`dX^+` the Moore-Penrose pseudo-inverse, computed from the SVD of :math:`dX`
-(:func:`goodfellow.fit_jacobian`). It exists for every :math:`dX`, whatever :math:`k`; forming the normal
+(:func:`fit_jacobian`). It exists for every :math:`dX`, whatever :math:`k`; forming the normal
 equations :math:`(dX^\top dX)^{-1}` instead would square the condition number and fail outright
 for :math:`k < m`. A single fitted :math:`\hat J` serves every :math:`\bar y`, since the VJP is
 linear in :math:`\bar y`.
@@ -42,12 +42,12 @@ What the fit recovers:
   about :math:`u \|f\| / \varepsilon` (:math:`u` the unit round-off) that wins for small
   :math:`\varepsilon`.
 
-Three backwards are built on this: :func:`goodfellow.gradiator` with an exact ``grad_fun``;
-:func:`goodfellow.fitted_gradiator`, which fits :math:`J_f(x)` afresh at every input (:math:`k + 1` or
-:math:`2k` black-box evaluations per example and step); and :class:`goodfellow.OnlineJacobian`, which keeps one
+Three backwards are built on this: :func:`gradiator` with an exact ``grad_fun``;
+:func:`fitted_gradiator`, which fits :math:`J_f(x)` afresh at every input (:math:`k + 1` or
+:math:`2k` black-box evaluations per example and step); and :class:`OnlineJacobian`, which keeps one
 estimate across calls and refines it by recursive least squares from a few probes per step.
-:func:`goodfellow.wrap_numpy` turns a NumPy function into the torch-in, torch-out ``fun`` they expect, and
-:class:`goodfellow.CallCounter` counts how often the black box runs.
+:func:`wrap_numpy` turns a NumPy function into the torch-in, torch-out ``fun`` they expect, and
+:class:`CallCounter` counts how often the black box runs.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def gradiator(
     Args:
         fun: The black box, torch tensors in and out: ``x`` of shape ``(m,)`` gives ``(p,)``,
             a batch ``x`` of shape ``(n, m)`` gives ``(n, p)`` (row ``i`` is :math:`f(x_i)`).
-            Wrap NumPy code with :func:`goodfellow.wrap_numpy`. It runs without autograd recording.
+            Wrap NumPy code with :func:`wrap_numpy`. It runs without autograd recording.
         grad_fun: ``grad_fun(x, grad_output)`` with ``grad_output`` of the shape of ``y``;
             returns the gradient w.r.t. ``x``, of the shape of ``x``. For a batch, row ``i`` is
             ``grad_output[i] @ J_f(x[i])``.
@@ -264,7 +264,7 @@ def estimate_jacobian(
     * central: :math:`df_j = \frac12\bigl(f(x + dx_j) - f(x - dx_j)\bigr)`, error
       :math:`O(\varepsilon^2)`, ``2 * num_samples`` calls;
 
-    then returns :func:`goodfellow.fit_jacobian` of the pairs. The step actually taken,
+    then returns :func:`fit_jacobian` of the pairs. The step actually taken,
     :math:`(x + dx_j) - x` in floating point, is used rather than :math:`dx_j`, so the rounding
     of :math:`x + dx_j` does not enter the estimate. Exact (to round-off) for linear ``f`` once
     ``num_samples >= m``; for fewer, the estimate is :math:`J P` with :math:`P` the projector onto
@@ -272,7 +272,7 @@ def estimate_jacobian(
 
     Args:
         fun: The black box, called on single points: ``(m,)`` tensor in, ``(p,)`` tensor out
-            (see :func:`goodfellow.wrap_numpy` for NumPy code).
+            (see :func:`wrap_numpy` for NumPy code).
         x: The point, shape ``(m,)``, floating point.
         num_samples: The number ``k >= 1`` of random directions.
         eps: The step length :math:`\varepsilon > 0`. Round-off costs about
@@ -312,12 +312,12 @@ def fitted_gradiator(
     central: bool = True,
     generator: torch.Generator | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    r"""A :func:`goodfellow.gradiator` whose backward fits :math:`J_f(x_i)` afresh at every input.
+    r"""A :func:`gradiator` whose backward fits :math:`J_f(x_i)` afresh at every input.
 
     The backward estimates the Jacobian at each example (``x``, or each row of a batch) as
-    :func:`goodfellow.estimate_jacobian` does and returns :math:`\bar y_i^\top \hat J_f(x_i)`. Accurate, but
+    :func:`estimate_jacobian` does and returns :math:`\bar y_i^\top \hat J_f(x_i)`. Accurate, but
     each backward costs ``2 * num_samples`` (central) or ``num_samples + 1`` (one-sided)
-    black-box evaluations per example; :class:`goodfellow.OnlineJacobian` amortizes them across steps. For a
+    black-box evaluations per example; :class:`OnlineJacobian` amortizes them across steps. For a
     batch, all perturbed points go to ``fun`` in one call, an ``(n * 2k, m)`` batch, and the
     ``n`` least-squares fits are one batched pseudo-inverse.
 
@@ -326,18 +326,18 @@ def fitted_gradiator(
             gets batches.
         num_samples: Directions per example; ``None`` (default) uses ``m``, which is exact for
             linear ``fun``.
-        eps: Step length, as in :func:`goodfellow.estimate_jacobian`.
+        eps: Step length, as in :func:`estimate_jacobian`.
         central: Central (default) or one-sided differences.
         generator: Optional ``torch.Generator`` for the directions.
 
     Returns:
-        A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`goodfellow.gradiator`.
+        A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`gradiator`.
 
     Raises:
         TypeError: For a ``num_samples``, ``eps`` or ``generator`` of the wrong type, here; at
-            call time, as :func:`goodfellow.gradiator` and :func:`goodfellow.estimate_jacobian` do.
+            call time, as :func:`gradiator` and :func:`estimate_jacobian` do.
         ValueError: For ``num_samples < 1`` or ``eps <= 0``, here; for bad inputs or outputs of
-            ``fun``, at call time, as :func:`goodfellow.gradiator` and :func:`goodfellow.estimate_jacobian` do.
+            ``fun``, at call time, as :func:`gradiator` and :func:`estimate_jacobian` do.
     """
     _check_callable(fun, "fun")
     if num_samples is not None:
@@ -386,7 +386,7 @@ class OnlineJacobian:
     QR factorization of :math:`\begin{bmatrix} \sqrt\lambda R & \sqrt\lambda Z \\ dX & dF
     \end{bmatrix}`, of size :math:`(m + k) \times (m + p)`: :math:`dX^\top dX` is never formed,
     and with ``forgetting=1`` the result is the same as refitting all pairs at once with
-    :func:`goodfellow.fit_jacobian`. For linear ``fun`` it is exact once the pairs span
+    :func:`fit_jacobian`. For linear ``fun`` it is exact once the pairs span
     :math:`\mathbb{R}^m`, after ``m / probes_per_call`` training steps, whatever the directions
     (Broyden's rank-one update, by contrast, is in general not exact after ``m`` non-orthogonal
     pairs).
@@ -414,7 +414,7 @@ class OnlineJacobian:
         device: Where the state lives (default CPU).
 
     Attributes:
-        counter: The :class:`goodfellow.CallCounter` wrapped around ``fun``; it counts the forwards and the
+        counter: The :class:`CallCounter` wrapped around ``fun``; it counts the forwards and the
             probes.
         num_pairs: How many pairs the estimate has absorbed.
 
@@ -493,8 +493,8 @@ class OnlineJacobian:
             df: Output changes, shape ``(k, p)``.
 
         Raises:
-            TypeError: As :func:`goodfellow.fit_jacobian`, for pairs that are not floating-point tensors.
-            ValueError: As :func:`goodfellow.fit_jacobian`, for malformed or non-finite pairs, and when the
+            TypeError: As :func:`fit_jacobian`, for pairs that are not floating-point tensors.
+            ValueError: As :func:`fit_jacobian`, for malformed or non-finite pairs, and when the
                 pairs are not 2-D or ``m`` or ``p`` differ from ``in_features``/``out_features``.
         """
         _check_pairs(dx, df)

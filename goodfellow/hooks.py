@@ -213,7 +213,7 @@ class PerExampleGradients:
         self.loss_reduction = loss_reduction
         self.reuse_buffers = reuse_buffers
         self.layers: dict[str, LayerRecord] = {}
-        """Module name -> :class:`goodfellow.LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
+        """Module name -> :class:`LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
         self._owners: dict[str, list[tuple[LayerRecord, str]]] = {}
         self._batchnorms: list[tuple[str, _BatchNorm]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []

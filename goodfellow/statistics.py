@@ -6,8 +6,8 @@ its trace, the noise scale) takes a *source* of per-example gradients:
 * materialized: a list or dict of ``(n, *param.shape)`` tensors (what
   :func:`goodfellow.goodfellow_backprop` and ``PerExampleGradients.grads`` return);
 * factored: one layer's gradients as its rule keeps them (:class:`goodfellow.LinearFactors`
-  for a linear layer), or a list or dict of them (:func:`goodfellow.mlp_factors`,
-  :func:`goodfellow.recorded_factors`).
+  for a linear layer), or a list or dict of them (:func:`mlp_factors`,
+  :func:`recorded_factors`).
 
 Both give the same numbers; the factored form never forms an ``(n, d_out, d_in)`` tensor where
 its layer kind has a cheaper formula.
@@ -103,7 +103,8 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
             backward.
 
     Returns:
-        Module name to :class:`goodfellow.LinearFactors`, for every Linear with a trainable weight, in the
+        Module name to :class:`goodfellow.LinearFactors`, for every Linear with a trainable weight,
+        in the
         order of ``model.named_modules()``. A frozen bias is left out of the layer's results.
 
     Raises:
@@ -253,7 +254,7 @@ def gradient_norms(source: PerExampleGrads | LinearFactors | Sequence[LinearFact
     Args:
         source: Per-example gradients (list, tuple or dict of ``(n, *param.shape)`` tensors),
             or their factored form: a :class:`goodfellow.LinearFactors`, a list of them (e.g. from
-            :func:`goodfellow.mlp_factors`) or a dict of them.
+            :func:`mlp_factors`) or a dict of them.
 
     Returns:
         Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
@@ -296,7 +297,7 @@ def gradient_mean(
     r"""The batch gradient :math:`\bar g = \frac1n\sum_i g_i` (of the per-example losses' mean).
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
 
     Returns:
         One tensor of shape ``param.shape`` per parameter: the source's container for
@@ -316,16 +317,16 @@ def clipped_mean(
     weighted sum :math:`\sum_i w_i g_i` with :math:`w_i = \min(1, C/\|g_i\|)/n`. In factored
     form that is one contraction per layer, ``einsum("n,nto,nti->oi", w, G, A)``: the rows of
     :math:`G` are rescaled before the usual batch-gradient product, and no per-example tensor
-    is formed (the norms come from :func:`goodfellow.gradient_norms`). Abadi et al. 2016,
+    is formed (the norms come from :func:`gradient_norms`). Abadi et al. 2016,
     arXiv:1607.00133; the noise DP-SGD adds afterwards is not part of this function.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         max_norm: The clipping norm :math:`C > 0`.
 
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
-        :func:`goodfellow.gradient_mean`.
+        :func:`gradient_mean`.
 
     Raises:
         ValueError: If ``max_norm`` is not a positive finite number, or an example's gradient
@@ -369,11 +370,11 @@ def gradient_second_moment(
     layers with several positions form their per-example gradients.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
 
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
-        :func:`goodfellow.gradient_mean`.
+        :func:`gradient_mean`.
     """
     if _is_factored(source):
         keys, layers = _factor_layers(source)
@@ -411,12 +412,12 @@ def gradient_variance(
     the variance is tiny compared with :math:`\bar g^2`.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
 
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
-        :func:`goodfellow.gradient_mean`.
+        :func:`gradient_mean`.
 
     Raises:
         ValueError: If ``unbiased`` and the batch holds a single example.
@@ -464,12 +465,12 @@ def gradient_variance_trace(
         \operatorname{tr}\Sigma = \frac1{n - c}\sum_i \|g_i - \bar g\|^2
         = \frac{n}{n - c}\Big(\frac1n\sum_i\|g_i\|^2 - \|\bar g\|^2\Big),
 
-    the second form used for the factored source (norms from :func:`goodfellow.gradient_norms`, no
+    the second form used for the factored source (norms from :func:`gradient_norms`, no
     per-example tensor). ``c = 0`` matches CABS's reference code; ``c = 1`` is unbiased. The
     variance of the batch gradient :math:`\bar g` itself is :math:`\operatorname{tr}\Sigma / n`.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
 
     Returns:
@@ -496,7 +497,7 @@ def noise_scale_parts(
     :math:`\operatorname{tr}\hat\Sigma` (with ``n``) and :math:`\|\bar g\|^2`.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Return the unbiased estimates (needs ``n >= 2``).
 
     Returns:
@@ -520,11 +521,11 @@ def gradient_noise_scale(
 
     McCandlish et al. 2018 (arXiv:1812.06162) show it predicts the critical batch size: batches
     much smaller than :math:`\mathcal{B}` waste steps, much larger ones waste examples. One
-    batch's estimate is noisy; see :func:`goodfellow.noise_scale_parts` for the parts to average.
+    batch's estimate is noisy; see :func:`noise_scale_parts` for the parts to average.
 
     Args:
-        source: Per-example gradients or their factored form, as for :func:`goodfellow.gradient_norms`.
-        unbiased: Use the unbiased estimates of both parts (see :func:`goodfellow.noise_scale_parts`).
+        source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
+        unbiased: Use the unbiased estimates of both parts (see :func:`noise_scale_parts`).
 
     Returns:
         A scalar tensor (negative or infinite when the noise swamps the unbiased estimate of

@@ -15,7 +15,7 @@ the loss before differentiating): the three differ as soon as :math:`T` is not l
 
 Two routes lead to the same numbers:
 
-* **Materialized.** :func:`goodfellow.expected_transform` takes the per-example gradients themselves (the
+* **Materialized.** :func:`expected_transform` takes the per-example gradients themselves (the
   list of :func:`goodfellow.goodfellow_backprop`, or the dict ``PerExampleGradients.grads``),
   flattens them into a matrix of shape ``(n, P)`` and applies any ``T``. General, and costs
   ``n`` times the memory of the parameters.
@@ -23,14 +23,10 @@ Two routes lead to the same numbers:
   A_{i,t}^\top` (``t`` runs over the positions of an input with extra dimensions; one term for
   plain vectors). Norms, weighted means (hence clipping) and, for plain vectors, second moments
   can be computed from :math:`A` and :math:`G` directly, never forming an ``(n, d_out, d_in)``
-  tensor. :class:`goodfellow.LinearFactors` holds one layer in this form; :func:`goodfellow.mlp_factors` (an MLP),
-  :func:`goodfellow.recorded_factors` (what ``PerExampleGradients`` recorded) and :func:`goodfellow.linear_factors`
-  (any layer's tensors) build it. The statistics functions (:func:`goodfellow.gradient_norms`,
-  :func:`goodfellow.clipped_mean`, :func:`goodfellow.gradient_mean`, :func:`goodfellow.gradient_second_moment`,
-  :func:`goodfellow.gradient_variance`, :func:`goodfellow.gradient_variance_trace`, :func:`goodfellow.noise_scale_parts`,
-  :func:`goodfellow.gradient_noise_scale`) accept either form and return the same numbers.
+  tensor. The statistics of :mod:`goodfellow.statistics` accept either form and return the same
+  numbers.
 
-:func:`goodfellow.assign_grads` writes a result into ``p.grad``, so the usual loop runs unchanged:
+:func:`assign_grads` writes a result into ``p.grad``, so the usual loop runs unchanged:
 ``zero_grad``, ``backward``, transform, ``optimizer.step()``.
 """
 
@@ -319,7 +315,8 @@ def clip_to_norm(max_norm: float) -> Transform:
 
     Each example's whole gradient (all parameters together) is scaled down to norm at most
     :math:`C` (Abadi et al. 2016, arXiv:1607.00133); gradients shorter than :math:`C` are left
-    as they are. Pass the result to :func:`goodfellow.expected_transform`; :func:`goodfellow.clipped_mean` computes
+    as they are. Pass the result to :func:`expected_transform`;
+    :func:`goodfellow.clipped_mean` computes
     the same average from the factored form without materializing anything.
 
     Args:

@@ -70,7 +70,7 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
 
 
 def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
-    """Refuse arguments of :func:`goodfellow.batched_outer` that torch would broadcast or reshape silently."""
+    """Refuse arguments of :func:`batched_outer` that torch would broadcast or reshape silently."""
     for name, t in (("grad_outputs", grad_outputs), ("inputs", inputs)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -162,7 +162,8 @@ class LinearFactors(NamedTuple):
         inputs: The layer's inputs :math:`A`, shape ``(n, T, d_in)``.
         grad_outputs: :math:`G`, the gradient of example ``i``'s own loss :math:`L_i` w.r.t. the
             layer's outputs, shape ``(n, T, d_out)`` (already multiplied by the batch size for
-            a mean-reduced loss: build it with :func:`goodfellow.linear_factors` or :func:`goodfellow.mlp_factors`).
+            a mean-reduced loss: build it with :func:`linear_factors` or
+            :func:`goodfellow.mlp_factors`).
         bias: Whether the layer has a bias.
     """
 
@@ -220,7 +221,7 @@ def linear_factors(
             Pass ``"sum"`` for gradients already scaled to example ``i``'s own loss.
 
     Returns:
-        A :class:`goodfellow.LinearFactors` with tensors of shape ``(n, T, d_in)`` and ``(n, T, d_out)``:
+        A :class:`LinearFactors` with tensors of shape ``(n, T, d_in)`` and ``(n, T, d_out)``:
         views of ``inputs`` and ``grad_outputs`` for a single use (no copy; ``grad_outputs``
         is copied once, scaled, for ``"mean"``).
 
