@@ -422,6 +422,18 @@ class PerExampleGradients:
         """The number of examples ``n`` of the current batch, ``None`` before a forward."""
         return self._batch_size
 
+    @property
+    def backward_seen(self) -> bool:
+        """Whether a backward of the current batch's forward has been recorded."""
+        return self._backward_seen
+
+    @property
+    def batches_started(self) -> int:
+        """How many batches have started since this recorder was created (attach, clear, or
+        the first forward after a backward each start one); a consumer such as an optimizer
+        compares it between two of its steps to see whether several batches ran in between."""
+        return self._generation
+
     def _require_backward(self) -> None:
         """Raise a clear error unless a forward and a backward of this batch were recorded."""
         if self._batch_size is None:
