@@ -6,6 +6,7 @@ written here once, with a message that says what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -113,3 +114,103 @@ def aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> 
             else:
                 other_end = max(other_end, end)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: a NumPy scalar (np.float32(0.1), np.int64(4)) is as good as a Python number.
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: Python's or NumPy's, but not a ``bool``.
+
+    ``numbers.Real`` covers ``int``, ``float`` and NumPy's floating and integer scalars (NumPy
+    registers them); ``bool`` is an ``int`` to Python but never meant as a number here, and
+    NumPy's ``bool_`` is not registered at all. Tensors are not numbers.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer, Python's or NumPy's (``np.int64``), but not a ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def real_number(value: object, name: str, expected: str = "a number") -> float:
+    """``value`` as a Python ``float``; ``TypeError`` unless it is a real number.
+
+    Args:
+        value: What the user passed.
+        name: The argument's name, for the message.
+        expected: What the message says it must be (``"a positive number"``).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (a ``bool``, a string, a tensor, ...).
+    """
+    if not is_real(value):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}.")
+    return float(value)
+
+
+def integer_number(value: object, name: str, expected: str = "an integer") -> int:
+    """``value`` as a Python ``int``; ``TypeError`` unless it is an integer (not a ``bool``).
+
+    Args:
+        value: What the user passed.
+        name: The argument's name, for the message.
+        expected: What the message says it must be (``"a positive integer"``).
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not an integer (a float, even ``4.0``, counts as not).
+    """
+    if not is_integer(value):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}.")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduction a torch loss module carries
+
+
+def loss_reduction_of(loss_fn: object, loss_reduction: str | None) -> str:
+    r"""The reduction of ``loss_fn`` over the batch, ``"sum"`` or ``"mean"``.
+
+    ``nn.KLDivLoss(reduction="batchmean")`` divides the summed loss by the batch size ``n``:
+    that is :math:`\frac1n \sum_i L_i` with :math:`L_i` the loss of example ``i`` alone, the
+    package's ``"mean"`` (its own ``"mean"`` divides by every element, and an example alone is
+    divided by its elements the same way, so it is ``"mean"`` too).
+
+    Args:
+        loss_fn: The loss; a torch loss module carries ``.reduction``.
+        loss_reduction: What the user passed, or ``None`` to read it off ``loss_fn``.
+
+    Returns:
+        The reduction, with ``"batchmean"`` read as ``"mean"`` (other values are returned as
+        they are, for :func:`goodfellow.batch_size_factor` to refuse).
+
+    Raises:
+        TypeError: If ``loss_reduction`` is ``None`` and ``loss_fn`` carries no reduction.
+        ValueError: If ``loss_reduction`` contradicts ``loss_fn.reduction``.
+    """
+    carried = getattr(loss_fn, "reduction", None)
+    carried = "mean" if carried == "batchmean" else carried
+    given = "mean" if loss_reduction == "batchmean" else loss_reduction
+    if given is None:
+        if carried is None:
+            raise TypeError(
+                "cannot tell how loss_fn reduces over the batch: pass loss_reduction='sum' or "
+                "'mean' (or use a torch loss module, which carries .reduction)."
+            )
+        return carried
+    if carried is not None and carried != given:
+        raise ValueError(
+            f"loss_reduction={loss_reduction!r} contradicts loss_fn.reduction="
+            f"{loss_fn.reduction!r}, and the gradients would be scaled by the wrong factor: "
+            "drop loss_reduction (it is read off the loss) or make the two agree."
+        )
+    return given

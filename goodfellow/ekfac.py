@@ -76,6 +76,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from goodfellow._checks import is_integer, is_real, real_number
 from goodfellow.backprop import batched_outer
 from goodfellow.hooks import LayerRecord, PerExampleGradients
 
@@ -370,15 +371,15 @@ def kfac_scalings(basis: KroneckerEigenbasis) -> Tensor:
     return torch.outer(basis.output_eigenvalues, basis.input_eigenvalues)  # (d_out, d_in + 1)
 
 
-def _check_damping(damping: float) -> None:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a positive number, got {type(damping).__name__}.")
+def _check_damping(damping: float) -> float:
+    damping = real_number(damping, "damping", "a positive number")
     if not damping > 0 or damping == float("inf"):
         raise ValueError(
             f"damping must be positive and finite, got {damping}: it is the λ of "
             "(F̂ + λI)⁻¹ and keeps the directions of zero curvature from blowing up "
             "(1e-3 to 1e-1 times the typical scaling is a common start)."
         )
+    return damping
 
 
 def precondition(
@@ -408,7 +409,7 @@ def precondition(
         ValueError: If ``damping`` is not positive, the shapes, dtypes or devices do not agree
             with the basis's, or a scaling is negative.
     """
-    _check_damping(damping)
+    damping = _check_damping(damping)
     _check_basis(basis)
     U_A, U_G = basis.input_eigenvectors, basis.output_eigenvectors
     expected = (U_G.shape[0], U_A.shape[0])
@@ -469,31 +470,36 @@ def dense_curvature(basis: KroneckerEigenbasis, scalings: Tensor) -> Tensor:
 # The optimizer
 
 
-def _check_positive(name: str, value: float, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}.")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value}: {hint}")
-
-
-def _check_group(group: dict) -> None:
+def _check_group(group: dict) -> dict:
     """Check the hyperparameters, at construction and again at every step.
 
-    A scheduler or the user may have changed ``param_groups[0]`` in between.
+    A scheduler or the user may have changed ``param_groups[0]`` in between. ``lr = 0`` is
+    allowed, as in torch's optimizers: a warm-up schedule such as
+    ``LambdaLR(optimizer, lambda s: s / 100)`` starts there, and the step then gathers the
+    curvature statistics without moving the parameters. NumPy scalars count as numbers.
+
+    Returns:
+        The four hyperparameters as Python ``float`` and ``int``.
     """
-    _check_positive("lr", group["lr"], "it scales every step (try 0.01 to 1 for EKFAC).")
-    _check_damping(group["damping"])
+    lr = real_number(group["lr"], "lr", "a non-negative number")
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(
+            f"lr must be non-negative and finite, got {lr}: it scales every step (try 0.01 to "
+            "1 for EKFAC; 0 gathers statistics without moving the parameters)."
+        )
+    damping = _check_damping(group["damping"])
     update_freq, decay = group["update_freq"], group["decay"]
-    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+    if not is_integer(update_freq) or update_freq < 1:
         raise ValueError(
             f"update_freq must be an integer >= 1, got {update_freq!r}: it is the number of "
             "steps between two eigendecompositions (1 = every step)."
         )
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    if not is_real(decay) or not 0 <= decay < 1:
         raise ValueError(
             f"decay must be a number in [0, 1), got {decay!r}: it weighs the past in the "
             "running averages (0 = current batch only; 0.95 is common)."
         )
+    return {"lr": lr, "damping": damping, "update_freq": int(update_freq), "decay": float(decay)}
 
 
 def _check_finite(tensor: Tensor, what: str, layer: str, step: int) -> None:
@@ -532,6 +538,19 @@ class EKFAC(torch.optim.Optimizer):
     per-example output gradients :math:`\delta` of the step's batch; no per-example gradient is
     materialized. Calls of a Linear whose output did not reach the loss (a forward run with
     gradients enabled but never differentiated) are left out of the statistics.
+
+    Each step uses the curvature of **one batch**, the one whose ``backward()`` came last, so
+    :meth:`step` refuses what would mix batches or lose one, instead of stepping wrongly:
+
+    * a forward with gradients enabled after the ``backward()`` (an evaluation batch, or the
+      forward of a ``copy.deepcopy`` of the model) starts a new batch without a backward: run
+      evaluation under ``torch.no_grad()``;
+    * gradient accumulation, several forward and ``backward()`` pairs before one step: ``.grad``
+      sums the micro-batches, but KFAC's factors and EKFAC's scalings are second moments of
+      one batch's per-example gradients and the recorder keeps the last micro-batch only. Step
+      after every backward, or use one larger batch;
+    * a batch left over from a forward that raised, or from a backward not meant for a step:
+      drop it with :meth:`clear`.
     Per layer and step ``k`` (counted from 0), with :math:`\beta` = ``decay``:
 
     1. running averages of the KFAC factors,
@@ -556,10 +575,12 @@ class EKFAC(torch.optim.Optimizer):
     Args:
         model: A module whose trainable parameters all belong to ``nn.Linear`` layers (frozen
             parameters elsewhere are allowed; the hooks refuse anything else).
-        lr: Learning rate :math:`\eta > 0`.
+        lr: Learning rate :math:`\eta \ge 0` (``0``, as a warm-up schedule starts, updates the
+            statistics and leaves the parameters alone).
         damping: :math:`\lambda > 0`, added to every eigenvalue of :math:`\hat F`.
         update_freq: Recompute the eigenbases every ``update_freq`` steps (an integer
-            :math:`\ge 1`); the scalings are updated every step.
+            :math:`\ge 1`); the scalings are updated every step. Like ``lr``, ``damping`` and
+            ``decay`` it may be a NumPy scalar.
         decay: :math:`\beta \in [0, 1)`, the weight of the past in the running averages
             (``0``: use only the current batch).
         mode: ``"ekfac"`` (scalings :math:`S^*`) or ``"kfac"`` (eigenvalue products).
@@ -586,7 +607,9 @@ class EKFAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        _check_group({"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay})
+        defaults = _check_group(
+            {"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay}
+        )
         if mode not in ("ekfac", "kfac"):
             raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
         for name, module in model.named_modules():
@@ -635,12 +658,142 @@ class EKFAC(torch.optim.Optimizer):
         params = [
             p for module in self._layers.values() for p in module.parameters() if p.requires_grad
         ]
-        defaults = {"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay}
+        self._building = True  # torch.optim.Optimizer.__init__ adds the one group itself
         super().__init__(params, defaults)
+        self._building = False
+        # The recorder counts the batches it started (attach() started one); a step sees the
+        # count it left behind unless a second batch was recorded in between.
+        self._batches_at_step = recorder.batches_started
 
     def remove_hooks(self) -> None:
         """Take the recording hooks off the model; :meth:`step` then refuses to run."""
         self.recorder.detach()
+
+    def clear(self) -> None:
+        """Drop the batch recorded since the last step, so the next forward starts afresh.
+
+        For a forward that raised half-way (a bad batch skipped with ``try``/``except``: its
+        first layers were recorded, and a next batch of another size would be refused as part
+        of it), or a forward and backward not meant for a step. The gradients in ``.grad`` are
+        left alone: call :meth:`zero_grad` as well if a backward ran. Clear through this
+        method, not through :attr:`recorder`: :meth:`step` would take a batch cleared behind
+        its back for a second, accumulated one.
+        """
+        self.recorder.clear()
+        self._batches_at_step = self.recorder.batches_started
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused: EKFAC preconditions the Linear layers of its model, as one parameter group.
+
+        Raises:
+            ValueError: Always, once the optimizer is built (a group added later would never
+                be preconditioned nor stepped).
+        """
+        if getattr(self, "_building", False):
+            super().add_param_group(param_group)
+            return
+        raise ValueError(
+            "EKFAC cannot take another parameter group: it is built from a model and "
+            "preconditions that model's Linear layers, one group whose curvature it records. "
+            "Give other parameters an optimizer of their own (torch.optim.SGD, say), and change "
+            "lr or damping through optimizer.param_groups[0]."
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict` of an EKFAC (or KFAC) of the same model.
+
+        The state is checked against this optimizer before anything is loaded: its number of
+        parameters, the mode (a KFAC state has no scalings), and the shape of every saved
+        statistic of every layer, so that a state of another model fails here, naming the
+        layer, and not at a later step with a ``KeyError`` or a size mismatch.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned.
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict with ``"state"`` and ``"param_groups"``.
+            ValueError: If it belongs to another mode, or to a model with other layers or
+                widths.
+        """
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict: dict) -> None:
+        if not (
+            isinstance(state_dict, dict)
+            and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), list)
+        ):
+            raise TypeError(
+                "state_dict must be what EKFAC.state_dict() returned: a dict with 'state' and "
+                f"'param_groups', got {type(state_dict).__name__}."
+            )
+        groups = state_dict["param_groups"]
+        saved = sum(len(group.get("params", ())) for group in groups)
+        own = len(self.param_groups[0]["params"])
+        if len(groups) != 1 or saved != own:
+            layers = ", ".join(repr(name) for name in self._layers)
+            raise ValueError(
+                f"the saved state holds {saved} parameters in {len(groups)} group(s), but this "
+                f"EKFAC optimizes {own} in one group (Linear layers {layers}): it was saved for "
+                "another model."
+            )
+        index = {id(p): k for k, p in enumerate(self.param_groups[0]["params"])}
+        saved_ids = list(groups[0]["params"])  # the saved indices, in this optimizer's order
+        entries = state_dict["state"]
+        mine = "EKFAC" if self.mode == "ekfac" else "KFAC"
+        for name, module in self._layers.items():
+            entry = entries.get(saved_ids[index[id(module.weight)]])
+            if entry is None:
+                continue  # the layer had not stepped yet when the state was saved
+            d_out = module.out_features
+            d_in = module.in_features + int(_has_trainable_bias(module))
+            shapes = {
+                "A": (d_in, d_in),
+                "G": (d_out, d_out),
+                "input_eigenvalues": (d_in,),
+                "input_eigenvectors": (d_in, d_in),
+                "output_eigenvalues": (d_out,),
+                "output_eigenvectors": (d_out, d_out),
+            }
+            if self.mode == "ekfac":
+                shapes["scalings"] = (d_out, d_in)
+                if "scalings" not in entry and "A" in entry:
+                    raise ValueError(
+                        f"Linear {name!r}: the saved state has no 'scalings', so it was saved "
+                        "by KFAC (mode='kfac'); load it into goodfellow.KFAC, or start EKFAC "
+                        "afresh."
+                    )
+            elif "scalings" in entry:
+                raise ValueError(
+                    f"Linear {name!r}: the saved state holds EKFAC's 'scalings', so it was "
+                    f"saved by EKFAC (mode='ekfac'), not by {mine}; load it into "
+                    "goodfellow.EKFAC."
+                )
+            missing = sorted(set(shapes) - set(entry))
+            if missing:
+                raise ValueError(
+                    f"Linear {name!r}: the saved state lacks {missing}; it was not saved by "
+                    f"{mine} (keys {sorted(entry)})."
+                )
+            for key, shape in shapes.items():
+                value = entry[key]
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                if got != shape:
+                    raise ValueError(
+                        f"Linear {name!r} (in_features={module.in_features}, out_features="
+                        f"{d_out}, {'with' if _has_trainable_bias(module) else 'without'} "
+                        f"trainable bias): {key!r} has shape {got} in the saved state, but this "
+                        f"layer needs {shape}; the state was saved for a model with other layer "
+                        "widths."
+                    )
+        weights = {saved_ids[index[id(module.weight)]] for module in self._layers.values()}
+        stray = [key for key in entries if key not in weights]
+        if stray:
+            raise ValueError(
+                f"the saved state holds statistics for parameters {stray} (by position), which "
+                "are not Linear weights of this model: it was saved for another model."
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -657,10 +810,12 @@ class EKFAC(torch.optim.Optimizer):
             TypeError: If ``param_groups[0]`` was given a non-numeric ``lr`` or ``damping``.
             ValueError: If ``param_groups[0]`` was given an out-of-range ``lr``, ``damping``,
                 ``update_freq`` or ``decay`` since construction (nothing is changed then).
-            RuntimeError: If the hooks were removed or no forward and backward of the model
-                was recorded since the last step.
+            RuntimeError: If the hooks were removed, no forward and backward of the model
+                was recorded since the last step, a forward with gradients enabled ran after the
+                backward (an evaluation outside ``torch.no_grad()``), or several batches were
+                recorded since the last step (gradient accumulation). Nothing is changed then.
             FloatingPointError: If a layer's curvature statistics are not finite (nothing is
-                changed then).
+                changed then, and the batch is dropped, as by :meth:`clear`).
         """
         loss = None
         if closure is not None:
@@ -673,23 +828,45 @@ class EKFAC(torch.optim.Optimizer):
                 "EKFAC.step() found no batch recorded since the last step: run the model's "
                 "forward and loss.backward() (with gradients enabled) before every step."
             )
-        group = self.param_groups[0]
-        _check_group(group)
+        if not self.recorder.backward_seen:
+            raise RuntimeError(
+                "EKFAC.step() found a forward of the model without a backward: a forward with "
+                "gradients enabled after loss.backward() (an evaluation batch, or a copy of the "
+                "model) starts a new batch, and the one backward() belonged to is gone. Run "
+                "evaluation under torch.no_grad(), or call loss.backward() before step(); "
+                "optimizer.clear() drops a forward that is not meant for a step."
+            )
+        started = self.recorder.batches_started - self._batches_at_step + 1
+        if started > 1:
+            raise RuntimeError(
+                f"EKFAC.step() found {started} batches recorded since the last step (a forward "
+                "and backward() before the last forward and backward(), as in gradient "
+                "accumulation over micro-batches): .grad sums them, but EKFAC's curvature "
+                "statistics are per batch and only the last one is kept, so the step would be "
+                "wrong. Call step() after every backward(), or use one larger batch; call "
+                "optimizer.clear() (not optimizer.recorder.clear()) to drop a batch not meant "
+                "for a step."
+            )
+        hyper = _check_group(self.param_groups[0])
         updates = []
-        for name, module in self._layers.items():
-            record = self.recorder.layers[name]
-            reached = any(g is not None for g in record.grad_outputs)
-            if module.weight.grad is None or not reached:
-                continue  # the layer took no part in this loss, like torch optimizers skip it
-            updates.append(self._layer_update(name, module, record, group))
+        try:
+            for name, module in self._layers.items():
+                record = self.recorder.layers[name]
+                reached = any(g is not None for g in record.grad_outputs)
+                if module.weight.grad is None or not reached:
+                    continue  # the layer took no part in this loss, like torch optimizers skip it
+                updates.append(self._layer_update(name, module, record, hyper))
+        except FloatingPointError:
+            self.clear()  # the batch is unusable: the next one must not count as accumulated
+            raise
         # Parameters change only once every layer's statistics were found finite.
         for module, new_state, step in updates:
             self.state[module.weight].update(new_state)
             weight, bias = split_weight_bias(step, _has_trainable_bias(module))
-            module.weight.add_(weight, alpha=-group["lr"])
+            module.weight.add_(weight, alpha=-hyper["lr"])
             if bias is not None:
-                module.bias.add_(bias, alpha=-group["lr"])
-        self.recorder.clear()  # the batch is used: the next step needs a new one
+                module.bias.add_(bias, alpha=-hyper["lr"])
+        self.clear()  # the batch is used: the next step needs a new one
         return loss
 
     def _layer_update(
@@ -759,7 +936,7 @@ class KFAC(EKFAC):
 
     Args:
         model: As for :class:`EKFAC`.
-        lr: Learning rate :math:`\eta > 0`.
+        lr: Learning rate :math:`\eta \ge 0`.
         damping: :math:`\lambda > 0`.
         update_freq: Steps between two eigendecompositions of the factors.
         decay: Weight of the past in the running averages of :math:`A` and :math:`G`.

@@ -836,10 +836,10 @@ def test_frozen_weight_with_trainable_bias_is_refused():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"lr": 0.0}, ValueError, "lr must be positive"),
-        ({"lr": -1.0}, ValueError, "lr must be positive"),
-        ({"lr": float("nan")}, ValueError, "lr must be positive"),
-        ({"lr": "0.1"}, TypeError, "lr must be a positive number"),
+        ({"lr": -1.0}, ValueError, "lr must be non-negative and finite"),
+        ({"lr": float("inf")}, ValueError, "lr must be non-negative and finite"),
+        ({"lr": float("nan")}, ValueError, "lr must be non-negative and finite"),
+        ({"lr": "0.1"}, TypeError, "lr must be a non-negative number"),
         ({"lr": 0.1, "damping": 0.0}, ValueError, "damping must be positive"),
         ({"lr": 0.1, "damping": -1e-3}, ValueError, "damping must be positive"),
         ({"lr": 0.1, "update_freq": 0}, ValueError, "update_freq must be an integer >= 1"),
@@ -859,8 +859,8 @@ def test_bad_hyperparameters_are_refused(kwargs, error, match):
 @pytest.mark.parametrize(
     ("key", "value", "error", "match"),
     [
-        ("lr", -0.1, ValueError, "lr must be positive"),
-        ("lr", None, TypeError, "lr must be a positive number"),
+        ("lr", -0.1, ValueError, "lr must be non-negative"),
+        ("lr", None, TypeError, "lr must be a non-negative number"),
         ("damping", 0.0, ValueError, "damping must be positive"),
         ("update_freq", 0, ValueError, "update_freq must be an integer >= 1"),
         ("decay", 1.5, ValueError, "decay must be a number in \\[0, 1\\)"),
@@ -907,3 +907,301 @@ def test_step_reads_the_learning_rate_and_damping_of_its_param_group():
     for got, want in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(got, want, **F64)
     assert changed.param_groups[0]["lr"] == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Misuse that used to give a silently wrong (or no) step
+
+
+def _train_once(net, optimizer, x, y):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(x)[0], y).backward()
+    optimizer.step()
+
+
+def test_a_grad_enabled_evaluation_between_backward_and_step_is_refused():
+    # The evaluation forward starts a new batch (the recorder's backward_seen goes False): the
+    # step used to find no layer reached and change nothing without a word.
+    model, batches = make_run(OptimizerCase())
+    optimizer = EKFAC(model, lr=0.2, damping=1e-2)
+    (x, y), (x_eval, _) = batches[0], batches[1]
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x)[0], y).backward()
+    model(x_eval)  # gradients enabled: recorded as a new batch without a backward
+    with pytest.raises(RuntimeError, match=r"forward.*without a backward.*torch\.no_grad\(\)"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not optimizer.state
+
+
+def test_a_forward_without_backward_is_refused_at_the_first_step():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    model(torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match="without a backward"):
+        optimizer.step()
+
+
+def test_no_grad_evaluation_between_backward_and_step_changes_nothing():
+    # the same loop as the refused one, with the evaluation under no_grad: the same step as
+    # without any evaluation, and the next step works too
+    model, batches = make_run(OptimizerCase())
+    twin = copy.deepcopy(model)
+    optimizers = [EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin)]
+    for x, y in batches[:3]:
+        for net, optimizer in zip((model, twin), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x)[0], y).backward()
+            if net is model:
+                with torch.no_grad():
+                    net(batches[4][0])
+            optimizer.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_gradient_accumulation_over_micro_batches_is_refused():
+    # Two forward+backward before one step: .grad is the sum over both, but the recorder holds
+    # the second micro-batch only, so the curvature would be the last micro-batch's.
+    model, batches = make_run(OptimizerCase())
+    optimizer = EKFAC(model, lr=0.2, damping=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    for x, y in batches[:2]:
+        nn.functional.cross_entropy(model(x)[0], y).backward()
+    with pytest.raises(RuntimeError, match=r"2 batches.*per batch.*larger batch"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not optimizer.state
+
+
+def test_accumulation_is_refused_also_after_earlier_steps_and_with_a_closure():
+    model, batches = make_run(OptimizerCase())
+    optimizer = EKFAC(model, lr=0.2, damping=1e-2)
+    _train_once(model, optimizer, *batches[0])
+
+    def closure():
+        optimizer.zero_grad()
+        for x, y in batches[1:3]:
+            nn.functional.cross_entropy(model(x)[0], y).backward()
+
+    with pytest.raises(RuntimeError, match="2 batches recorded since the last step"):
+        optimizer.step(closure)
+
+
+def test_ordinary_loops_and_closures_keep_stepping():
+    # the counter compared at each step must not count the optimizer's own clear() or attach()
+    model, batches = make_run(OptimizerCase())
+    twin = copy.deepcopy(model)
+    plain, with_closure = (EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin))
+    for x, y in batches:
+        _train_once(model, plain, x, y)
+
+        def closure(x=x, y=y):
+            with_closure.zero_grad()
+            loss = nn.functional.cross_entropy(twin(x)[0], y)
+            loss.backward()
+            return loss
+
+        with_closure.step(closure)
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+    assert plain.state[model.layers[0].weight]["step"] == len(batches)
+
+
+def test_clear_drops_a_batch_so_an_accumulated_one_can_be_replaced():
+    model, batches = make_run(OptimizerCase())
+    twin = copy.deepcopy(model)
+    optimizer, reference = (EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin))
+    (x0, y0), (x1, y1) = batches[0], batches[1]
+    nn.functional.cross_entropy(model(x0)[0], y0).backward()  # not meant for a step
+    optimizer.clear()
+    optimizer.zero_grad()
+    _train_once(model, optimizer, x1, y1)
+    _train_once(twin, reference, x1, y1)
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="no batch recorded"):
+        optimizer.step()
+
+
+class Fragile(nn.Module):
+    """Two Linear layers; the forward raises between them for a batch marked bad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, bad=False):
+        h = torch.tanh(self.first(x))
+        if bad:
+            raise ValueError("a corrupt batch")
+        return self.second(h)
+
+
+def test_clear_lets_training_continue_after_a_forward_raised_half_way():
+    torch.manual_seed(0)
+    model = Fragile().double()
+    twin = copy.deepcopy(model)
+    optimizer, reference = (EKFAC(net, lr=0.2, damping=1e-2) for net in (model, twin))
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="corrupt"):
+        model(torch.randn(5, 4, dtype=torch.float64), bad=True)
+    with pytest.raises(ValueError, match="earlier calls of this batch got 5"):
+        model(x)  # the half-recorded batch of 5 is still there
+    optimizer.clear()
+    for net, opt in ((model, optimizer), (twin, reference)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_a_non_finite_batch_is_dropped_so_the_next_one_can_step():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    optimizer = EKFAC(model, lr=0.1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.zeros(6, dtype=torch.long)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    nn.functional.cross_entropy(model(bad), y).backward()
+    with pytest.raises(FloatingPointError):
+        optimizer.step()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()  # not refused as an accumulation of the bad batch and this one
+    assert optimizer.state[model[0].weight]["step"] == 1
+
+
+@pytest.mark.parametrize("lr", [0.1, -0.1])
+def test_add_param_group_is_refused(lr):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    extra = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="cannot take another parameter group"):
+        optimizer.add_param_group({"params": [extra], "lr": lr})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_warm_up_from_lr_zero_is_the_functional_step_at_each_lr():
+    # LambdaLR(s / 100) sets lr = 0 before the first step: torch's optimizers take it, and so
+    # must EKFAC; at lr = 0 the statistics are gathered and the parameters stay put.
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    reference = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    base_lr, damping = 0.5, 1e-2
+    optimizer = EKFAC(model, base_lr, damping, case.update_freq, decay=case.decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: s / 100)
+    state: dict = {}
+    for step, (x, y) in enumerate(batches):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(base_lr * step / 100)
+        _train_once(model, optimizer, x, y)
+        functional_step(reference, state, x, y, case, step, base_lr * step / 100, damping)
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, **F64)
+        if step == 0:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+        scheduler.step()
+        with torch.no_grad():
+            for got, want in zip(model.parameters(), reference.parameters()):
+                want.copy_(got)
+
+
+def test_lr_zero_is_accepted_at_construction_and_negative_still_refused():
+    model = nn.Linear(3, 2).double()
+    optimizer = EKFAC(model, lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 3, dtype=torch.float64)).square().mean().backward()
+    optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="lr must be non-negative"):
+        EKFAC(model, lr=-1e-9)
+
+
+def _numpy_hyperparameters():
+    np = pytest.importorskip("numpy")
+    return {
+        "lr": np.float32(0.3),
+        "damping": np.float64(1e-2),
+        "update_freq": np.int64(2),
+        "decay": np.float32(0.9),
+    }
+
+
+def test_numpy_hyperparameters_are_python_numbers():
+    hyper = _numpy_hyperparameters()
+    case = OptimizerCase()
+    model, batches = make_run(case)
+    twin = copy.deepcopy(model)
+    numpy_optimizer = EKFAC(model, **hyper)
+    python_optimizer = EKFAC(twin, **{key: value.item() for key, value in hyper.items()})
+    for x, y in batches:
+        _train_once(model, numpy_optimizer, x, y)
+        _train_once(twin, python_optimizer, x, y)
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got, want)
+    # a scheduler may write a NumPy number into the group
+    numpy_optimizer.param_groups[0]["lr"] = hyper["lr"]
+    numpy_optimizer.param_groups[0]["update_freq"] = hyper["update_freq"]
+    _train_once(model, numpy_optimizer, *batches[0])
+
+
+def _trained(model, mode="ekfac", steps=3):
+    torch.manual_seed(0)
+    optimizer = EKFAC(model, lr=0.1, damping=1e-2, update_freq=2, mode=mode)
+    for _ in range(steps):
+        x = torch.randn(6, model[0].in_features, dtype=torch.float64)
+        _train_once(lambda t: (model(t),), optimizer, x, torch.randint(0, 2, (6,)))
+    return optimizer
+
+
+def _net(widths=(3, 4, 2), bias=True, last_bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(widths[0], widths[1], bias=bias),
+        nn.Tanh(),
+        nn.Linear(widths[1], widths[2], bias=last_bias),
+    ).double()
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "loaded_into", "match"),
+    [
+        (
+            lambda: _trained(_net(), mode="kfac"),
+            lambda: EKFAC(_net(), lr=0.1),
+            r"Linear '0'.*no 'scalings'.*saved by KFAC",
+        ),
+        (
+            lambda: _trained(_net()),
+            lambda: KFAC(_net(), lr=0.1),
+            r"Linear '0'.*'scalings'.*saved by EKFAC",
+        ),
+        (
+            lambda: _trained(_net((3, 5, 2))),
+            lambda: EKFAC(_net((3, 4, 2)), lr=0.1),
+            r"Linear '0'.*'G' has shape \(5, 5\) in the saved state.*needs \(4, 4\)",
+        ),
+        (
+            lambda: _trained(_net((3, 4, 2), bias=False)),  # as many parameters: 3
+            lambda: EKFAC(_net((3, 4, 2), last_bias=False), lr=0.1),
+            r"Linear '0'.*'A' has shape \(3, 3\).*needs \(4, 4\)",
+        ),
+        (
+            lambda: _trained(_net((3, 4, 2))),
+            lambda: EKFAC(nn.Sequential(nn.Linear(3, 2)).double(), lr=0.1),
+            r"4 parameters.*this EKFAC optimizes 2",
+        ),
+    ],
+    ids=["kfac-into-ekfac", "ekfac-into-kfac", "other-width", "other-bias", "other-depth"],
+)
+def test_a_mismatched_state_is_refused_with_the_layer_and_what_differs(
+    saved_by, loaded_into, match
+):
+    state = saved_by().state_dict()
+    optimizer = loaded_into()
+    with pytest.raises(ValueError, match=match):
+        optimizer.load_state_dict(state)
+    assert not optimizer.state
