@@ -6,8 +6,9 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from goodfellow._checks import is_integer, is_real, real_number
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.statistics import _batch_size, _trace_and_mean
 from goodfellow.transforms import PerExampleGrads, assign_grads
@@ -25,8 +26,9 @@ def _check_bounds(bounds: tuple[int, int]) -> tuple[int, int]:
         raise TypeError(f"bounds must be a pair (min_batch_size, max_batch_size), got {bounds!r}.")
     low, high = bounds
     for value in (low, high):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise TypeError(f"bounds must hold two integers, got {bounds!r}.")
+    low, high = int(low), int(high)
     if low < 1:
         raise ValueError(f"the smallest batch size must be at least 1, got bounds {bounds!r}.")
     if low > high:
@@ -38,11 +40,47 @@ def _check_bounds(bounds: tuple[int, int]) -> tuple[int, int]:
 
 
 def _check_lr(lr: float) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"lr must be a positive number, got {type(lr).__name__}.")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr}.")
-    return float(lr)
+    lr = real_number(lr, "lr", "a non-negative number")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(
+            f"lr must be a non-negative finite number, got {lr} (0 is allowed, as where a "
+            "warm-up schedule starts)."
+        )
+    return lr
+
+
+def _check_params(params: object) -> list:
+    """The parameters as a list; a model, or frozen parameters, are refused with a hint."""
+    if isinstance(params, nn.Module):
+        raise TypeError(
+            f"CABS takes the parameters, not the model ({type(params).__name__}): pass "
+            "model.parameters(), or model.named_parameters() to give gradients as a dict "
+            "keyed by name (goodfellow.EKFAC is the optimizer that takes a model)."
+        )
+    if isinstance(params, Tensor) or not isinstance(params, Iterable):
+        raise TypeError(
+            "params must be an iterable of parameters, of (name, parameter) pairs, or of "
+            f"parameter groups, got {type(params).__name__}."
+        )
+    params = list(params)
+    for position, entry in enumerate(params):
+        if isinstance(entry, dict):
+            group = entry.get("params", ())
+            entries = [group] if isinstance(group, Tensor) else list(group)
+            entry["params"] = entries  # the list read here is the one torch reads next
+        else:
+            entries = [entry]
+        for item in entries:
+            name, param = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            if isinstance(param, Tensor) and not param.requires_grad:
+                which = repr(name) if name is not None else f"at position {position}"
+                raise ValueError(
+                    f"parameter {which} is frozen (requires_grad=False): it gets no gradient, "
+                    "so CABS cannot step it nor count it in the gradient variance. Pass the "
+                    "trainable parameters only, e.g. [(name, p) for name, p in "
+                    "model.named_parameters() if p.requires_grad]."
+                )
+    return params
 
 
 class CABS(torch.optim.Optimizer):
@@ -91,17 +129,27 @@ class CABS(torch.optim.Optimizer):
     Args:
         params: The parameters (or ``model.named_parameters()``, needed to pass per-example
             gradients as a dict). A single parameter group.
-        lr: The learning rate :math:`\alpha > 0`.
-        bounds: ``(min_batch_size, max_batch_size)``, default ``(16, 2048)``.
+        lr: The learning rate :math:`\alpha \ge 0`. At :math:`\alpha = 0` (where a warm-up
+            schedule such as ``LambdaLR(cabs, lambda s: s / 100)`` starts) the step moves
+            nothing and the rule :math:`m = \alpha\xi/\bar L` asks for the smallest batch,
+            ``bounds[0]``: a step of length 0 gains nothing whatever the batch, so the
+            cheapest batch is the best one. The running averages are updated as at any lr.
+        bounds: ``(min_batch_size, max_batch_size)``, default ``(16, 2048)``; with
+            ``unbiased=True`` the smallest must be at least 2.
         decay: The running averages' constant :math:`\mu \in [0, 1)`, default 0.95.
         initial_batch_size: The first batch's size; default ``bounds[0]``.
         rounding: ``"ceil"`` (default) or ``"round"`` (the reference code; half to even).
         unbiased: Estimate :math:`\operatorname{tr}\Sigma` with ``n - 1``.
 
+    Numbers may be Python's or NumPy's (``np.float32(0.1)``, ``np.int64(16)``).
+
     Raises:
-        ValueError: If ``lr <= 0``, the bounds are out of order or below 1, ``decay`` is
-            outside ``[0, 1)``, ``initial_batch_size`` is outside the bounds, ``rounding`` is
-            unknown, or there is more than one parameter group.
+        TypeError: If ``params`` is a model (pass ``model.parameters()``) or not an
+            iterable, or a number has the wrong type.
+        ValueError: If ``lr < 0``, the bounds are out of order or below 1 (below 2 with
+            ``unbiased=True``), ``decay`` is outside ``[0, 1)``, ``initial_batch_size`` is
+            outside the bounds, ``rounding`` is unknown, a parameter is frozen, or there is
+            more than one parameter group.
     """
 
     def __init__(
@@ -114,14 +162,22 @@ class CABS(torch.optim.Optimizer):
         rounding: str = "ceil",
         unbiased: bool = False,
     ) -> None:
+        params = _check_params(params)
         lr = _check_lr(lr)
         low, high = _check_bounds(bounds)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        if unbiased and low < 2:
+            raise ValueError(
+                f"unbiased=True divides the gradient variance by n - 1, which needs batches of "
+                f"at least 2 examples, but bounds {bounds!r} allow a batch of {low}: raise the "
+                "smallest batch size to 2, or use unbiased=False."
+            )
+        if not is_real(decay) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
         if initial_batch_size is None:
             initial_batch_size = low
-        if isinstance(initial_batch_size, bool) or not isinstance(initial_batch_size, int):
+        if not is_integer(initial_batch_size):
             raise TypeError(f"initial_batch_size must be an integer, got {initial_batch_size!r}.")
+        initial_batch_size = int(initial_batch_size)
         if not low <= initial_batch_size <= high:
             raise ValueError(
                 f"initial_batch_size {initial_batch_size} lies outside the bounds {bounds!r}."
@@ -185,9 +241,20 @@ class CABS(torch.optim.Optimizer):
             missing = [name for name in names if name not in mean]
             unknown = [key for key in mean if key not in names]
             if missing or unknown:
+                frozen = [
+                    name
+                    for name, p in zip(names, group["params"])
+                    if name in missing and not p.requires_grad
+                ]
+                why = (
+                    f" {frozen} were frozen (requires_grad=False) after CABS was built: build "
+                    "CABS from the trainable parameters only."
+                    if frozen
+                    else ""
+                )
                 raise ValueError(
                     f"the gradients must cover exactly CABS's parameters; missing {missing}, "
-                    f"unknown {unknown}."
+                    f"unknown {unknown}.{why}"
                 )
             ordered = [mean[name] for name in names]
         else:
@@ -219,7 +286,7 @@ class CABS(torch.optim.Optimizer):
             TypeError: If ``losses`` is not a tensor.
             ValueError: If ``losses`` is not a finite, non-negative ``(n,)`` tensor, its ``n``
                 differs from the gradients', the gradients are not finite, the learning rate was
-                set to a non-positive value, or the gradients do not match the parameters.
+                set to a negative value, or the gradients do not match the parameters.
         """
         group = self.param_groups[0]
         lr = _check_lr(group["lr"])
@@ -286,26 +353,26 @@ BatchSizeSource = int | Callable[[], int] | CABS
 
 def _check_batch_size_source(source: object) -> None:
     if isinstance(source, bool) or not (
-        isinstance(source, int) or hasattr(source, "batch_size") or callable(source)
+        is_integer(source) or hasattr(source, "batch_size") or callable(source)
     ):
         raise TypeError(
             "batch_size must be an int, a callable returning one, or an object with a "
             f".batch_size attribute (like CABS), got {type(source).__name__}."
         )
-    if isinstance(source, int):
+    if is_integer(source):
         _read_batch_size(source)
 
 
 def _read_batch_size(source: BatchSizeSource) -> int:
-    if isinstance(source, int):
+    if is_integer(source):
         size = source
     elif hasattr(source, "batch_size"):
         size = source.batch_size
     else:
         size = source()
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_integer(size) or size < 1:
         raise ValueError(f"the batch size must be a positive integer, got {size!r}.")
-    return size
+    return int(size)
 
 
 class AdaptiveBatchSampler(torch.utils.data.Sampler):
@@ -319,7 +386,8 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` with ``num_workers=0`` (workers
     would fetch batches before the optimizer has chosen their size), or through
-    :func:`adaptive_batches`.
+    :func:`adaptive_batches`. ``len(sampler)`` (and so ``len(loader)``) is the number of
+    batches at the **current** batch size; see :meth:`__len__`.
 
     Args:
         num_examples: The size of the data set.
@@ -341,21 +409,45 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
         epochs: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        if not is_integer(num_examples) or num_examples < 1:
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}.")
-        if epochs is not None and (
-            isinstance(epochs, bool)
-            or not isinstance(epochs, (int, float))
-            or not math.isfinite(epochs)
-            or epochs <= 0
-        ):
+        if epochs is not None and (not is_real(epochs) or not math.isfinite(epochs) or epochs <= 0):
             raise ValueError(f"epochs must be a positive number or None, got {epochs!r}.")
         _check_batch_size_source(batch_size)
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.epochs = epochs
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size) if is_integer(batch_size) else batch_size
+        self.epochs = epochs if epochs is None else float(epochs)
         self.generator = generator
         self.examples_seen = 0
+
+    def __len__(self) -> int:
+        r"""The number of batches a pass of :meth:`__iter__` yields at the current batch size.
+
+        The batch size is read once, now (a callable source is called); an adaptive source
+        such as :class:`CABS` changes it while the batches are drawn, so the actual number of
+        batches differs: this is an estimate for progress bars and schedulers, exact for a
+        fixed ``int``. With ``epochs=1`` it is the number of batches of one epoch,
+        :math:`\lceil N / b \rceil` for ``N`` examples and batch size ``b``; in general the
+        smallest ``k`` with :math:`k b \ge` ``epochs * N``.
+
+        Raises:
+            TypeError: If ``epochs`` is ``None``: the batches never stop, so there is no
+                length.
+        """
+        if self.epochs is None:
+            raise TypeError(
+                "AdaptiveBatchSampler(epochs=None) draws batches without end, so it has no "
+                "length; pass epochs=... to stop after that many passes over the data."
+            )
+        size = min(_read_batch_size(self.batch_size), self.num_examples)
+        budget = self.epochs * self.num_examples
+        count = math.ceil(budget / size)
+        # the same comparisons as __iter__'s loop, so that rounding cannot make them disagree
+        while count > 0 and (count - 1) * size >= budget:
+            count -= 1
+        while count * size < budget:
+            count += 1
+        return count
 
     def __iter__(self) -> Iterator[list[int]]:
         """Yield lists of indices until ``epochs`` passes were drawn."""

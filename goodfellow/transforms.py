@@ -296,8 +296,9 @@ def assign_grads(params_or_model: nn.Module | Iterable[Tensor], grads: PerExampl
 
 
 def _check_max_norm(max_norm: float) -> float:
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-        raise TypeError(f"max_norm must be a positive number, got {type(max_norm).__name__}.")
+    from goodfellow._checks import real_number  # here: this check is the only user in the file
+
+    max_norm = real_number(max_norm, "max_norm", "a positive number")  # NumPy scalars too
     if not math.isfinite(max_norm) or max_norm <= 0:
         raise ValueError(
             f"max_norm must be a positive finite number (the clipping norm C > 0), got {max_norm}."

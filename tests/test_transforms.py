@@ -1086,18 +1086,18 @@ def test_cabs_reads_a_changed_learning_rate():
     grads = [torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)]
     assert cabs.step(torch.ones(2, dtype=torch.float64), grads) == 7
     assert_close(p.detach(), torch.tensor([-7.0, 0.0], dtype=torch.float64))
-    cabs.param_groups[0]["lr"] = 0.0
-    with pytest.raises(ValueError, match="lr must be a positive"):
+    cabs.param_groups[0]["lr"] = -0.5  # lr = 0 is allowed (a warm-up starts there)
+    with pytest.raises(ValueError, match="lr must be a non-negative"):
         cabs.step(torch.ones(2, dtype=torch.float64), grads)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"lr": 0.0}, ValueError, r"lr must be a positive finite number, got 0"),
-        ({"lr": -0.1}, ValueError, r"lr must be a positive"),
-        ({"lr": float("nan")}, ValueError, r"lr must be a positive"),
-        ({"lr": True}, TypeError, r"lr must be a positive number"),
+        ({"lr": float("inf")}, ValueError, r"lr must be a non-negative finite number, got inf"),
+        ({"lr": -0.1}, ValueError, r"lr must be a non-negative"),
+        ({"lr": float("nan")}, ValueError, r"lr must be a non-negative"),
+        ({"lr": True}, TypeError, r"lr must be a non-negative number"),
         ({"lr": 0.1, "bounds": (64, 16)}, ValueError, r"out of order.*64 > max_batch_size 16"),
         ({"lr": 0.1, "bounds": (0, 16)}, ValueError, r"at least 1"),
         ({"lr": 0.1, "bounds": (16,)}, TypeError, r"pair"),
@@ -1108,7 +1108,7 @@ def test_cabs_reads_a_changed_learning_rate():
         ({"lr": 0.1, "initial_batch_size": 16.0}, TypeError, r"initial_batch_size must be"),
         ({"lr": 0.1, "rounding": "floor"}, ValueError, r"rounding must be"),
     ],
-    ids=["lr_zero", "lr_negative", "lr_nan", "lr_bool", "bounds_order", "bounds_zero",
+    ids=["lr_inf", "lr_negative", "lr_nan", "lr_bool", "bounds_order", "bounds_zero",
          "bounds_single", "bounds_float", "decay_one", "decay_negative", "initial",
          "initial_float", "rounding"],
 )  # fmt: skip
@@ -1175,7 +1175,8 @@ def test_cabs_refused_gradients_leave_the_running_averages_alone():
 
 
 def test_cabs_unbiased_needs_two_examples():
-    cabs = CABS([nn.Parameter(torch.zeros(2, dtype=torch.float64))], 1.0, (1, 10), unbiased=True)
+    # bounds of at least 2 (1 is refused at construction); a batch of 1 passed anyway is refused
+    cabs = CABS([nn.Parameter(torch.zeros(2, dtype=torch.float64))], 1.0, (2, 10), unbiased=True)
     with pytest.raises(ValueError, match="at least 2 examples"):
         cabs.step(torch.ones(1, dtype=torch.float64), [torch.zeros(1, 2, dtype=torch.float64)])
 
