@@ -54,11 +54,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from goodfellow._checks import integer_number, is_real, real_number
 
 __all__ = [
     "CallCounter",
@@ -81,7 +82,14 @@ _STATE_RTOL = math.sqrt(torch.finfo(torch.float64).eps)
 
 
 class _GradiatorFunction(torch.autograd.Function):
-    """``y = fun(x)`` forward, ``grad_fun(x, grad_output)`` backward."""
+    """``y = fun(x)`` forward, ``grad_fun(x, grad_output)`` backward.
+
+    ``fitted`` names a backward that fits :math:`J_f` numerically (``None`` for a user's
+    ``grad_fun``). Such a backward knows nothing of how :math:`J_f` changes with ``x``: under
+    ``create_graph=True`` its result is differentiable w.r.t. ``grad_output`` only, and a
+    second derivative through it would silently lack the black box's curvature. So there the
+    result is computed without a graph and marked so that differentiating it raises.
+    """
 
     @staticmethod
     def forward(
@@ -89,20 +97,24 @@ class _GradiatorFunction(torch.autograd.Function):
         x: Tensor,
         fun: Callable[[Tensor], Tensor],
         grad_fun: Callable[[Tensor, Tensor], Tensor],
+        fitted: str | None,
     ) -> Tensor:  # noqa: D102
         y = _checked_output(fun(x), x, "fun")
         # a nan from a black box would surface only later, far from its cause
         _check_finite(y, "fun's output")
-        ctx.grad_fun = grad_fun
+        ctx.grad_fun, ctx.fitted = grad_fun, fitted
         ctx.save_for_backward(x)
         return y
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: D102
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
-            return None, None, None  # nobody asked for dL/dx: don't pay for grad_fun
+            return None, None, None, None  # nobody asked for dL/dx: don't pay for grad_fun
         (x,) = ctx.saved_tensors
-        grad_input = ctx.grad_fun(x, grad_output)
+        # grad mode is on in a backward exactly when it runs with create_graph=True
+        refuse_twice = ctx.fitted is not None and torch.is_grad_enabled()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not refuse_twice):
+            grad_input = ctx.grad_fun(x, grad_output)
         if not isinstance(grad_input, Tensor):
             raise TypeError(
                 f"grad_fun must return a torch.Tensor (the gradient w.r.t. x), got "
@@ -114,7 +126,38 @@ class _GradiatorFunction(torch.autograd.Function):
                 f"{tuple(x.shape)}: it must return the gradient w.r.t. x, "
                 "grad_output @ J_f(x), with the shape of x."
             )
-        return grad_input, None, None
+        if refuse_twice:
+            # x and grad_output as inputs: a second backward to anything before them must pass
+            # through the refusing node (autograd skips nodes that lead to no wanted input)
+            grad_input = _NoSecondDerivative.apply(grad_input.detach(), x, grad_output, ctx.fitted)
+        return grad_input, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity, whose backward raises: a first derivative that must not be differentiated.
+
+    The first-order result keeps its value (and ``create_graph=True`` for other parts of a
+    graph keeps working); only a backward through it, a Hessian or a gradient penalty that
+    needs the black box's second derivative, fails.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, grad_input: Tensor, x: Tensor, grad_output: Tensor, fitted: str
+    ) -> Tensor:  # noqa: D102
+        ctx.fitted = fitted
+        return grad_input.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> None:  # noqa: D102
+        raise RuntimeError(
+            f"{ctx.fitted} has no second derivative: its backward fits the black box's "
+            "Jacobian J_f(x) from finite differences and knows nothing of how J_f changes with "
+            "x, so differentiating its gradient again (a backward with create_graph=True "
+            "followed by a second one: Hessians, gradient penalties) would silently leave out "
+            "the black box's curvature. Use goodfellow.gradiator with a grad_fun written in "
+            "differentiable torch operations if you need second derivatives."
+        )
 
 
 def gradiator(
@@ -154,10 +197,19 @@ def gradiator(
     """
     _check_callable(fun, "fun")
     _check_callable(grad_fun, "grad_fun")
+    return _gradiator(fun, grad_fun, None)
+
+
+def _gradiator(
+    fun: Callable[[Tensor], Tensor],
+    grad_fun: Callable[[Tensor, Tensor], Tensor],
+    fitted: str | None,
+) -> Callable[[Tensor], Tensor]:
+    """:func:`gradiator`; ``fitted`` names a fitted backward that refuses a second derivative."""
 
     def apply(x: Tensor) -> Tensor:
         _check_input(x)
-        return _GradiatorFunction.apply(x, fun, grad_fun)
+        return _GradiatorFunction.apply(x, fun, grad_fun, fitted)
 
     return apply
 
@@ -293,8 +345,8 @@ def estimate_jacobian(
             calls or holds non-finite values.
     """
     _check_point(x)
-    _check_num_samples(num_samples)
-    _check_eps(eps)
+    num_samples = _check_num_samples(num_samples)
+    eps = _check_eps(eps)
     _check_generator(generator)
     evaluate = _PointEvaluator(fun, x)
     with torch.no_grad():
@@ -331,7 +383,11 @@ def fitted_gradiator(
         generator: Optional ``torch.Generator`` for the directions.
 
     Returns:
-        A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`gradiator`.
+        A function ``x -> fun(x)`` usable in an autograd graph, as from :func:`gradiator`, but
+        differentiable once: the fit gives :math:`J_f(x)` and nothing of how it changes with
+        ``x``, so a second derivative through it (a backward with ``create_graph=True``, then
+        a backward of that gradient) raises ``RuntimeError`` instead of silently dropping the
+        black box's curvature.
 
     Raises:
         TypeError: For a ``num_samples``, ``eps`` or ``generator`` of the wrong type, here; at
@@ -341,8 +397,8 @@ def fitted_gradiator(
     """
     _check_callable(fun, "fun")
     if num_samples is not None:
-        _check_num_samples(num_samples)
-    _check_eps(eps)
+        num_samples = _check_num_samples(num_samples)
+    eps = _check_eps(eps)
     _check_generator(generator)
 
     def grad_fun(x: Tensor, grad_output: Tensor) -> Tensor:
@@ -367,7 +423,7 @@ def fitted_gradiator(
             )  # (n, p, m)
         return torch.einsum("np,npm->nm", grad_output, jacobians.to(grad_output.dtype))
 
-    return gradiator(fun, grad_fun)
+    return _gradiator(fun, grad_fun, "fitted_gradiator")
 
 
 class OnlineJacobian:
@@ -400,7 +456,9 @@ class OnlineJacobian:
     input, so for non-linear ``fun`` it is a compromise between the local Jacobians of recent
     inputs (``forgetting < 1`` lets it follow them as they move).
 
-    The state is kept in float64; the backward casts it to the gradient's dtype.
+    The state is kept in float64; the backward casts it to the gradient's dtype. The backward
+    is differentiable once: a second derivative through it raises ``RuntimeError`` (the one
+    :math:`\hat J` says nothing of the black box's curvature), as for :func:`fitted_gradiator`.
 
     Args:
         fun: The black box: ``(m,)`` to ``(p,)``, or ``(n, m)`` to ``(n, p)`` for batches.
@@ -445,13 +503,14 @@ class OnlineJacobian:
             ("out_features", out_features, 1),
             ("probes_per_call", probes_per_call, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+            integer_number(value, name, "an int")
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}.")
-        _check_eps(eps)
+        in_features, out_features = int(in_features), int(out_features)
+        probes_per_call = int(probes_per_call)
+        eps = _check_eps(eps)
         _check_generator(generator)
-        if not isinstance(forgetting, Real) or not 0 < forgetting <= 1:
+        if not is_real(forgetting) or not 0 < forgetting <= 1:
             raise ValueError(
                 f"forgetting must be a number in (0, 1], got {forgetting!r}: 1 weights all "
                 "pairs equally, 0.9 halves a pair's weight after about 7 updates."
@@ -465,7 +524,7 @@ class OnlineJacobian:
         self._r = torch.zeros(in_features, in_features, **options)  # (m, m) upper triangular
         self._z = torch.zeros(in_features, out_features, **options)  # (m, p)
         self._jacobian: Tensor | None = torch.zeros(out_features, in_features, **options)
-        self._apply = gradiator(self.counter, self._vjp)
+        self._apply = _gradiator(self.counter, self._vjp, "OnlineJacobian")
 
     @property
     def jacobian(self) -> Tensor:
@@ -592,9 +651,11 @@ class OnlineJacobian:
 def wrap_numpy(fun: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensor], Tensor]:
     """Turn a NumPy function into the torch-in, torch-out ``fun`` a gradiator expects.
 
-    The wrapper hands ``fun`` a detached CPU copy of ``x`` as a NumPy array and returns the
-    result as a new tensor (never sharing memory with ``x``) in ``x``'s dtype and on its device.
-    A float64 NumPy computation on float32 inputs is therefore rounded back to float32.
+    The wrapper hands ``fun`` a detached CPU copy of ``x`` as a NumPy array (a copy also on the
+    CPU, where ``Tensor.numpy()`` alone would share memory: a black box that works in place,
+    ``a -= a.mean()``, must not change the caller's tensor behind autograd's back) and returns
+    the result as a new tensor (never sharing memory with ``x``) in ``x``'s dtype and on its
+    device. A float64 NumPy computation on float32 inputs is therefore rounded back to float32.
 
     Args:
         fun: ``ndarray -> array-like``, e.g. ``lambda x: np.tanh(x @ A.T)``.
@@ -610,7 +671,7 @@ def wrap_numpy(fun: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensor], Te
     _check_callable(fun, "fun")
 
     def wrapped(x: Tensor) -> Tensor:
-        result = fun(x.detach().cpu().numpy())
+        result = fun(x.detach().cpu().numpy().copy())  # a copy of its own, even on the CPU
         return torch.tensor(np.asarray(result), dtype=x.dtype, device=x.device)
 
     wrapped.__name__ = getattr(fun, "__name__", "numpy_function")
@@ -696,25 +757,25 @@ def _check_generator(generator: object) -> None:
         )
 
 
-def _check_num_samples(num_samples: object) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}.")
+def _check_num_samples(num_samples: object) -> int:
+    num_samples = integer_number(num_samples, "num_samples", "an int")
     if num_samples < 1:
         raise ValueError(
             f"num_samples must be at least 1, got {num_samples}: the fit needs one perturbation "
             "per direction it explores (m of them for an exact Jacobian of a linear map)."
         )
+    return num_samples
 
 
-def _check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}.")
+def _check_eps(eps: object) -> float:
+    eps = real_number(eps, "eps", "a real number")
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(
             f"eps must be a finite step length > 0, got {eps!r}; near sqrt(u) one-sided and "
             "u**(1/3) central are best: about 1e-8 and 1e-5 in float64, 3e-4 and 5e-3 in "
             "float32 (for inputs and outputs of order 1)."
         )
+    return eps
 
 
 def _check_finite(t: Tensor, name: str) -> None:

@@ -863,3 +863,111 @@ def test_gradiator_refuses_non_finite_output_of_fun(bad):
     for x in (torch.ones(3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64)):
         with pytest.raises(ValueError, match="fun's output holds non-finite"):
             wrapped(x.requires_grad_())
+
+
+# ----------------------------------------------------------------------------------------------
+# wrap_numpy hands out a copy; fitted Jacobians refuse a second derivative; NumPy numbers
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_wrap_numpy_black_box_working_in_place_leaves_the_caller_alone(batch):
+    def centre(a):
+        a -= a.mean()  # in place, as NumPy code often does
+        return a
+
+    x = torch.randn((4, 3) if batch else (3,), dtype=F64, requires_grad=True)
+    before = x.detach().clone()
+    y = wrap_numpy(centre)(x)
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(y, before - before.mean(), **TOL)
+    view = torch.randn(6, dtype=F64)[::2]  # a strided input: the copy must not be a view either
+    original = view.clone()
+    wrap_numpy(centre)(view)
+    assert torch.equal(view, original)
+
+
+def _cube_problem(make):
+    """d/dx and d²/dx² of fg(x**3).sum() + (x**2).sum() with fg = sin: 3x² cos(x³) + 2x, ..."""
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=F64, requires_grad=True)
+    box = make(wrap_numpy(np.sin))
+    loss = box(x**3).sum() + (x**2).sum()
+    return x, loss
+
+
+FITTED = {
+    "fitted_gradiator": lambda fun: fitted_gradiator(fun, eps=1e-5),
+    "OnlineJacobian": lambda fun: OnlineJacobian(fun, 3, 3, probes_per_call=0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("route", ["autograd.grad", "backward"])
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_backwards_refuse_a_second_derivative(name, route):
+    # d²/dx² of fg(x**3).sum() + (x**2).sum() came out 2 instead of 6x cos(x³) - 9x⁴ sin(x³) + 2
+    x, loss = _cube_problem(FITTED[name])
+    with pytest.raises(RuntimeError, match=rf"{name} has no second derivative.*create_graph"):
+        if route == "backward":
+            loss.backward(create_graph=True)
+            x.grad.sum().backward()
+        else:
+            (first,) = torch.autograd.grad(loss, x, create_graph=True)
+            torch.autograd.grad(first.sum(), x)
+
+
+def test_fitted_gradiator_first_derivative_under_create_graph_is_still_right():
+    x, loss = _cube_problem(FITTED["fitted_gradiator"])
+    (first,) = torch.autograd.grad(loss, x, create_graph=True)
+    u = x.detach() ** 3
+    expected = 3 * x.detach() ** 2 * torch.cos(u) + 2 * x.detach()
+    torch.testing.assert_close(first.detach(), expected, rtol=1e-8, atol=1e-9)
+
+
+def test_an_exact_grad_fun_keeps_its_second_derivative():
+    # gradiator with a grad_fun in torch operations is as differentiable as that grad_fun
+    box = gradiator(torch.sin, lambda u, g: g * torch.cos(u))
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=F64, requires_grad=True)
+    (first,) = torch.autograd.grad(box(x**3).sum() + (x**2).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), x)
+    u = x.detach() ** 3
+    expected = 6 * x.detach() * torch.cos(u) - 9 * x.detach() ** 4 * torch.sin(u) + 2
+    torch.testing.assert_close(second, expected, **TOL)
+
+
+def test_numpy_numbers_configure_the_fits_like_python_numbers():
+    A = torch.randn(2, 3, dtype=F64)
+    x = torch.randn(3, dtype=F64)
+    got = estimate_jacobian(
+        lambda v: A @ v, x, np.int64(3), eps=np.float32(1e-3),
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    want = estimate_jacobian(
+        lambda v: A @ v, x, 3, eps=float(np.float32(1e-3)),
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert torch.equal(got, want)
+    fitted = fitted_gradiator(lambda v: v @ A.T, num_samples=np.int64(3), eps=np.float64(1e-4))
+    xb = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    fitted(xb).sum().backward()
+    torch.testing.assert_close(xb.grad, A.sum(0).expand(4, 3), **TOL)
+    online = OnlineJacobian(
+        lambda v: v @ A.T, np.int64(3), np.int64(2), probes_per_call=np.int64(3),
+        eps=np.float32(1e-3), forgetting=np.float64(0.9),
+    )  # fmt: skip
+    online(torch.randn(5, 3, dtype=F64, requires_grad=True)).sum().backward()
+    torch.testing.assert_close(online.jacobian, A, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: fitted_gradiator(np.sin, num_samples=np.float64(3.0)), TypeError, "num_samples"),
+        (lambda: fitted_gradiator(np.sin, eps=np.bool_(True)), TypeError, "eps must be a real"),
+        (lambda: OnlineJacobian(np.sin, 2, 2, forgetting=True), ValueError, "forgetting"),
+        (lambda: OnlineJacobian(np.sin, np.float64(2.0), 2), TypeError, "in_features"),
+    ],
+    ids=["float-samples", "numpy-bool-eps", "bool-forgetting", "float-features"],
+)
+def test_numbers_that_are_not_numbers_are_still_refused(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
