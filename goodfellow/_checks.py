@@ -15,6 +15,16 @@ from torch import Tensor, nn
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
+def display_name(name: str) -> str:
+    """A module's qualified name for messages (the root module has the empty name)."""
+    return f"'{name}'" if name else "the model itself"
+
+
+def display_module(name: str) -> str:
+    """``module 'fc1'`` for messages, or ``the model itself`` for the root module."""
+    return f"module '{name}'" if name else "the model itself"
+
+
 def model_output(output: Tensor | tuple) -> Tensor:
     """The prediction of a model that may return ``(y, activations, linear_combs)``."""
     return output[0] if isinstance(output, tuple) else output

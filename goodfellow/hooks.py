@@ -49,43 +49,45 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from goodfellow._checks import aliased_buffer
-from goodfellow.backprop import batch_size_factor
-from goodfellow.layers.linear import batched_outer
+import goodfellow.layers.conv  # noqa: F401  (registers the convolution rules)
+from goodfellow._checks import aliased_buffer, display_module, display_name
+from goodfellow.layers.base import LayerRule, rule_for
+from goodfellow.reduction import batch_size_factor
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
 
-_LINEAR_PARAMETERS = ("weight", "bias")
-
-
-def _display(name: str) -> str:
-    """A module's qualified name for messages (the root module has the empty name)."""
-    return f"'{name}'" if name else "the model itself"
+_display = display_name
 
 
 class LayerRecord:
-    r"""What one ``nn.Linear`` saw during the current batch: its inputs and output gradients.
+    r"""What one recorded module saw during the current batch: its inputs and output gradients.
 
-    One record per Linear module lives in :attr:`goodfellow.PerExampleGradients.layers` for
-    as long as the recorder exists; its lists are emptied when a new batch starts. Entry ``c``
-    of both lists belongs to the ``c``-th call of the module in the forward (a module applied
-    twice has two).
+    One record per module with a layer rule (``nn.Linear``, the convolutions, ...) lives in
+    :attr:`goodfellow.PerExampleGradients.layers` for as long as the recorder exists; its lists
+    are emptied when a new batch starts. Entry ``c`` of both lists belongs to the ``c``-th call
+    of the module in the forward (a module applied twice has two).
 
     Attributes:
         name: The module's qualified name, as in ``model.named_modules()`` (``""`` for the root).
-        module: The ``nn.Linear`` itself.
-        inputs: One tensor per call, the layer's input :math:`a`, shape ``(n, ..., d_in)``.
+        module: The module itself.
+        rule: The :class:`goodfellow.layers.LayerRule` that turns the record into gradients.
+        inputs: One tensor per call, the layer's input :math:`a`, e.g. ``(n, ..., d_in)`` for a
+            Linear and ``(n, C_in, *spatial)`` for a convolution.
         grad_outputs: One entry per call, :math:`\partial \mathcal{L} / \partial Z` of the
-            *batch* loss exactly as autograd passed it, shape ``(n, ..., d_out)``; not multiplied
+            *batch* loss exactly as autograd passed it, shaped like the output; not multiplied
             by the batch-size factor. ``None`` until the backward reaches that call (and for a call
             whose output does not reach the loss).
     """
 
-    def __init__(self, name: str, module: nn.Linear, owner: PerExampleGradients) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, rule: LayerRule, owner: PerExampleGradients
+    ) -> None:
         self.name = name
         self.module = module
+        self.rule = rule
         self.inputs: list[Tensor] = []
         self.grad_outputs: list[Tensor | None] = []
+        self.output_shapes: list[torch.Size] = []
         self._owner = owner
 
     @property
@@ -126,18 +128,42 @@ class LayerRecord:
         self._owner._require_backward()
         scale = self.scale
         deltas = []
-        for a, g in zip(self.inputs, self.grad_outputs):
+        for a, g, shape in zip(self.inputs, self.grad_outputs, self.output_shapes):
             if g is None:
-                shape = (*a.shape[:-1], self.module.out_features)
                 deltas.append(torch.zeros(shape, dtype=a.dtype, device=a.device))
             else:
-                deltas.append(g * scale)  # (n, ..., d_out)
+                deltas.append(g * scale)  # shaped like the output
         return deltas
+
+    def gradients(self, differentiable: bool = False) -> object:
+        """This module's per-example gradients for the batch, as its rule keeps them.
+
+        Calls whose output did not reach the loss are left out; a module none of whose calls
+        did gets zeros.
+
+        Args:
+            differentiable: Keep the recorded inputs attached to their graph (for a
+                backward that ran with ``create_graph=True``).
+
+        Returns:
+            A layer-gradients object (see :mod:`goodfellow.layers.base`).
+        """
+        scale = self.scale if self.inputs else 1
+        inputs, deltas = [], []
+        for a, g in zip(self.inputs, self.grad_outputs):
+            if g is None:
+                continue  # this call's output did not reach the loss: it contributes zero
+            inputs.append(a if differentiable else a.detach())
+            deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
+        if not deltas:
+            return self.rule.zeros(self.module, self._owner._batch_size)
+        return self.rule.gradients(self.module, inputs, deltas)
 
     def clear(self) -> None:
         """Forget the current batch (new lists, so references to the old ones stay intact)."""
         self.inputs = []
         self.grad_outputs = []
+        self.output_shapes = []
 
     def __repr__(self) -> str:
         return (
@@ -215,6 +241,7 @@ class PerExampleGradients:
         self.layers: dict[str, LayerRecord] = {}
         """Module name -> :class:`LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
         self._owners: dict[str, list[tuple[LayerRecord, str]]] = {}
+        self._param_names: dict[tuple[str, str], str] = {}
         self._batchnorms: list[tuple[str, _BatchNorm]] = []
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._tensor_handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -290,7 +317,7 @@ class PerExampleGradients:
         self._grads = None
 
     def _inspect_model(self) -> None:
-        """Find the Linear layers and refuse every module the recorder cannot handle."""
+        """Find the modules with a layer rule; refuse every one the recorder cannot handle."""
         layers: dict[str, LayerRecord] = {}
         batchnorms: list[tuple[str, _BatchNorm]] = []
         for name, module in self.model.named_modules():
@@ -298,33 +325,38 @@ class PerExampleGradients:
             if isinstance(module, _BatchNorm):
                 batchnorms.append((name, module))
                 _refuse_training_batchnorm(name, module)
-            if isinstance(module, nn.Linear):
-                _check_linear(name, module, own)
+            rule = rule_for(module)
+            if rule is not None:
+                rule.check(name, module)
+                _refuse_uninitialized(name, module, own)
                 kept = self.layers.get(name)  # keep records others hold across re-attaching
                 fits = kept is not None and kept.module is module
-                layers[name] = kept if fits else LayerRecord(name, module, self)
+                layers[name] = kept if fits else LayerRecord(name, module, rule, self)
                 continue
             trainable = [p_name for p_name, p in own.items() if p.requires_grad]
             if trainable:
                 raise ValueError(
-                    f"module {_display(name)} ({type(module).__name__}) holds trainable "
-                    f"parameters {trainable}, but PerExampleGradients records only nn.Linear "
-                    "layers, so their per-example gradients would be missing; freeze them "
-                    "(requires_grad_(False)), or use goodfellow.torch_func_per_example_grads "
-                    "for such models."
+                    f"{display_module(name)} ({type(module).__name__}) holds trainable parameters "
+                    f"{trainable}, but PerExampleGradients has no rule for "
+                    f"{type(module).__name__} (it records only nn.Linear, nn.Conv1d/2d/3d and "
+                    "the layers listed in goodfellow.layers.registered_rules()), so their "
+                    "per-example gradients would be missing; freeze them "
+                    "(requires_grad_(False)), register a rule (goodfellow.layers.register_rule), "
+                    "or use goodfellow.torch_func_per_example_grads for such models."
                 )
         if not layers:
             raise ValueError(
-                f"the model ({type(self.model).__name__}) has no nn.Linear layer: there is "
-                "nothing for PerExampleGradients to record."
+                f"the model ({type(self.model).__name__}) has no nn.Linear layer or other "
+                "layer with a rule: there is nothing for PerExampleGradients to record."
             )
         owner_of = {id(p): p_name for p_name, p in self.model.named_parameters()}
         owners: dict[str, list[tuple[LayerRecord, str]]] = {}
         for record in layers.values():
-            for kind in _LINEAR_PARAMETERS:
-                param = getattr(record.module, kind)
-                if param is not None and param.requires_grad:
-                    owners.setdefault(owner_of[id(param)], []).append((record, kind))
+            params = dict(record.module.named_parameters(recurse=False))
+            for suffix in record.rule.parameter_names(record.module):
+                p_name = owner_of[id(params[suffix])]
+                owners.setdefault(p_name, []).append((record, suffix))
+                self._param_names[(record.name, suffix)] = p_name
         # In the order of model.named_parameters(), which is the order users expect.
         order = {p_name: index for index, p_name in enumerate(owner_of.values())}
         self._owners = dict(sorted(owners.items(), key=lambda item: order[item[0]]))
@@ -347,26 +379,28 @@ class PerExampleGradients:
                 return  # no backward of ours can come through this call
             if _in_backward():
                 raise ValueError(
-                    f"Linear {_display(record.name)} ran during the backward, as it does "
+                    f"{type(module).__name__} {_display(record.name)} ran during the backward, "
+                    "as it does "
                     "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
                     "the forward then; PerExampleGradients cannot tell such a recomputation "
                     "from a new batch. Run the model without checkpointing while recording."
                 )
             if self._backward_seen:
                 self.clear()
-            a = args[0] if args else kwargs["input"]
-            if a.dim() < 2:
+            a = args[0] if args else next(iter(kwargs.values()))
+            kind = type(module).__name__
+            if a.dim() < record.rule.min_input_dim(module):
                 raise ValueError(
-                    f"Linear {_display(record.name)} got an input of shape {tuple(a.shape)} "
-                    "with no batch dimension; per-example gradients need inputs of shape "
-                    "(n, ..., in_features) with the examples on dimension 0."
+                    f"{kind} {_display(record.name)} got an input of shape {tuple(a.shape)} "
+                    "with no batch dimension; per-example gradients need the examples on "
+                    "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
                 )
             n = a.shape[0]
             if self._batch_size is None:
                 self._batch_size = n
             elif n != self._batch_size:
                 raise ValueError(
-                    f"Linear {_display(record.name)} got {n} examples on dimension 0, but "
+                    f"{kind} {_display(record.name)} got {n} examples on dimension 0, but "
                     f"earlier calls of this batch got {self._batch_size}. Every Linear must see "
                     "the batch on dimension 0 (batch-first layouts only), and all forwards "
                     "before a backward belong to one batch: run evaluation under "
@@ -375,6 +409,7 @@ class PerExampleGradients:
             call = len(record.inputs)
             record.inputs.append(a)  # (n, ..., d_in)
             record.grad_outputs.append(None)
+            record.output_shapes.append(output.shape)
             hook = self._gradient_hook_for(record, call, self._generation, output.shape)
             self._tensor_handles.append(_hookable(output).register_hook(hook))
 
@@ -390,7 +425,8 @@ class PerExampleGradients:
                 return
             if generation != self._generation:
                 raise RuntimeError(
-                    f"the backward reached the output of Linear {_display(record.name)} from "
+                    f"the backward reached the output of {type(record.module).__name__} "
+                    f"{_display(record.name)} from "
                     "an earlier batch: after a backward (or clear(), or attach()) the next "
                     "forward starts a new batch and the old records are gone. Call backward "
                     "on the loss of a forward run since."
@@ -403,7 +439,8 @@ class PerExampleGradients:
                 return
             if recorded is not None:
                 raise RuntimeError(
-                    f"a second backward went through the same forward (Linear "
+                    "a second backward went through the same forward "
+                    f"({type(record.module).__name__} "
                     f"{_display(record.name)}, call {call}); PerExampleGradients records one "
                     "backward per forward. Run the model again before each backward, or add "
                     "the losses and call backward once."
@@ -429,9 +466,12 @@ class PerExampleGradients:
 
     @property
     def batches_started(self) -> int:
-        """How many batches have started since this recorder was created (attach, clear, or
-        the first forward after a backward each start one); a consumer such as an optimizer
-        compares it between two of its steps to see whether several batches ran in between."""
+        """How many batches have started since this recorder was created.
+
+        :meth:`attach`, :meth:`clear` and the first forward after a backward each start one;
+        a consumer such as an optimizer compares it between two of its steps to see whether
+        several batches ran in between.
+        """
         return self._generation
 
     def _require_backward(self) -> None:
@@ -508,14 +548,36 @@ class PerExampleGradients:
         differentiable = self._differentiable()
         if out is not None:
             _check_out(out, self._specs(), differentiable)
-        n = self._batch_size
-        scale = batch_size_factor(self.loss_reduction, n)
+        params = dict(self.model.named_parameters())
         grads: dict[str, Tensor] = {}
         with torch.set_grad_enabled(differentiable):
-            for p_name, owners in self._owners.items():
-                buffer = None if out is None else out[p_name]
-                grads[p_name] = _parameter_grad(owners, scale, n, buffer, differentiable)
-        return grads
+            for record in self.layers.values():
+                names = record.rule.parameter_names(record.module)
+                if not names:
+                    continue
+                full = [self._full_name(record, suffix) for suffix in names]
+                # a buffer only for a parameter no other module shares (tied weights add up)
+                # (and not under autocast, where the products come in the compute dtype)
+                autocast = any(
+                    g is not None and g.dtype != params[full[0]].dtype for g in record.grad_outputs
+                )
+                buffers = [
+                    out[p] if out is not None and len(self._owners[p]) == 1 and not autocast
+                    else None
+                    for p in full
+                ]
+                per_example = record.gradients(differentiable).per_example(buffers)
+                for p_name, g in zip(full, per_example):
+                    g = g.to(params[p_name].dtype)  # like .grad, also under autocast
+                    grads[p_name] = g if p_name not in grads else grads[p_name] + g
+        for p_name, buffer in (out or {}).items():
+            if grads[p_name] is not buffer:  # shared parameters were summed out of place
+                grads[p_name] = buffer.copy_(grads[p_name])
+        return {p_name: grads[p_name] for p_name in self._owners}
+
+    def _full_name(self, record: LayerRecord, suffix: str) -> str:
+        """The model-level name of a module's own parameter (tied ones: the first name)."""
+        return self._param_names[(record.name, suffix)]
 
     def _differentiable(self) -> bool:
         """Whether the recorded output gradients carry a graph (backward with create_graph)."""
@@ -545,66 +607,6 @@ class PerExampleGradients:
             f"PerExampleGradients({type(self.model).__name__}, "
             f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} Linear layers, {state})"
         )
-
-
-def _parameter_grad(
-    owners: list[tuple[LayerRecord, str]],
-    scale: int,
-    n: int,
-    buffer: Tensor | None,
-    differentiable: bool,
-) -> Tensor:
-    """Per-example gradient of one parameter from every call of every Linear that uses it."""
-    inputs: list[Tensor] = []
-    deltas: list[Tensor] = []
-    kind = owners[0][1]
-    param = getattr(owners[0][0].module, kind)
-    for record, _ in owners:
-        for a, g in zip(record.inputs, record.grad_outputs):
-            if g is None:
-                continue  # this call's output did not reach the loss: it contributes zero
-            if not differentiable:
-                a = a.detach()
-            # Under autocast the layer computed in g's dtype (bfloat16, say) from its input
-            # rounded to it: round a the same way, as the layer's own backward does.
-            inputs.append(a.to(g.dtype))  # (n, ..., i)
-            deltas.append(g * scale if scale != 1 else g)  # (n, ..., o): dL_i/dZ_i
-    if not deltas:
-        shape = (n, *param.shape)
-        if buffer is None:
-            return torch.zeros(shape, dtype=param.dtype, device=param.device)
-        return buffer.zero_()
-    if len({g.dtype for g in deltas}) > 1:  # calls inside and outside an autocast region
-        deltas = [g.to(param.dtype) for g in deltas]
-        inputs = [a.to(param.dtype) for a in inputs]
-    if deltas[0].dtype != param.dtype:
-        # The result is in the parameter's dtype, like its .grad; no buffer for the product.
-        result = _parameter_grad_of(kind, deltas, inputs, scale, n, None)
-        return result.to(param.dtype) if buffer is None else buffer.copy_(result)
-    return _parameter_grad_of(kind, deltas, inputs, scale, n, buffer)
-
-
-def _parameter_grad_of(
-    kind: str,
-    deltas: list[Tensor],
-    inputs: list[Tensor],
-    scale: int,
-    n: int,
-    buffer: Tensor | None,
-) -> Tensor:
-    """The weight's outer products or the bias's sums over positions, from one dtype."""
-    if kind == "weight":
-        if len(deltas) > 1 or deltas[0].dim() > 2:
-            # Several calls and positions are one long position axis t of the same einsum.
-            deltas = [torch.cat([g.reshape(n, -1, g.shape[-1]) for g in deltas], dim=1)]
-            inputs = [torch.cat([a.reshape(n, -1, a.shape[-1]) for a in inputs], dim=1)]
-        return batched_outer(deltas[0], inputs[0], out=buffer)  # (n, o, i)
-    total = deltas[0] if scale != 1 else deltas[0].clone()  # never hand out a record itself
-    if len(deltas) > 1 or total.dim() > 2:
-        total = torch.cat([g.reshape(n, -1, g.shape[-1]) for g in deltas], dim=1).sum(1)
-    if buffer is None:
-        return total  # (n, o)
-    return buffer.copy_(total)  # (n, o)
 
 
 def _is_functorch(tensor: Tensor) -> bool:
@@ -639,15 +641,8 @@ def _hookable(output: Tensor) -> Tensor:
     return output
 
 
-def _check_linear(name: str, module: nn.Linear, own: dict[str, nn.Parameter]) -> None:
-    """Refuse Linear subclasses whose computation is not ``a @ W.T + b``."""
-    extra = sorted(set(own) - set(_LINEAR_PARAMETERS))
-    if type(module).forward is not nn.Linear.forward or extra:
-        why = f"extra parameters {extra}" if extra else "its own forward"
-        raise ValueError(
-            f"module {_display(name)} ({type(module).__name__}) subclasses nn.Linear with {why}; "
-            "PerExampleGradients handles only the plain a @ W.T + b of nn.Linear."
-        )
+def _refuse_uninitialized(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
+    """A lazy module's parameters have no shape before its first forward."""
     for p_name, param in own.items():
         if isinstance(param, nn.parameter.UninitializedParameter):
             raise ValueError(

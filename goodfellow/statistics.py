@@ -18,27 +18,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from goodfellow.backprop import check_layer_lists
-from goodfellow.layers.linear import (
-    LinearFactors,
-    _layer_second_moment,
-    _layer_sq_norms,
-    _layer_weighted_sum,
-    linear_factors,
-    norm_from_squares,
-)
-from goodfellow.transforms import (
-    PerExampleGrads,
-    _check_max_norm,
-    _clip_factors,
-    _flatten,
-    _pack,
-    _unflatten,
-    _unpack,
-    expected_transform,
-)
+from goodfellow.layers.base import MaterializedGradients
+from goodfellow.layers.linear import LinearFactors, linear_factors, norm_from_squares
+from goodfellow.transforms import PerExampleGrads, _check_max_norm, _clip_factors, _unpack
+
+Source = object
+"""Per-example gradients, materialized or in a layer rule's form (see the module docstring)."""
 
 __all__ = [
     "clipped_mean",
@@ -81,7 +70,7 @@ def mlp_factors(
     factors = [
         linear_factors(a, g, True, loss_reduction) for a, g in zip(activations, linear_grads)
     ]
-    _check_factors(factors)
+    _check_layers(factors, allow_empty=False)
     return factors
 
 
@@ -119,51 +108,55 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
             "recorder must be a goodfellow.PerExampleGradients that recorded a batch, got "
             f"{type(recorder).__name__}."
         )
-    factors: dict[str, LinearFactors] = {}
+    if getattr(recorder, "batch_size", None) is None:
+        raise RuntimeError(
+            "the recorder holds no batch: run the forward and loss.backward() inside "
+            "`with PerExampleGradients(model) as pe:` first."
+        )
+    recorder._require_backward()
+    factors: dict[str, object] = {}
     owner_of_weight: dict[int, str] = {}
     for name, record in layers.items():
         module = record.module
-        has_bias = module.bias is not None and module.bias.requires_grad
-        if not module.weight.requires_grad:
-            if has_bias:
+        weight = getattr(module, "weight", None)
+        names = record.rule.parameter_names(module)
+        if not names:
+            continue  # frozen: nothing to report
+        if isinstance(weight, torch.nn.Parameter):
+            if not weight.requires_grad:
                 raise ValueError(
-                    f"Linear {name!r} has a frozen weight but a trainable bias, which the "
-                    "factored form does not cover; use recorder.grads."
+                    f"{type(module).__name__} {name!r} has a frozen weight but a trainable bias, "
+                    "which the factored form does not cover; use recorder.grads."
                 )
-            continue
-        if id(module.weight) in owner_of_weight:
-            raise ValueError(
-                f"Linear {name!r} shares its weight with {owner_of_weight[id(module.weight)]!r}; "
-                "the factored form keeps one layer per weight: use recorder.grads."
-            )
-        owner_of_weight[id(module.weight)] = name
-        if record.inputs:
-            inputs = list(record.inputs)
-            grad_outputs = record.per_example_grad_outputs  # raises if no backward was recorded
-        else:  # not called in this batch: a zero gradient
-            n = getattr(recorder, "batch_size", None)
-            if n is None:
-                raise RuntimeError(
-                    "the recorder holds no batch: run the forward and loss.backward() inside "
-                    "`with PerExampleGradients(model) as pe:` first."
+            if id(weight) in owner_of_weight:
+                raise ValueError(
+                    f"{type(module).__name__} {name!r} shares its weight with "
+                    f"{owner_of_weight[id(weight)]!r}; the factored form keeps one layer per "
+                    "weight: use recorder.grads."
                 )
-            like = module.weight
-            inputs = [torch.zeros(n, 1, module.in_features, dtype=like.dtype, device=like.device)]
-            grad_outputs = [inputs[0].new_zeros(n, 1, module.out_features)]
-        factors[name] = linear_factors(inputs, grad_outputs, has_bias, "sum")
+            owner_of_weight[id(weight)] = name
+        factors[name] = record.gradients()
     if not factors:
-        raise ValueError("the recorder holds no Linear layer with a trainable weight.")
+        raise ValueError("the recorder holds no layer with a trainable weight.")
     return factors
 
 
+# --------------------------------------------------------------------------------------------
+# Sources: checked once here, then only the layer-gradients interface is used
+# --------------------------------------------------------------------------------------------
+
+
+def _is_layer(value: object) -> bool:
+    """Whether ``value`` is one layer's gradients in a rule's form (not a plain tensor)."""
+    return not isinstance(value, Tensor) and hasattr(value, "sq_norms")
 
 
 def _is_factored(source: object) -> bool:
-    if isinstance(source, LinearFactors):
+    if _is_layer(source):
         return True
     values = list(source.values()) if isinstance(source, Mapping) else source
     if isinstance(values, (list, tuple)) and values:
-        kinds = {isinstance(v, LinearFactors) for v in values}
+        kinds = {_is_layer(v) for v in values}
         if kinds == {True, False}:
             raise TypeError(
                 "mix of LinearFactors and other entries: pass either per-example gradients "
@@ -173,16 +166,50 @@ def _is_factored(source: object) -> bool:
     return False
 
 
-def _factor_layers(source: object) -> tuple[list[str] | None, list[LinearFactors]]:
-    if isinstance(source, LinearFactors):
-        return None, [source]
-    if isinstance(source, Mapping):
-        return list(source.keys()), list(source.values())
-    return None, list(source)  # type: ignore[arg-type]
+class _Layout:
+    """How per-layer results are laid out for the caller: the container of the source."""
+
+    def __init__(self, source: object, layers: list, keys: list[str] | None) -> None:
+        self.tuple = isinstance(source, tuple) and not _is_layer(source)
+        self.keys = keys  # module names (dict of layers) or None
+        self.dict_of_tensors = isinstance(source, Mapping) and not _is_factored(source)
+        self.layers = layers
+
+    def pack(self, per_layer: list[list[Tensor]]) -> PerExampleGrads:
+        if self.dict_of_tensors:
+            return dict(zip(self.layers[0].names, per_layer[0]))
+        if self.keys is None:
+            flat = [t for layer in per_layer for t in layer]
+            return tuple(flat) if self.tuple else flat
+        out: dict[str, Tensor] = {}
+        for key, layer, results in zip(self.keys, self.layers, per_layer):
+            for suffix, t in zip(layer.names, results):
+                out[f"{key}.{suffix}" if key else suffix] = t  # "" is the root module
+        return out
 
 
-def _check_factors(layers: Sequence[LinearFactors]) -> int:
+def _layers(source: object, allow_empty: bool = False) -> tuple[_Layout, list, int]:
+    """Check a source once; return its layout, its layers and the batch size ``n``."""
+    if _is_factored(source):
+        if _is_layer(source):
+            keys, layers = None, [source]
+        elif isinstance(source, Mapping):
+            keys, layers = list(source.keys()), list(source.values())
+        else:
+            keys, layers = None, list(source)
+        n = _check_layers(layers, allow_empty)
+    else:
+        tensor_keys, tensors, n = _unpack(source, allow_empty)  # type: ignore[arg-type]
+        names = tensor_keys if tensor_keys is not None else [str(k) for k in range(len(tensors))]
+        keys, layers = None, [MaterializedGradients(tensors, names)]
+    return _Layout(source, layers, keys), layers, n
+
+
+def _check_layers(layers: Sequence, allow_empty: bool) -> int:
+    """The checks of factored sources: LinearFactors built by hand, and one batch overall."""
     for k, layer in enumerate(layers):
+        if not isinstance(layer, LinearFactors):
+            continue  # built by a rule from recorded tensors
         for name, t in (("inputs", layer.inputs), ("grad_outputs", layer.grad_outputs)):
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
@@ -190,9 +217,6 @@ def _check_factors(layers: Sequence[LinearFactors]) -> int:
                     f"layer {k}: LinearFactors.{name} must be a floating-point torch.Tensor, "
                     f"got {kind}; build the factors with linear_factors."
                 )
-    first = layers[0].inputs
-    n = first.shape[0]
-    for k, layer in enumerate(layers):
         A, G, _ = layer
         if A.dim() != 3 or G.dim() != 3 or A.shape[:2] != G.shape[:2]:
             raise ValueError(
@@ -200,51 +224,92 @@ def _check_factors(layers: Sequence[LinearFactors]) -> int:
                 f"(n, T, d_out), got {tuple(A.shape)} and {tuple(G.shape)}; build them with "
                 "linear_factors."
             )
-        if A.shape[0] != n:
+        if A.dtype != G.dtype or A.device != G.device:
             raise ValueError(
-                f"layer {k} holds {A.shape[0]} examples but layer 0 holds {n}: all layers must "
-                "come from one batch."
+                f"layer {k}: LinearFactors.inputs are {A.dtype} on {A.device} but grad_outputs "
+                f"are {G.dtype} on {G.device}; use one dtype and device."
             )
-        if (
-            A.dtype != first.dtype
-            or G.dtype != first.dtype
-            or A.device != first.device
-            or G.device != first.device
-        ):
-            raise ValueError(f"layer {k} differs in dtype or device from layer 0.")
-    if n == 0:
+    n = layers[0].batch_size
+    like = _example_tensor(layers[0])
+    for k, layer in enumerate(layers):
+        if layer.batch_size != n:
+            raise ValueError(
+                f"layer {k} holds {layer.batch_size} examples but layer 0 holds {n}: all layers "
+                "must come from one batch."
+            )
+        t = _example_tensor(layer)
+        if t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(
+                f"layer {k} is {t.dtype} on {t.device} but layer 0 is {like.dtype} on "
+                f"{like.device}; all layers must share one dtype and device."
+            )
+    if n == 0 and not allow_empty:
         raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
     return n
 
 
-def _pack_factored(
-    source: object, keys: list[str] | None, per_layer: list[list[Tensor]]
-) -> PerExampleGrads:
-    """Lay per-layer results out as ``[W, b, ...]``, or ``{name.weight, name.bias}`` for dicts."""
-    if keys is None:
-        return [t for layer in per_layer for t in layer]
-    out: dict[str, Tensor] = {}
-    for key, layer in zip(keys, per_layer):
-        for suffix, t in zip(("weight", "bias"), layer):
-            out[f"{key}.{suffix}" if key else suffix] = t  # "" is the root module
-    return out
+def _example_tensor(layer: object) -> Tensor:
+    """A tensor of the layer, for its dtype and device."""
+    if isinstance(layer, LinearFactors):
+        return layer.inputs
+    if isinstance(layer, MaterializedGradients):
+        return layer.tensors[0]
+    return _example_tensor(layer.linear) if hasattr(layer, "linear") else layer.per_example()[0]
+
+
+def _batch_size(source: object) -> int:
+    """The number of examples of a checked source."""
+    return _layers(source)[2]
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics, on either form
+# Across data-parallel workers: sums are all-reduced, never per-example tensors
 # --------------------------------------------------------------------------------------------
 
 
-def _sq_norms(source: object) -> Tensor:
-    if _is_factored(source):
-        _, layers = _factor_layers(source)
-        _check_factors(layers)
-        return sum(_layer_sq_norms(layer) for layer in layers)  # type: ignore[return-value]
-    _, tensors, n = _unpack(source)  # type: ignore[arg-type]
-    return _flatten(tensors, n).square().sum(dim=1)  # (n,)
+def _all_reduce(tensors: list[Tensor], group: object) -> list[Tensor]:
+    """Sum each tensor over the ranks of ``group`` (one all-reduce of their concatenation)."""
+    if group is None:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # (P,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    sizes = [t.numel() for t in tensors]
+    return [piece.reshape(t.shape) for piece, t in zip(torch.split(flat, sizes), tensors)]
 
 
-def gradient_norms(source: PerExampleGrads | LinearFactors | Sequence[LinearFactors]) -> Tensor:
+def _sums(layers: list, weights: Tensor | None, group: object, *extra: Tensor) -> tuple:
+    r""":math:`\sum_i w_i g_i` per layer (``w = 1`` when ``None``), the global ``n``, ``extra``.
+
+    All summed over the ranks of ``group`` in one all-reduce.
+    """
+    like = _example_tensor(layers[0])
+    n = layers[0].batch_size
+    if weights is None:
+        weights = torch.ones(n, dtype=like.dtype, device=like.device)  # (n,)
+    per_layer = [layer.weighted_sum(weights) for layer in layers]
+    flat = [t for results in per_layer for t in results]
+    if group is None:  # no tensor for the count: no host sync, and meta tensors work
+        sums, total, extra = flat, n, list(extra)
+    else:
+        count = torch.tensor(float(n), dtype=like.dtype, device=like.device)
+        reduced = _all_reduce([*flat, count, *extra], group)
+        sums, total = reduced[: len(flat)], int(round(float(reduced[len(flat)])))
+        extra = reduced[len(flat) + 1 :]
+    it = iter(sums)
+    return [[next(it) for _ in results] for results in per_layer], total, extra
+
+
+def _refuse_empty(total: int) -> None:
+    if total == 0:
+        raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics
+# --------------------------------------------------------------------------------------------
+
+
+def gradient_norms(source: Source) -> Tensor:
     r"""The L2 norm of each example's whole gradient, :math:`\|g_i\|_2` over all parameters.
 
     In factored form each layer contributes :math:`\sum_{t,s}(G_t\cdot G_s)(A_t\cdot A_s)`
@@ -260,56 +325,56 @@ def gradient_norms(source: PerExampleGrads | LinearFactors | Sequence[LinearFact
         Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
         gradient, as for ``torch.linalg.vector_norm``).
     """
-    return norm_from_squares(_sq_norms(source))  # (n,)
-
-
-def _weighted_sum(source: object, weights: Tensor) -> PerExampleGrads:
-    r""":math:`\sum_i w_i g_i` in the source's layout, one contraction per tensor."""
-    if _is_factored(source):
-        keys, layers = _factor_layers(source)
-        _check_factors(layers)
-        per_layer = [_layer_weighted_sum(layer, weights) for layer in layers]
-        return _pack_factored(source, keys, per_layer)
-    keys, tensors, n = _unpack(source)  # type: ignore[arg-type]
-    # einsum("n,n...->...") as a matrix-vector product on the flattened rows
-    summed = [(weights @ g.reshape(n, -1)).reshape(g.shape[1:]) for g in tensors]
-    return _pack(source, keys, summed)
-
-
-def _batch_size(source: object) -> int:
-    if _is_factored(source):
-        return _check_factors(_factor_layers(source)[1])
-    return _unpack(source)[2]  # type: ignore[arg-type]
-
-
-def _uniform_weights(source: object, n: int) -> Tensor:
-    """``(n,)`` weights ``1/n`` in the source's dtype and device."""
-    if _is_factored(source):
-        like = _factor_layers(source)[1][0].inputs
-    else:
-        like = _unpack(source)[1][0]  # type: ignore[arg-type]
-    return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+    _, layers, _ = _layers(source)
+    return norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
 
 
 def gradient_mean(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors],
+    source: Source, *, group: object = None
 ) -> PerExampleGrads:
     r"""The batch gradient :math:`\bar g = \frac1n\sum_i g_i` (of the per-example losses' mean).
 
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         One tensor of shape ``param.shape`` per parameter: the source's container for
         per-example gradients; ``[W, b, ...]`` for a list of factors; ``{"name.weight",
         "name.bias"}`` for a dict of factors keyed by module name.
     """
-    n = _batch_size(source)
-    return _weighted_sum(source, _uniform_weights(source, n))
+    layout, layers, _ = _layers(source, allow_empty=group is not None)
+    sums, total, _ = _sums(layers, None, group)
+    _refuse_empty(total)
+    return layout.pack([[t / total for t in layer] for layer in sums])
+
+
+def _clipped_sum(source: Source, max_norm: float, group: object = None) -> PerExampleGrads:
+    r""":math:`\sum_i \operatorname{clip}_C(g_i)` in the source's layout.
+
+    Summed over the ranks of ``group``; an empty batch gives zeros (Poisson sampling draws
+    such batches).
+    """
+    return _clipped_sum_and_count(source, max_norm, group)[0]
+
+
+def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None) -> tuple:
+    """The clipped sum and the number of examples over all ranks."""
+    max_norm = _check_max_norm(max_norm)
+    layout, layers, _ = _layers(source, allow_empty=True)
+    # gradient norms have derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
+    norms = norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
+    _check_finite_norms(norms)
+    sums, total, _ = _sums(layers, _clip_factors(norms, max_norm), group)
+    return layout.pack(sums), total
 
 
 def clipped_mean(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors], max_norm: float
+    source: Source, max_norm: float
+, *, group: object = None
 ) -> PerExampleGrads:
     r"""The DP-SGD clipped mean :math:`\frac1n\sum_i g_i\min(1, C/\|g_i\|)`, by reweighting.
 
@@ -324,6 +389,10 @@ def clipped_mean(
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         max_norm: The clipping norm :math:`C > 0`.
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
         :func:`gradient_mean`.
@@ -332,13 +401,11 @@ def clipped_mean(
         ValueError: If ``max_norm`` is not a positive finite number, or an example's gradient
             holds NaN or inf.
     """
-    max_norm = _check_max_norm(max_norm)
-    n = _batch_size(source)
-    # gradient_norms has derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
-    norms = gradient_norms(source)  # (n,)
-    _check_finite_norms(norms)
-    weights = _clip_factors(norms, max_norm) / n  # (n,)
-    return _weighted_sum(source, weights)
+    clipped, total = _clipped_sum_and_count(source, max_norm, group)
+    _refuse_empty(total)
+    if isinstance(clipped, dict):
+        return {key: t / total for key, t in clipped.items()}
+    return type(clipped)(t / total for t in clipped)
 
 
 def _check_finite_norms(norms: Tensor) -> None:
@@ -361,7 +428,7 @@ def _check_finite_norms(norms: Tensor) -> None:
 
 
 def gradient_second_moment(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors],
+    source: Source, *, group: object = None
 ) -> PerExampleGrads:
     r"""The entrywise second moment :math:`\frac1n\sum_i g_i \odot g_i`.
 
@@ -372,15 +439,30 @@ def gradient_second_moment(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
         :func:`gradient_mean`.
     """
-    if _is_factored(source):
-        keys, layers = _factor_layers(source)
-        _check_factors(layers)
-        return _pack_factored(source, keys, [_layer_second_moment(layer) for layer in layers])
-    return expected_transform(source, torch.square)  # type: ignore[arg-type]
+    layout, layers, _ = _layers(source, allow_empty=group is not None)
+    squares = [layer.square_sum() for layer in layers]
+    flat = _all_reduce([t for layer in squares for t in layer], group)
+    total = _global_count(layers, group)
+    _refuse_empty(total)
+    it = iter(flat)
+    return layout.pack([[next(it) / total for _ in layer] for layer in squares])
+
+
+def _global_count(layers: list, group: object) -> int:
+    """The number of examples over all ranks."""
+    if group is None:
+        return layers[0].batch_size
+    like = _example_tensor(layers[0])
+    count = torch.tensor(float(layers[0].batch_size), dtype=like.dtype, device=like.device)
+    return int(round(float(_all_reduce([count], group)[0])))
 
 
 def _correction(n: int, unbiased: bool) -> float:
@@ -395,8 +477,15 @@ def _correction(n: int, unbiased: bool) -> float:
     return n / (n - 1)
 
 
+def _mean_and_total(layers: list, group: object) -> tuple[list[list[Tensor]], int]:
+    sums, total, _ = _sums(layers, None, group)
+    _refuse_empty(total)
+    return [[t / total for t in layer] for layer in sums], total
+
+
 def gradient_variance(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors], unbiased: bool = False
+    source: Source, unbiased: bool = False
+, *, group: object = None
 ) -> PerExampleGrads:
     r"""The entrywise variance of the per-example gradients: the diagonal of their covariance.
 
@@ -409,11 +498,16 @@ def gradient_variance(
     unbiased estimate of the variance of a single example's gradient over the data distribution.
     Per-example gradients are centered first (two passes, no cancellation); the factored form
     uses :math:`\frac{n}{n-c}(\overline{g^2} - \bar g^2)`, which loses relative accuracy where
-    the variance is tiny compared with :math:`\bar g^2`.
+    the variance is tiny compared with :math:`\bar g^2`; its round-off negatives are set to 0,
+    the nearest variance.
 
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
+
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
 
     Returns:
         One tensor of shape ``param.shape`` per parameter, laid out as in
@@ -422,41 +516,62 @@ def gradient_variance(
     Raises:
         ValueError: If ``unbiased`` and the batch holds a single example.
     """
-    if _is_factored(source):
-        n = _batch_size(source)
-        correction = _correction(n, unbiased)
-        moment, mean = gradient_second_moment(source), gradient_mean(source)
-        if isinstance(moment, dict):
-            return {key: (moment[key] - mean[key].square()) * correction for key in moment}
-        return [(m - g.square()) * correction for m, g in zip(moment, mean)]
-    keys, tensors, n = _unpack(source)  # type: ignore[arg-type]
-    correction = _correction(n, unbiased)
-    flat = _flatten(tensors, n)  # (n, P)
-    centered = flat - flat.mean(dim=0)  # (n, P)
-    variance = centered.square().mean(dim=0) * correction  # (P,)
-    return _pack(source, keys, _unflatten(variance, tensors))
+    layout, layers, _ = _layers(source, allow_empty=group is not None)
+    mean, total = _mean_and_total(layers, group)
+    correction = _correction(total, unbiased)
+    per_layer = []
+    for layer, m in zip(layers, mean):
+        if hasattr(layer, "centered_square_sum"):
+            per_layer.append(layer.centered_square_sum(m))  # two passes, exact
+        else:  # sum g^2 - n m^2: the factored form, summed over ranks below
+            per_layer.append(layer.square_sum())
+    flat = _all_reduce([t for layer in per_layer for t in layer], group)
+    it = iter(flat)
+    variance = []
+    for layer, m in zip(layers, mean):
+        exact = hasattr(layer, "centered_square_sum")
+        results = []
+        for mk in m:
+            s = next(it)
+            v = s / total if exact else s / total - mk.square()
+            results.append((v * correction).clamp(min=0))
+        variance.append(results)
+    return layout.pack(variance)
 
 
-def _trace_and_mean(source: object, unbiased: bool) -> tuple[Tensor, PerExampleGrads]:
-    r"""The trace of the covariance and the mean gradient, from the same pass."""
-    n = _batch_size(source)
-    correction = _correction(n, unbiased)
-    mean = gradient_mean(source)
-    values = mean.values() if isinstance(mean, dict) else mean
-    if _is_factored(source):
-        # tr Cov = mean_i ||g_i||^2 - ||g_bar||^2 (factored: the g_i are never formed)
-        mean_sq_norm = _sq_norms(source).mean()
-        trace = mean_sq_norm - sum(g.square().sum() for g in values)
+def _trace_and_mean(source: Source, unbiased: bool) -> tuple[Tensor, PerExampleGrads]:
+    """The trace of the covariance and the mean gradient (one process)."""
+    return _trace_mean_total(source, unbiased)[:2]
+
+
+def _trace_mean_total(
+    source: Source, unbiased: bool, group: object = None
+) -> tuple[Tensor, PerExampleGrads, int]:
+    r"""The trace of the covariance, the mean gradient and the global ``n``, from one pass.
+
+    Materialized: :math:`\frac1n\sum_i\|g_i - \bar g\|^2` (two passes); factored:
+    :math:`\frac1n\sum_i\|g_i\|^2 - \|\bar g\|^2` (the :math:`g_i` are never formed).
+    """
+    layout, layers, _ = _layers(source, allow_empty=group is not None)
+    exact = all(hasattr(layer, "centered_sq_norm_sum") for layer in layers)
+    if exact:
+        mean, total = _mean_and_total(layers, group)
+        parts = [layer.centered_sq_norm_sum(m) for layer, m in zip(layers, mean)]
+        (centered,) = _all_reduce([sum(parts)], group)
+        trace = centered / total
     else:
-        tensors = _unpack(source)[1]  # type: ignore[arg-type]
-        flat = _flatten(tensors, n)  # (n, P)
-        centered = flat - _flatten([g.unsqueeze(0) for g in values], 1)  # (n, P)
-        trace = centered.square().sum() / n
-    return trace * correction, mean
+        sq = sum(layer.sq_norms().sum() for layer in layers)
+        sums, total, (sq,) = _sums(layers, None, group, sq)
+        _refuse_empty(total)
+        mean = [[t / total for t in layer] for layer in sums]
+        trace = sq / total - sum(t.square().sum() for layer in mean for t in layer)
+    trace = (trace * _correction(total, unbiased)).clamp(min=0)
+    return trace, layout.pack(mean), total
 
 
 def gradient_variance_trace(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors], unbiased: bool = False
+    source: Source, unbiased: bool = False
+, *, group: object = None
 ) -> Tensor:
     r"""The trace of the per-example gradients' covariance, :math:`\operatorname{tr}\Sigma`.
 
@@ -473,17 +588,22 @@ def gradient_variance_trace(
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         A scalar tensor.
 
     Raises:
         ValueError: If ``unbiased`` and the batch holds a single example.
     """
-    return _trace_and_mean(source, unbiased)[0]
+    return _trace_mean_total(source, unbiased, group)[0]
 
 
 def noise_scale_parts(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors], unbiased: bool = True
+    source: Source, unbiased: bool = True
+, *, group: object = None
 ) -> tuple[Tensor, Tensor]:
     r"""Estimates of :math:`\operatorname{tr}\Sigma` and :math:`|G|^2` from one batch.
 
@@ -500,22 +620,27 @@ def noise_scale_parts(
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Return the unbiased estimates (needs ``n >= 2``).
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         ``(trace, squared_norm)``, two scalar tensors.
 
     Raises:
         ValueError: If ``unbiased`` and the batch holds a single example.
     """
-    trace, mean = _trace_and_mean(source, unbiased)
+    trace, mean, total = _trace_mean_total(source, unbiased, group)
     values = mean.values() if isinstance(mean, dict) else mean
     squared_norm = sum(g.square().sum() for g in values)
     if unbiased:
-        squared_norm = squared_norm - trace / _batch_size(source)
+        squared_norm = squared_norm - trace / total
     return trace, squared_norm  # type: ignore[return-value]
 
 
 def gradient_noise_scale(
-    source: PerExampleGrads | LinearFactors | Sequence[LinearFactors], unbiased: bool = True
+    source: Source, unbiased: bool = True
+, *, group: object = None
 ) -> Tensor:
     r"""The simple gradient noise scale, :math:`\mathcal{B} = \operatorname{tr}\Sigma / |G|^2`.
 
@@ -527,6 +652,10 @@ def gradient_noise_scale(
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Use the unbiased estimates of both parts (see :func:`noise_scale_parts`).
 
+        group: A ``torch.distributed`` process group: every rank passes the source of its own
+            examples and gets the statistic of all ranks' examples together (one all-reduce
+            of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
+
     Returns:
         A scalar tensor (negative or infinite when the noise swamps the unbiased estimate of
         :math:`|G|^2`).
@@ -535,7 +664,7 @@ def gradient_noise_scale(
         ValueError: If ``unbiased`` and the batch holds a single example, or every per-example
             gradient is zero (the ratio is then 0/0).
     """
-    trace, squared_norm = noise_scale_parts(source, unbiased)
+    trace, squared_norm = noise_scale_parts(source, unbiased, group=group)
     # Both parts vanish only when every g_i is 0; the ratio would be a silent NaN.
     if bool(trace == 0) and bool(squared_norm == 0):
         raise ValueError(

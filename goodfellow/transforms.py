@@ -53,8 +53,13 @@ PerExampleGrads = Sequence[Tensor] | Mapping[str, Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _unpack(per_example_grads: PerExampleGrads) -> tuple[list[str] | None, list[Tensor], int]:
-    """Check a container of per-example gradients; return its keys, tensors and batch size."""
+def _unpack(
+    per_example_grads: PerExampleGrads, allow_empty: bool = False
+) -> tuple[list[str] | None, list[Tensor], int]:
+    """Check a container of per-example gradients; return its keys, tensors and batch size.
+
+    ``allow_empty`` accepts a batch of ``n = 0`` (sums over it are zeros; averages refuse it).
+    """
     if isinstance(per_example_grads, Mapping):
         keys: list[str] | None = list(per_example_grads.keys())
         tensors = list(per_example_grads.values())
@@ -88,7 +93,7 @@ def _unpack(per_example_grads: PerExampleGrads) -> tuple[list[str] | None, list[
             )
     first = tensors[0]
     n = first.shape[0]
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
     for label, g in zip(labels, tensors):
         if g.shape[0] != n:

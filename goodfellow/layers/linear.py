@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from goodfellow._checks import overlap
+from goodfellow._checks import display_name, overlap
+from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
 from goodfellow.reduction import batch_size_factor
 
 
@@ -174,6 +175,53 @@ class LinearFactors(NamedTuple):
     #: Whether the layer has a bias.
     bias: bool
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parameters covered: ``("weight", "bias")`` or ``("weight",)``."""
+        return ("weight", "bias") if self.bias else ("weight",)
+
+    @property
+    def batch_size(self) -> int:
+        """The number of examples ``n``."""
+        return self.inputs.shape[0]
+
+    def per_example(self, out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+        r"""``[dW, db]``, written into ``out`` where given.
+
+        :math:`\sum_t G_t A_t^\top` of shape ``(n, d_out, d_in)`` and :math:`\sum_t G_t` of
+        shape ``(n, d_out)``.
+        """
+        A, G, has_bias = self
+        out = [None, None] if out is None else list(out)
+        result = [batched_outer(G, A, out=out[0])]  # (n, o, i)
+        if has_bias:
+            bias = G.sum(dim=1)  # (n, o)
+            result.append(bias if out[1] is None else out[1].copy_(bias))
+        return result
+
+    def sq_norms(self) -> Tensor:
+        r""":math:`\|g_i\|^2` over weight and bias, ``(n,)``; see :func:`_layer_sq_norms`."""
+        return _layer_sq_norms(self)
+
+    def weighted_sum(self, weights: Tensor) -> list[Tensor]:
+        r""":math:`\sum_i w_i g_i`; see :func:`_layer_weighted_sum`."""
+        return _layer_weighted_sum(self, weights)
+
+    def square_sum(self) -> list[Tensor]:
+        r""":math:`\sum_i g_i \odot g_i`; see :func:`_layer_square_sum`."""
+        return _layer_square_sum(self)
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        r"""``(a, delta)`` for KFAC.
+
+        The inputs with a column of ones when there is a bias (``(n, T, d_in + 1)``) and the
+        per-example output gradients ``(n, T, d_out)``.
+        """
+        A, G, has_bias = self
+        if has_bias:
+            A = torch.cat([A, A.new_ones((*A.shape[:-1], 1))], dim=-1)  # (n, T, d_in + 1)
+        return A, G
+
 
 def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
     """Reshape one use ``(n, ..., d)`` or several uses of a layer into ``(n, T, d)``."""
@@ -297,17 +345,53 @@ def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
     return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
 
 
-def _layer_second_moment(layer: LinearFactors) -> list[Tensor]:
-    r"""Entrywise :math:`\frac1n\sum_i g_i^2` of one layer.
+def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:
+    r"""Entrywise :math:`\sum_i g_i^2` of one layer.
 
-    For one position :math:`(G_{io} A_{ii'})^2 = G_{io}^2 A_{ii'}^2`, so the moment is
-    ``einsum("no,ni->oi", G**2, A**2) / n``, a single matrix product. With several positions the
-    square of a sum over ``t`` does not factor, and the per-example gradients are formed.
+    For one position :math:`(G_{io} A_{ii'})^2 = G_{io}^2 A_{ii'}^2`, so the sum is
+    ``einsum("no,ni->oi", G**2, A**2)``, a single matrix product (the trick of Balles, Romero &
+    Hennig's reference code). With several positions the square of a sum over ``t`` does not
+    factor, and the per-example gradients are formed.
     """
     A, G, has_bias = layer
-    n = A.shape[0]
     if A.shape[1] == 1:
-        weight = G[:, 0].square().T @ A[:, 0].square() / n  # (o, i)
+        weight = G[:, 0].square().T @ A[:, 0].square()  # (o, i)
     else:
-        weight = batched_outer(G, A).square().mean(dim=0)  # (n, o, i) -> (o, i)
-    return [weight, G.sum(dim=1).square().mean(dim=0)] if has_bias else [weight]  # (o,)
+        weight = batched_outer(G, A).square().sum(dim=0)  # (n, o, i) -> (o, i)
+    return [weight, G.sum(dim=1).square().sum(dim=0)] if has_bias else [weight]  # (o,)
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear``: one outer product per example and position."""
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Refuse Linear subclasses whose computation is not ``a @ W.T + b``."""
+        own = dict(module.named_parameters(recurse=False))
+        extra = sorted(set(own) - {"weight", "bias"})
+        if type(module).forward is not nn.Linear.forward or extra:
+            why = f"extra parameters {extra}" if extra else "its own forward"
+            raise ValueError(
+                f"module {display_name(name)} ({type(module).__name__}) subclasses nn.Linear "
+                f"with {why}; PerExampleGradients handles only the plain a @ W.T + b of "
+                "nn.Linear."
+            )
+
+    def gradients(
+        self, module: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor]
+    ) -> LinearFactors | MaterializedGradients:
+        """The layer's :class:`LinearFactors` (its calls laid end to end as positions)."""
+        weight = module.weight
+        if len({g.dtype for g in grad_outputs}) > 1:  # calls inside and outside autocast
+            grad_outputs = [g.to(weight.dtype) for g in grad_outputs]
+        # Under autocast the layer computed in g's dtype from its input rounded to it: round the
+        # input the same way, as the layer's own backward does.
+        inputs = [a.to(g.dtype) for a, g in zip(inputs, grad_outputs)]
+        A = _positions(inputs, "inputs")  # (n, T, d_in)
+        G = _positions(grad_outputs, "grad_outputs")  # (n, T, d_out)
+        has_bias = module.bias is not None and module.bias.requires_grad
+        if not weight.requires_grad:  # a frozen weight with a trained bias: only sum_t G_t
+            return MaterializedGradients([G.sum(dim=1)], ("bias",))  # (n, o)
+        return LinearFactors(A, G, has_bias)
+
+
+register_rule(nn.Linear, LinearRule())

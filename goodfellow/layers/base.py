@@ -1,0 +1,192 @@
+r"""What a layer rule is, the registry the recorder looks rules up in, and materialized gradients.
+
+A **rule** knows one layer kind. The recorder (:class:`goodfellow.PerExampleGradients`) keeps,
+for every module a rule claims, the input of each call and the gradient of the batch loss with
+respect to that call's output; it knows no formula. After the backward it hands these to the
+rule, which returns the layer's per-example gradients in whatever form is cheapest for its kind:
+a **layer-gradients** object. Every statistic of :mod:`goodfellow.statistics` is written once
+against the methods of such an object:
+
+=====================  ========================================================================
+``names``              the parameters it covers, relative to the module (``("weight", "bias")``)
+``batch_size``         the number of examples ``n``
+``per_example()``      one ``(n, *param.shape)`` tensor per name: :math:`g_i` itself
+``sq_norms()``         ``(n,)``: :math:`\|g_i\|^2` over the names, without materializing if it can
+``weighted_sum(w)``    one ``param.shape`` tensor per name: :math:`\sum_i w_i g_i`
+``square_sum()``       one ``param.shape`` tensor per name: :math:`\sum_i g_i \odot g_i`
+``kronecker_factors``  ``(a, delta)`` for KFAC/EKFAC (see :mod:`goodfellow.ekfac`), or ``None``
+=====================  ========================================================================
+
+:class:`MaterializedGradients` is the same interface over tensors that are already formed (the
+list of :func:`goodfellow.goodfellow_backprop`, the dict ``PerExampleGradients.grads``), so a
+statistic never asks which kind of source it got.
+
+A rule for a layer of your own: subclass :class:`LayerRule`, implement :meth:`~LayerRule.gradients`
+(and :meth:`~LayerRule.check` for settings it cannot handle), and register it::
+
+    goodfellow.layers.register_rule(MyLayer, MyLayerRule())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerRule",
+    "MaterializedGradients",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
+]
+
+
+class MaterializedGradients:
+    r"""Per-example gradients that are already formed, behind the layer-gradients interface.
+
+    Args:
+        tensors: One tensor of shape ``(n, *param.shape)`` per parameter.
+        names: A name per tensor (the keys of the results).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+        self.tensors = list(tensors)
+        self.names = tuple(names)
+
+    @property
+    def batch_size(self) -> int:
+        """The number of examples ``n``."""
+        return self.tensors[0].shape[0]
+
+    def per_example(self, out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+        """The tensors themselves (copied into ``out`` where a buffer is given)."""
+        if out is None:
+            return list(self.tensors)
+        return [g if b is None else b.copy_(g) for g, b in zip(self.tensors, out)]
+
+    def sq_norms(self) -> Tensor:
+        r""":math:`\|g_i\\|^2`, shape ``(n,)``: every row flattened and squared."""
+        n = self.batch_size
+        return sum(torch.linalg.vecdot(g.reshape(n, -1), g.reshape(n, -1)) for g in self.tensors)
+
+    def weighted_sum(self, weights: Tensor) -> list[Tensor]:
+        r""":math:`\sum_i w_i g_i`: ``einsum("n,n...->...")`` as a vector-matrix product."""
+        n = self.batch_size
+        return [(weights @ g.reshape(n, -1)).reshape(g.shape[1:]) for g in self.tensors]
+
+    def square_sum(self) -> list[Tensor]:
+        r""":math:`\sum_i g_i \odot g_i`, one ``param.shape`` tensor per name."""
+        return [g.square().sum(dim=0) for g in self.tensors]
+
+    def centered_square_sum(self, mean: Sequence[Tensor]) -> list[Tensor]:
+        r""":math:`\sum_i (g_i - m)^2` for a given mean: the two-pass form, no cancellation."""
+        return [(g - m).square().sum(dim=0) for g, m in zip(self.tensors, mean)]
+
+    def centered_sq_norm_sum(self, mean: Sequence[Tensor]) -> Tensor:
+        r""":math:`\sum_i \|g_i - m\|^2` for a given mean, a scalar."""
+        return sum((g - m).square().sum() for g, m in zip(self.tensors, mean))
+
+    def kronecker_factors(self) -> None:
+        """Materialized gradients carry no Kronecker structure."""
+        return None
+
+
+class LayerRule:
+    """How one layer kind's per-example quantities follow from what the recorder saw of it.
+
+    A rule is stateless; the registry holds one instance per layer kind. Subclasses implement
+    :meth:`gradients` and, for settings they refuse, :meth:`check`.
+    """
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Refuse a module this rule cannot handle, with a message that says what to do.
+
+        Called once, when the recorder attaches. The default accepts every module.
+
+        Args:
+            name: The module's qualified name (for messages).
+            module: The module.
+
+        Raises:
+            ValueError: If the module's configuration is not supported.
+        """
+
+    def min_input_dim(self, module: nn.Module) -> int:
+        """The fewest dimensions a batched input has (the batch and the features: 2)."""
+        return 2
+
+    def parameter_names(self, module: nn.Module) -> tuple[str, ...]:
+        """The module's own trainable parameters this rule computes gradients for."""
+        return tuple(
+            p_name for p_name, p in module.named_parameters(recurse=False) if p.requires_grad
+        )
+
+    def gradients(
+        self, module: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor]
+    ) -> object:
+        r"""The layer's per-example gradients from its recorded calls.
+
+        Args:
+            module: The module.
+            inputs: The input of every call of the module that reached the loss.
+            grad_outputs: Each example's own output gradient for those calls,
+                :math:`\partial L_i / \partial Z_i` (already multiplied by the batch-size
+                factor), one tensor per call in the order of ``inputs``.
+
+        Returns:
+            A layer-gradients object (see the module docstring) covering
+            :meth:`parameter_names`.
+        """
+        raise NotImplementedError
+
+    def zeros(self, module: nn.Module, batch_size: int) -> MaterializedGradients:
+        """The gradients of a module that took no part in the loss: zeros."""
+        names = self.parameter_names(module)
+        params = dict(module.named_parameters(recurse=False))
+        return MaterializedGradients(
+            [params[p].new_zeros((batch_size, *params[p].shape)) for p in names], names
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Make the recorder use ``rule`` for modules of ``module_type`` (and its subclasses).
+
+    A later registration for the same type replaces the earlier one. A subclass is handled by
+    the rule of its nearest registered base class, unless it has one of its own.
+
+    Args:
+        module_type: A subclass of ``nn.Module``.
+        rule: An instance of a :class:`LayerRule` subclass.
+
+    Raises:
+        TypeError: If the arguments are not a module class and a rule.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of nn.Module, got {module_type!r}.")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(
+            f"rule must be an instance of goodfellow.layers.LayerRule, got {type(rule).__name__}."
+        )
+    _RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for the module's class or its nearest base class, else ``None``."""
+    for cls in type(module).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+def registered_rules() -> dict[type[nn.Module], LayerRule]:
+    """Every registered module class and its rule, in the order of registration."""
+    return dict(_RULES)
