@@ -27,11 +27,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from goodfellow._checks import LossFunction, aliased_buffer, check_model_batch, check_plain_mean
+from goodfellow._checks import (
+    LossFunction,
+    aliased_buffer,
+    check_model_batch,
+    check_plain_mean,
+    loss_reduction_of,
+)
 from goodfellow.layers.linear import batched_outer, norm_from_squares, outer_sq_norms
 from goodfellow.reduction import batch_size_factor
 
 __all__ = ["check_layer_lists", "goodfellow_backprop", "per_example_grads", "per_example_norms"]
+
 
 def check_layer_lists(
     activations: Sequence[Tensor], linear_grads: Sequence[Tensor]
@@ -48,7 +55,9 @@ def check_layer_lists(
     Raises:
         TypeError: If the lists or their entries are not lists and tensors.
         ValueError: If their lengths, ranks, dtypes, devices, batch sizes or widths do not fit
-            one MLP, or the batch is empty.
+            one MLP, the batch is empty, or an entry of ``linear_grads`` is a layer's output
+            :math:`Z` rather than its gradient (told apart by autograd's graph; tensors without
+            a graph cannot be checked).
     """
     for name, seq in (("activations", activations), ("linear_grads", linear_grads)):
         if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
@@ -98,7 +107,53 @@ def check_layer_lists(
                 f"{layer + 1} has {d_next_in} inputs (activations[{layer}]): the lists do not "
                 "describe one chain of layers; pass them in the order the MLP returns them."
             )
+    _check_not_forward_outputs(activations, linear_grads)
     return n
+
+
+def _check_not_forward_outputs(
+    activations: Sequence[Tensor], linear_grads: Sequence[Tensor]
+) -> None:
+    r"""Refuse the layer outputs :math:`Z_l` passed where their gradients belong.
+
+    ``goodfellow_backprop(activations, linear_combs)`` has the right shapes and used to return
+    numbers. Autograd's graph tells the two apart, one node deep:
+
+    * the forward computed ``activations[l + 1]`` from :math:`Z_l` (``act(Z_l)``, or
+      :math:`Z_l` itself), before any gradient existed: a tensor whose node feeds the node of
+      ``activations[l + 1]`` is a forward tensor, never a gradient;
+    * :math:`Z_l = A_l W_l^	op + b_l` is computed directly from ``activations[l]``, while the
+      gradient :math:`\partial\mathcal L/\partial Z_l` is computed from later tensors (the
+      loss's gradient, :math:`W_{l+1}`, :math:`\operatorname{act}'(Z_l)`), also with
+      ``create_graph=True``.
+
+    Not detectable: tensors without a graph (detached, or computed under ``torch.no_grad()``),
+    and a one-layer model whose input neither requires grad nor has a graph of its own.
+    """
+    for layer, g in enumerate(linear_grads):
+        node = g.grad_fn
+        if node is None:
+            continue  # autograd.grad's results without create_graph: no history to compare
+        why = None
+        if layer + 1 < len(activations):
+            following = activations[layer + 1].grad_fn
+            if following is node or (
+                following is not None and any(fn is node for fn, _ in following.next_functions)
+            ):
+                why = f"activations[{layer + 1}] was computed from it in the forward"
+        a = activations[layer]
+        for fn, _ in node.next_functions:
+            if fn is None:
+                continue
+            if (a.grad_fn is not None and fn is a.grad_fn) or getattr(fn, "variable", None) is a:
+                why = f"it was computed from activations[{layer}] in the forward"
+        if why is not None:
+            raise ValueError(
+                f"linear_grads[{layer}] (layer {layer + 1}) is not a gradient: {why}, so it is "
+                f"the layer's output Z (linear_combs[{layer}]), not dLoss/dZ. Pass "
+                "torch.autograd.grad(loss, linear_combs), the gradients of the loss w.r.t. the "
+                "layer outputs."
+            )
 
 
 def goodfellow_backprop(
@@ -119,6 +174,9 @@ def goodfellow_backprop(
             returned by :class:`goodfellow.MLP`.
         linear_grads: ``torch.autograd.grad(loss, linear_combs)``, ``linear_grads[l]`` of shape
             ``(n, d_{l+1})``. Pass ``create_graph=True`` there to differentiate the result again.
+            The outputs ``linear_combs`` themselves are refused where autograd's graph shows
+            them to be forward tensors (not when they were detached, nor for a one-layer model
+            on an input without a graph).
         loss_reduction: How the batch loss was reduced over examples: ``"sum"``
             (:math:`\sum_i L_i`, the per-example gradients sum to the batch gradient) or
             ``"mean"`` (:math:`\frac1n\sum_i L_i`, they average to it).
@@ -275,7 +333,8 @@ def per_example_grads(
         inputs: Batch of inputs, shape ``(n, d_0)``.
         targets: Batch of targets, shape ``(n, ...)``.
         loss_reduction: ``"sum"`` or ``"mean"``; by default read off ``loss_fn.reduction``
-            (torch's loss modules carry it). A plain function has no such attribute: then it
+            (torch's loss modules carry it; ``nn.KLDivLoss(reduction="batchmean")``, the sum
+            divided by ``n``, is ``"mean"``). A plain function has no such attribute: then it
             must be given, since guessing wrong would scale every gradient by ``n``.
         create_graph: Keep the graph so the result can be differentiated again.
 
@@ -311,20 +370,7 @@ def per_example_grads(
             )
     if not create_graph:
         activations = [a.detach() for a in activations]
-    carried = getattr(loss_fn, "reduction", None)
-    if loss_reduction is None:
-        loss_reduction = carried
-        if loss_reduction is None:
-            raise TypeError(
-                "cannot tell how loss_fn reduces over the batch: pass loss_reduction='sum' or "
-                "'mean' (or use a torch loss module, which carries .reduction)."
-            )
-    elif carried is not None and carried != loss_reduction:
-        raise ValueError(
-            f"loss_reduction={loss_reduction!r} contradicts loss_fn.reduction={carried!r}, and "
-            "the gradients would be scaled by the wrong factor: drop loss_reduction (it is "
-            "read off the loss) or make the two agree."
-        )
+    loss_reduction = loss_reduction_of(loss_fn, loss_reduction)
     if loss_reduction == "mean":
         check_plain_mean(loss_fn, targets)
     loss = loss_fn(prediction, targets)

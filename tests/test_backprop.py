@@ -638,3 +638,71 @@ def test_weighted_mean_over_class_probabilities_divides_by_n():
     assert_lists_close(
         per_example_grads(model, loss_fn, x, y), naive_per_example_grads(model, loss_fn, x, y)
     )
+
+
+# --- KLDivLoss(reduction="batchmean") is the package's "mean" ----------------------------------
+
+
+class LogSoftmaxKL(nn.KLDivLoss):
+    """KL divergence of class probabilities from the model's logits (carries ``.reduction``)."""
+
+    def forward(self, logits, target):
+        return super().forward(torch.log_softmax(logits, dim=-1), target)
+
+
+def _kl_setting(depth, seed=0):
+    torch.manual_seed(seed)
+    model = MLP(5, WIDTHS_BY_DEPTH[depth], 3, activation=torch.tanh).double()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    target = torch.softmax(torch.randn(7, 3, generator=generator, dtype=torch.float64), dim=-1)
+    return model, x, target
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("given", [None, "mean", "batchmean"])
+def test_kl_divergence_batchmean_matches_the_naive_loop(depth, given):
+    # batchmean divides the summed loss by n: (1/n) sum_i L_i with L_i the loss of example i
+    # alone, which is what the naive loop differentiates
+    model, x, target = _kl_setting(depth)
+    loss_fn = LogSoftmaxKL(reduction="batchmean")
+    got = per_example_grads(model, loss_fn, x, target, loss_reduction=given)
+    assert_lists_close(got, naive_per_example_grads(model, loss_fn, x, target))
+    # and they average to autograd's gradient of the batch loss
+    batch = torch.autograd.grad(loss_fn(model(x)[0], target), list(model.parameters()))
+    assert_lists_close([g.mean(0) for g in got], list(batch))
+
+
+def test_kl_divergence_batchmean_contradicts_sum():
+    model, x, target = _kl_setting(2)
+    with pytest.raises(ValueError, match="contradicts loss_fn.reduction='batchmean'"):
+        per_example_grads(model, LogSoftmaxKL(reduction="batchmean"), x, target,
+                          loss_reduction="sum")  # fmt: skip
+
+
+# --- outputs passed where their gradients belong -----------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("function", ["goodfellow_backprop", "per_example_norms", "mlp_factors"])
+def test_layer_outputs_passed_as_their_gradients_are_refused(depth, function):
+    model = MLP(4, WIDTHS_BY_DEPTH[depth], 3).double()
+    # an input that requires grad lets even a one-layer model be told apart; deeper ones always
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=depth == 1)
+    _, activations, linear_combs = model(x)
+    call = getattr(goodfellow, function)
+    with pytest.raises(ValueError, match=r"linear_grads\[\d\] \(layer \d\) is not a gradient"):
+        call(activations, linear_combs)
+
+
+def test_a_differentiable_gradient_is_not_mistaken_for_a_layer_output():
+    # with create_graph=True the gradients carry a graph as the outputs do; they are still
+    # accepted, and the result is still the naive loop's
+    for depth, activation in itertools.product([1, 2, 4], ["relu", "tanh", "sigmoid"]):
+        model, x, y, loss_fn = Case(depth, activation, 6, "mse", "sum").make()
+        x.requires_grad_(True)
+        activations, linear_grads, _ = goodfellow_route(model, x, y, loss_fn, create_graph=True)
+        assert all(g.requires_grad for g in linear_grads)
+        got = goodfellow_backprop(activations, linear_grads)
+        x.requires_grad_(False)
+        assert_lists_close([g.detach() for g in got], naive_per_example_grads(model, loss_fn, x, y))
