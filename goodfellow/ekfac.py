@@ -573,8 +573,12 @@ class EKFAC(torch.optim.Optimizer):
     loss's: with ``loss_reduction="sum"`` it is ``n`` times the mean's, and so is the step.
 
     Args:
-        model: A module whose trainable parameters all belong to ``nn.Linear`` layers (frozen
-            parameters elsewhere are allowed; the hooks refuse anything else).
+        model: A module whose ``nn.Linear`` and ungrouped ``nn.Conv1d/2d/3d`` layers are
+            preconditioned; a convolution's Kronecker factors come from its unfolded patches
+            (KFC, Grosse & Martens 2016, arXiv:1602.01407): every output position counts as a
+            position of KFAC-expand. Trainable parameters of other layers the recorder
+            supports (grouped convolutions, and any layer without Kronecker factors) take a
+            plain gradient-descent step with the same ``lr``.
         lr: Learning rate :math:`\eta \ge 0` (``0``, as a warm-up schedule starts, updates the
             statistics and leaves the parameters alone).
         damping: :math:`\lambda > 0`, added to every eigenvalue of :math:`\hat F`.
@@ -614,24 +618,26 @@ class EKFAC(torch.optim.Optimizer):
             raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
         for name, module in model.named_modules():
             if (
-                isinstance(module, nn.Linear)
+                _is_kronecker_layer(module)
                 and module.bias is not None
                 and module.bias.requires_grad
                 and not module.weight.requires_grad
             ):
                 raise ValueError(
-                    f"Linear {name!r} has a frozen weight but a trainable bias; EKFAC treats "
+                    f"{type(module).__name__} {name!r} has a frozen weight but a trainable "
+                    "bias; EKFAC treats "
                     "weight and bias as one matrix: freeze both or neither."
                 )
         linears = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module.weight.requires_grad
+            if _is_kronecker_layer(module) and module.weight.requires_grad
         ]
         if not linears:
             raise ValueError(
                 f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
-                "weights: EKFAC preconditions nn.Linear layers only."
+                "weights: EKFAC preconditions nn.Linear and ungrouped nn.Conv1d/2d/3d layers "
+                "only."
             )
         owner: dict[int, str] = {}
         for name, module in linears:
@@ -658,6 +664,11 @@ class EKFAC(torch.optim.Optimizer):
         params = [
             p for module in self._layers.values() for p in module.parameters() if p.requires_grad
         ]
+        # Parameters of layers without Kronecker factors (norm layers, embeddings, grouped
+        # convolutions): plain gradient descent with the same lr.
+        kronecker = {id(p) for p in params}
+        self._plain = [p for p in model.parameters() if p.requires_grad and id(p) not in kronecker]
+        params = params + self._plain
         self._building = True  # torch.optim.Optimizer.__init__ adds the one group itself
         super().__init__(params, defaults)
         self._building = False
@@ -863,9 +874,12 @@ class EKFAC(torch.optim.Optimizer):
         for module, new_state, step in updates:
             self.state[module.weight].update(new_state)
             weight, bias = split_weight_bias(step, _has_trainable_bias(module))
-            module.weight.add_(weight, alpha=-hyper["lr"])
+            module.weight.add_(weight.reshape(module.weight.shape), alpha=-hyper["lr"])
             if bias is not None:
                 module.bias.add_(bias, alpha=-hyper["lr"])
+        for param in self._plain:
+            if param.grad is not None:
+                param.add_(param.grad, alpha=-hyper["lr"])
         self.clear()  # the batch is used: the next step needs a new one
         return loss
 
@@ -877,15 +891,11 @@ class EKFAC(torch.optim.Optimizer):
         step = state.get("step", 0)
         decay = group["decay"]
         has_bias = _has_trainable_bias(module)
-        n = record.batch_size
-        # A call whose output never reached the loss (a forward with gradients enabled but no
-        # backward, such as an evaluation) is not part of this loss: its inputs stay out of A.
-        reached = [g is not None for g in record.grad_outputs]
-        inputs = [a for a, used in zip(record.inputs, reached) if used]
-        deltas = [d for d, used in zip(record.per_example_grad_outputs, reached) if used]
-        a = _stack_calls(inputs, n)  # (n, ..., d_in)
-        a = append_ones(a) if has_bias else a  # (n, ..., d_in + 1)
-        delta = _stack_calls(deltas, n)  # (n, ..., d_out)
+        # The layer's rule gives the inputs (unfolded patches for a convolution, with a column
+        # of ones for a bias) and the per-example output gradients of every call that reached
+        # the loss; a call that did not (an evaluation with gradients enabled) stays out of A.
+        a, delta = record.gradients().kronecker_factors()
+        a, delta = a.to(module.weight.dtype), delta.to(module.weight.dtype)  # autocast: back
         A_batch, G_batch = kfac_factors(a, delta)
         _check_finite(A_batch, "input factor A", name, step)
         _check_finite(G_batch, "output-gradient factor G", name, step)
@@ -914,13 +924,20 @@ class EKFAC(torch.optim.Optimizer):
         if has_bias:
             bias_grad = module.bias.grad
             bias_grad = torch.zeros_like(module.bias) if bias_grad is None else bias_grad
-        grad = join_weight_bias(module.weight.grad, bias_grad)  # (d_out, d_in + 1)
+        grad = join_weight_bias(module.weight.grad.flatten(1), bias_grad)  # (d_out, d_in + 1)
         preconditioned = precondition(grad, basis, scalings, group["damping"])
         _check_finite(preconditioned, "preconditioned gradient", name, step)
         return module, new, preconditioned
 
 
 _BASIS_KEYS = KroneckerEigenbasis._fields
+
+
+def _is_kronecker_layer(module: nn.Module) -> bool:
+    """A Linear, or a convolution of one group: a layer whose Fisher block KFAC factors."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
 
 
 def _has_trainable_bias(module: nn.Linear) -> bool:

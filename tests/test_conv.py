@@ -279,3 +279,50 @@ def test_refusals(model, x, message):
         with PerExampleGradients(model):
             if x is not None:
                 model(x).sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["ekfac", "kfac"])
+def test_ekfac_step_of_a_conv_uses_the_factors_of_its_patches(mode):
+    """One EKFAC/KFAC step on a CNN equals the preconditioned gradient built by hand from the
+    unfolded patches (KFC), layer by layer; a grouped convolution gets a plain SGD step."""
+    from goodfellow import (
+        EKFAC,
+        ekfac_scalings,
+        join_weight_bias,
+        kfac_scalings,
+        kronecker_eigenbasis,
+        precondition,
+    )
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(36, 2),
+    ).double()
+    x, y = torch.randn(5, 2, 5, 5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    lr, damping = 0.1, 1e-2
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = EKFAC(model, lr=lr, damping=damping, update_freq=1, decay=0.0, mode=mode)
+    nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    conv = model[0]
+    a = unfold_patches(x, conv)  # (n, L, C_in K)
+    a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=-1)
+    delta = (optimizer.recorder.layers["0"].grad_outputs[0] * x.shape[0]).flatten(2)
+    delta = delta.transpose(1, 2)  # (n, L, C_out)
+    basis = kronecker_eigenbasis(*kfac_factors(a, delta))
+    scalings = ekfac_scalings(a, delta, basis) if mode == "ekfac" else kfac_scalings(basis)
+    grad = join_weight_bias(grads[0].flatten(1), grads[1])
+    expected = precondition(grad, basis, scalings, damping)
+    optimizer.step()
+    params = list(model.parameters())
+    torch.testing.assert_close(
+        params[0], before[0] - lr * expected[:, :-1].reshape(conv.weight.shape), **F64
+    )
+    torch.testing.assert_close(params[1], before[1] - lr * expected[:, -1], **F64)
+    # the grouped conv has no single Kronecker product: plain gradient descent
+    torch.testing.assert_close(params[2], before[2] - lr * grads[2], **F64)
+    torch.testing.assert_close(params[3], before[3] - lr * grads[3], **F64)

@@ -783,12 +783,12 @@ class Scale(nn.Module):
     ("model", "match"),
     [
         (nn.Sequential(nn.ReLU()), "no nn.Linear layer"),
-        (nn.Sequential(nn.Conv1d(1, 1, 2)), "no nn.Linear layer"),
+        (nn.Sequential(nn.Conv1d(2, 2, 2, groups=2)), "no nn.Linear layer"),
         (nn.Sequential(nn.Linear(3, 3), Scale()), "EKFAC cannot precondition this model.*'1'"),
         (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "EKFAC cannot precondition this model"),
         (nn.Linear(3, 3).requires_grad_(False), "no nn.Linear layer with trainable"),
     ],
-    ids=["relu-only", "conv", "other-parameter", "layernorm", "frozen"],
+    ids=["relu-only", "grouped-conv-only", "other-parameter", "layernorm", "frozen"],
 )
 def test_models_ekfac_cannot_precondition_are_refused(model, match):
     with pytest.raises(ValueError, match=match):
