@@ -1,8 +1,9 @@
 """The configurations and the contenders of the benchmark.
 
-Every configuration is the same kind of problem: an MLP with ReLU between its linear layers,
-float32, a batch of ``n`` random inputs with random class labels, and the cross-entropy summed
-over the batch (``reduction="sum"``), so that every method's per-example gradient is directly
+Every configuration is the same kind of problem: a network (an MLP with ReLU between its linear
+layers, or a small CNN: ``cnn-mnist`` and DeepOBS' ``3c3d``), float32, a batch of ``n`` random
+inputs with random class labels, and the cross-entropy summed over the batch
+(``reduction="sum"``), so that every method's per-example gradient is directly
 :math:`\\nabla_\\theta L_i`, with no batch-size factor to undo.
 
 A contender is a :class:`Method`:
@@ -39,24 +40,55 @@ WRITE_VALUE = 0.5
 
 @dataclass(frozen=True)
 class Config:
-    """One benchmark setting: an MLP's layer widths and the batch size."""
+    """One benchmark setting: the network and the batch size.
+
+    Attributes:
+        name: The network's name, the first half of the label.
+        widths: For an MLP its layer widths; for a CNN the input channels, the channels of each
+            convolution and the widths of the linear layers after it (recorded, not used).
+        n: The batch size.
+        arch: ``"mlp"``, or a key of :data:`CNNS` (then ``widths`` only describes it).
+    """
 
     name: str
     widths: tuple[int, ...]
     n: int
+    arch: str = "mlp"
 
     @property
     def label(self) -> str:
         return f"{self.name}/n{self.n}"
 
     @property
+    def is_mlp(self) -> bool:
+        return self.arch == "mlp"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's input shape: ``(d_0,)`` or ``(C, H, W)``."""
+        return (self.widths[0],) if self.is_mlp else CNNS[self.arch][0]
+
+    @property
     def layer_shapes(self) -> list[tuple[int, int]]:
-        """``(d_out, d_in)`` of every linear layer."""
+        """``(d_out, d_in)`` of every linear layer of an MLP."""
         return list(zip(self.widths[1:], self.widths[:-1]))
+
+    def sequential(self) -> nn.Sequential:
+        """A freshly initialised ``nn.Sequential`` of the network (float32, CPU)."""
+        if self.is_mlp:
+            modules: list[nn.Module] = []
+            for index, (d_out, d_in) in enumerate(self.layer_shapes):
+                modules += [nn.ReLU()] if index > 0 else []
+                modules.append(nn.Linear(d_in, d_out))
+            return nn.Sequential(*modules)
+        return CNNS[self.arch][1]()
 
     @property
     def num_params(self) -> int:
-        return sum(d_out * d_in + d_out for d_out, d_in in self.layer_shapes)
+        if self.is_mlp:
+            return sum(d_out * d_in + d_out for d_out, d_in in self.layer_shapes)
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.sequential().parameters())
 
     @property
     def per_example_mb(self) -> float:
@@ -64,14 +96,64 @@ class Config:
         return self.n * self.num_params * 4 / 2**20
 
 
+def _cnn_mnist() -> nn.Sequential:
+    """1x28x28 -> conv 5x5 (16) -> pool -> conv 5x5 (32) -> pool -> linear (10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (16, 14, 14)
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (32, 7, 7)
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def _3c3d() -> nn.Sequential:
+    """DeepOBS' 3c3d on 3x32x32: three conv-ReLU-pool blocks, three linear layers."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, 1),  # (64, 14, 14)
+        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1),  # (96, 6, 6)
+        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),  # (128, 3, 3)
+        nn.Flatten(), nn.Linear(128 * 3 * 3, 512), nn.ReLU(),
+        nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+def _tiny_cnn() -> nn.Sequential:
+    """2x6x6, for the tests: a strided conv with reflect padding, a grouped one, a linear."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),  # (4, 6, 6)
+        nn.MaxPool2d(2),  # (4, 3, 3)
+        nn.Conv2d(4, 4, 2, groups=2), nn.ReLU(),  # (4, 2, 2)
+        nn.Flatten(), nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+def _tiny_cnn_zeros() -> nn.Sequential:
+    """2x6x6, for the tests of the peers (which get non-zero padding modes wrong)."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.ReLU(),  # (4, 3, 3)
+        nn.Conv2d(4, 3, 2), nn.ReLU(),  # (3, 2, 2)
+        nn.Flatten(), nn.Linear(12, 3),
+    )  # fmt: skip
+
+
+CNNS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Sequential]]] = {
+    "cnn-mnist": ((1, 28, 28), _cnn_mnist),
+    "3c3d": ((3, 32, 32), _3c3d),
+    "tiny-cnn": ((2, 6, 6), _tiny_cnn),
+    "tiny-cnn-zeros": ((2, 6, 6), _tiny_cnn_zeros),
+}
+"""Input shape of one example and the network, per CNN architecture."""
+
 CONFIGS = (
     Config("mnist-mlp", MNIST_WIDTHS, 32),
     Config("mnist-mlp", MNIST_WIDTHS, 128),
     Config("mnist-mlp", MNIST_WIDTHS, 512),
     Config("wide-mlp", WIDE_WIDTHS, 128),
     Config("deep-mlp", DEEP_WIDTHS, 256),
+    Config("cnn-mnist", (1, 16, 32, 10), 128, "cnn-mnist"),
+    Config("3c3d", (3, 64, 96, 128, 512, 256, 10), 64, "3c3d"),
 )
 QUICK_CONFIGS = (CONFIGS[0], CONFIGS[1], CONFIGS[4])
+CONV_CONFIGS = (CONFIGS[5], CONFIGS[6])
 LARGEST = ("mnist-mlp/n512", "wide-mlp/n128")
 """The two configurations with the most per-example numbers (n * P), where the issue asks for 2x."""
 
@@ -114,9 +196,15 @@ class Problem:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         widths = config.widths
-        self.mlp = gf.MLP(widths[0], list(widths[1:-1]), widths[-1]).to(self.device, dtype)
-        self.inputs = torch.randn(config.n, widths[0], generator=generator, dtype=dtype)
-        self.inputs = self.inputs.to(self.device)  # (n, d_0)
+        self.mlp: gf.MLP | None = None
+        self.model: nn.Sequential | None = None
+        if config.is_mlp:
+            self.mlp = gf.MLP(widths[0], list(widths[1:-1]), widths[-1]).to(self.device, dtype)
+        else:
+            self.model = config.sequential().to(self.device, dtype)
+        shape = (config.n, *config.input_shape)
+        self.inputs = torch.randn(shape, generator=generator, dtype=dtype)
+        self.inputs = self.inputs.to(self.device)  # (n, d_0) or (n, C, H, W)
         self.targets = torch.randint(widths[-1], (config.n,), generator=generator)
         self.targets = self.targets.to(self.device)  # (n,)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -141,7 +229,9 @@ class Problem:
         self.reference_batch_grad = [g.sum(0) for g in self.reference]
 
     def sequential(self) -> nn.Sequential:
-        """A fresh ``nn.Sequential`` (Linear, ReLU, ..., Linear) with the MLP's weights."""
+        """A fresh ``nn.Sequential`` with the problem's weights (Linear, ReLU, ... for an MLP)."""
+        if self.mlp is None:
+            return copy.deepcopy(self.model)
         modules: list[nn.Module] = []
         for index, layer in enumerate(self.mlp.layers):
             if index > 0:
@@ -150,6 +240,8 @@ class Problem:
         return nn.Sequential(*modules)
 
     def mlp_copy(self) -> gf.MLP:
+        if self.mlp is None:
+            raise ValueError(f"{self.config.label} is not an MLP: no goodfellow.MLP route.")
         return copy.deepcopy(self.mlp)
 
     def linear_grads(self, mlp: gf.MLP) -> tuple[list[Tensor], tuple[Tensor, ...]]:
@@ -179,6 +271,8 @@ class Method:
     description: ClassVar[str]
     approximation: ClassVar[float] = 0.0
     """Relative deviation the method makes on purpose, added to the check's tolerance."""
+    mlp_only: ClassVar[bool] = False
+    """Whether the method needs a :class:`goodfellow.MLP` (the ``goodfellow_backprop`` route)."""
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
@@ -201,6 +295,12 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
+
+
+def methods_for(config: Config, names: list[str] | None = None) -> list[str]:
+    """The methods among ``names`` (default: all) that apply to ``config``, in order."""
+    names = list(METHODS) if names is None else names
+    return [name for name in names if config.is_mlp or not METHODS[name].mlp_only]
 
 
 def _buffers(problem: Problem) -> list[Tensor]:
@@ -352,6 +452,7 @@ class Backpack(Method):
 class GoodfellowBackprop(Method):
     name = "goodfellow_backprop"
     produces = "per_example"
+    mlp_only = True
     description = "goodfellow.goodfellow_backprop with out= buffers kept across steps"
 
     def __init__(self, problem: Problem) -> None:
@@ -372,6 +473,7 @@ class GoodfellowBackprop(Method):
 class GoodfellowBackpropFresh(Method):
     name = "goodfellow_backprop_fresh"
     produces = "per_example"
+    mlp_only = True
     description = "goodfellow.goodfellow_backprop allocating its result every step (no out=)"
 
     def __init__(self, problem: Problem) -> None:
@@ -420,22 +522,49 @@ class Hooks(Method):
         return [grads[name] for name in self.names]
 
 
-@register
-class NormsOnly(Method):
-    name = "norms_only"
-    produces = "norms"
-    description = "goodfellow.per_example_norms: ||G_i||^2 (||A_i||^2 + 1), nothing n * P"
+class _Factored(Method):
+    """The MLP route on an MLP; on a CNN the recorder's factors (``recorded_factors``)."""
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
-        self.mlp = problem.mlp_copy()
+        self.mlp = problem.mlp_copy() if problem.mlp is not None else None
+        if self.mlp is None:
+            self.model = problem.sequential()
+            self.recorder = gf.PerExampleGradients(self.model, loss_reduction="sum").attach()
+
+    def recorded_factors(self) -> dict:
+        """Forward, ``loss.backward()`` under the recorder, and its factors per layer."""
+        p = self.problem
+        p.loss_fn(self.model(p.inputs), p.targets).backward()
+        return gf.recorded_factors(self.recorder)
+
+    def reset(self) -> None:
+        if self.mlp is None:
+            self.model.zero_grad(set_to_none=True)
+
+
+@register
+class NormsOnly(_Factored):
+    name = "norms_only"
+    produces = "norms"
+    description = (
+        "goodfellow.per_example_norms: ||G_i||^2 (||A_i||^2 + 1), nothing n * P; on a CNN "
+        "goodfellow.gradient_norms(recorded_factors(pe))"
+    )
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
         self.norms: Tensor | None = None
 
     def step(self) -> None:
+        if self.mlp is None:
+            self.norms = gf.gradient_norms(self.recorded_factors())
+            return
         activations, linear_grads = self.problem.linear_grads(self.mlp)
         self.norms = gf.per_example_norms(activations, linear_grads, "sum")
 
     def reset(self) -> None:
+        super().reset()
         self.norms = None
 
     def result(self) -> Tensor:
@@ -443,17 +572,24 @@ class NormsOnly(Method):
 
 
 @register
-class ClippedMean(Method):
+class ClippedMean(_Factored):
     name = "clipped_mean"
     produces = "clipped_mean"
-    description = "goodfellow.clipped_mean of goodfellow.mlp_factors: a DP-SGD step without noise"
+    description = (
+        "goodfellow.clipped_mean of goodfellow.mlp_factors (on a CNN of "
+        "goodfellow.recorded_factors): a DP-SGD step without noise"
+    )
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
-        self.mlp = problem.mlp_copy()
+        self.names = [name for name, _ in problem.sequential().named_parameters()]
         self.grads: list[Tensor] | None = None
 
     def step(self) -> None:
+        if self.mlp is None:
+            clipped = gf.clipped_mean(self.recorded_factors(), self.problem.max_norm)
+            self.grads = [clipped[name] for name in self.names]
+            return
         activations, linear_grads = self.problem.linear_grads(self.mlp)
         # Norms from the factors, weights w_i = min(1, C / ||g_i||) / n, then per layer the
         # reweighted batch-gradient product (w * G)^T A: no per-example tensor is formed.
@@ -461,6 +597,7 @@ class ClippedMean(Method):
         self.grads = gf.clipped_mean(factors, self.problem.max_norm)
 
     def reset(self) -> None:
+        super().reset()
         self.grads = None
 
     def result(self) -> list[Tensor]:

@@ -203,7 +203,7 @@ def benchmark_config(
         One record per method (see ``benchmarks/README.md`` for the fields).
     """
     problem = bm.Problem(config, device)
-    methods = [bm.METHODS[name](problem) for name in method_names]
+    methods = [bm.METHODS[name](problem) for name in bm.methods_for(config, method_names)]
     deviations = {}
     for method in methods:
         method.reset()

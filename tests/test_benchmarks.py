@@ -24,6 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 REPO = Path(__file__).resolve().parent.parent
 TINY = bm.Config("tiny", (5, 4, 3), 6)
 DEEP_TINY = bm.Config("deep-tiny", (3, 4, 4, 4, 2), 5)
+# Tiny versions of the conv configurations: zero padding and stride (which the peers get right),
+# and reflect padding with a grouped conv (which they do not).
+CNN_TINY = bm.Config("cnn-tiny", (2, 4, 3, 3), 5, "tiny-cnn-zeros")
+CNN_REFLECT_TINY = bm.Config("cnn-reflect-tiny", (2, 4, 4, 3), 4, "tiny-cnn")
 RECORD_FIELDS = {
     "config": str,
     "method": str,
@@ -44,7 +48,7 @@ def test_benchmarks_package_is_this_repositorys():
     assert Path(benchmarks.__file__).resolve().parent == REPO / "benchmarks"
 
 
-@pytest.fixture(scope="module", params=[TINY, DEEP_TINY], ids=lambda c: c.name)
+@pytest.fixture(scope="module", params=[TINY, DEEP_TINY, CNN_TINY], ids=lambda c: c.name)
 def problem(request):
     return bm.Problem(request.param, dtype=torch.float64, seed=3)
 
@@ -72,6 +76,11 @@ def expected_result(problem: bm.Problem, produces: str):
 
 @pytest.mark.parametrize("name", list(bm.METHODS))
 def test_method_agrees_with_torch_func(problem, name):
+    if name not in bm.methods_for(problem.config):
+        assert not problem.config.is_mlp and bm.METHODS[name].mlp_only
+        with pytest.raises(ValueError, match="is not an MLP"):
+            bm.METHODS[name](problem)
+        return
     method = bm.METHODS[name](problem)
     method.reset()
     method.step()
@@ -94,6 +103,8 @@ def test_method_agrees_with_torch_func(problem, name):
 
 @pytest.mark.parametrize("name", ["goodfellow_backprop", "norms_only", "clipped_mean", "opacus"])
 def test_check_catches_a_wrong_result(problem, name):
+    if name not in bm.methods_for(problem.config):
+        return  # the MLP-only route; the others are checked on this configuration
     method = bm.METHODS[name](problem)
     method.step()
     result = method.result()
@@ -101,6 +112,51 @@ def test_check_catches_a_wrong_result(problem, name):
     first.view(-1)[0] += 1.0
     with pytest.raises(AssertionError, match="deviates from the naive loop"):
         bm.check(method)
+
+
+@pytest.fixture(scope="module")
+def reflect_problem():
+    return bm.Problem(CNN_REFLECT_TINY, dtype=torch.float64, seed=5)
+
+
+@pytest.mark.parametrize("name", ["hooks", "norms_only", "clipped_mean", "torch_func_vmap"])
+def test_goodfellow_is_right_on_reflect_padding_and_groups(reflect_problem, name):
+    method = bm.METHODS[name](reflect_problem)
+    method.step()
+    actual = method.result()
+    actual = [actual] if isinstance(actual, torch.Tensor) else list(actual)
+    expected = expected_result(reflect_problem, method.produces)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, **TOLERANCES[torch.float64])
+    assert bm.check(method) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["opacus", "backpack"])
+def test_check_stops_a_peer_that_treats_reflect_padding_as_zeros(reflect_problem, name):
+    # The benchmark's conv configurations use zero padding, where the peers are right; this
+    # makes sure a wrong peer would stop the run rather than be timed.
+    method = bm.METHODS[name](reflect_problem)
+    method.step()
+    with pytest.raises(AssertionError, match="deviates from the naive loop"):
+        bm.check(method)
+
+
+def test_conv_configurations_are_the_issues_networks():
+    by_label = {c.label: c for c in bm.CONV_CONFIGS}
+    assert set(by_label) == {"cnn-mnist/n128", "3c3d/n64"}
+    # P counted by hand: conv weights and biases, then the linear layers.
+    assert by_label["cnn-mnist/n128"].num_params == (16 * 25 + 16) + (32 * 16 * 25 + 32) + (
+        1568 * 10 + 10
+    )
+    assert by_label["3c3d/n64"].num_params == (
+        (64 * 3 * 25 + 64) + (96 * 64 * 9 + 96) + (128 * 96 * 9 + 128)
+        + (1152 * 512 + 512) + (512 * 256 + 256) + (256 * 10 + 10)
+    )
+    for config in bm.CONV_CONFIGS:
+        x = torch.zeros(2, *config.input_shape)
+        assert config.sequential()(x).shape == (2, 10)
+        assert "goodfellow_backprop" not in bm.methods_for(config)
+        assert {"hooks", "norms_only", "clipped_mean"} <= set(bm.methods_for(config))
 
 
 def test_reset_drops_results_and_steps_give_fresh_ones(problem):
