@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
     parser.add_argument("--config", default="mnist-mlp/n512")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", nargs="+", default=list(bm.METHODS), choices=list(bm.METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(bm.METHODS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=8)
     args = parser.parse_args(argv)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# {args.config}, {args.device}, allocator {allocator}, "
         f"n * P = {problem.config.per_example_mb:.0f} MiB of per-example gradients"
     )
-    for name in args.methods:
+    for name in bm.methods_for(problem.config, args.methods):
         method = bm.METHODS[name](problem)
         print(profile_method(method, args.steps, args.rows), flush=True)
         del method

@@ -337,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="timed steps per method (>= 7)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first")
     parser.add_argument("--configs", nargs="+", default=None, help="labels, e.g. mnist-mlp/n512")
+    parser.add_argument(
+        "--conv", action="store_true",
+        help="with --quick: add the conv configurations cnn-mnist/n128 and 3c3d/n64",
+    )
     parser.add_argument("--methods", nargs="+", default=None, choices=list(bm.METHODS))
     parser.add_argument(
         "--allocators", nargs="+", default=None, choices=list(ALLOCATORS),
@@ -372,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = QUICK_WARMUP if args.quick else FULL_WARMUP
     if args.configs is None:
         args.configs = [c.label for c in (bm.QUICK_CONFIGS if args.quick else bm.CONFIGS)]
+        if args.quick and args.conv:
+            args.configs += [c.label for c in bm.CONV_CONFIGS]
     for label in args.configs:
         bm.config_by_label(label)
     if args.quiet_wait is None:
