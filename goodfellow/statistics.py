@@ -135,7 +135,11 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
                     "weight: use recorder.grads."
                 )
             owner_of_weight[id(weight)] = name
-        factors[name] = record.gradients()
+        layer = record.gradients()
+        dtype = next(module.parameters()).dtype
+        if _example_tensor(layer).dtype != dtype and hasattr(layer, "to"):
+            layer = layer.to(dtype)  # under autocast: statistics in the parameters' dtype
+        factors[name] = layer
     if not factors:
         raise ValueError("the recorder holds no layer with a trainable weight.")
     return factors

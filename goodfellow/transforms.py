@@ -118,7 +118,7 @@ def _pack(template: object, keys: list[str] | None, tensors: list[Tensor]) -> Pe
 
 def _flatten(tensors: Sequence[Tensor], n: int) -> Tensor:
     """Concatenate per-example gradients into one row per example."""
-    return torch.cat([g.reshape(n, -1) for g in tensors], dim=1)  # (n, P)
+    return torch.cat([g.reshape(n, math.prod(g.shape[1:])) for g in tensors], dim=1)  # (n, P)
 
 
 def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

@@ -29,6 +29,7 @@ A rule for a layer of your own: subclass :class:`LayerRule`, implement :meth:`~L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -68,13 +69,14 @@ class MaterializedGradients:
 
     def sq_norms(self) -> Tensor:
         r""":math:`\|g_i\\|^2`, shape ``(n,)``: every row flattened and squared."""
-        n = self.batch_size
-        return sum(torch.linalg.vecdot(g.reshape(n, -1), g.reshape(n, -1)) for g in self.tensors)
+        rows = [g.reshape(self.batch_size, math.prod(g.shape[1:])) for g in self.tensors]
+        return sum(torch.linalg.vecdot(r, r) for r in rows)  # (n,)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`: ``einsum("n,n...->...")`` as a vector-matrix product."""
         n = self.batch_size
-        return [(weights @ g.reshape(n, -1)).reshape(g.shape[1:]) for g in self.tensors]
+        return [(weights @ g.reshape(n, math.prod(g.shape[1:]))).reshape(g.shape[1:])
+                for g in self.tensors]  # fmt: skip
 
     def square_sum(self) -> list[Tensor]:
         r""":math:`\sum_i g_i \odot g_i`, one ``param.shape`` tensor per name."""
@@ -87,6 +89,10 @@ class MaterializedGradients:
     def centered_sq_norm_sum(self, mean: Sequence[Tensor]) -> Tensor:
         r""":math:`\sum_i \|g_i - m\|^2` for a given mean, a scalar."""
         return sum((g - m).square().sum() for g, m in zip(self.tensors, mean))
+
+    def to(self, dtype: torch.dtype) -> MaterializedGradients:
+        """The same gradients in another dtype."""
+        return MaterializedGradients([g.to(dtype) for g in self.tensors], self.names)
 
     def kronecker_factors(self) -> None:
         """Materialized gradients carry no Kronecker structure."""

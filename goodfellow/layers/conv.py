@@ -69,7 +69,8 @@ def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
     n, c = patches.shape[:2]
     # (n, C, L_1..L_d, k_1..k_d) -> (n, L_1..L_d, C, k_1..k_d) -> (n, L, C * K)
     order = [0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d)]
-    return patches.permute(order).reshape(n, -1, c * math.prod(module.kernel_size))
+    positions = math.prod(patches.shape[2 : 2 + d])
+    return patches.permute(order).reshape(n, positions, c * math.prod(module.kernel_size))
 
 
 class ConvFactors:
@@ -139,6 +140,10 @@ class ConvFactors:
         gradients are formed (one layer at a time).
         """
         return [t.square().sum(dim=0) for t in self.per_example()]
+
+    def to(self, dtype: torch.dtype) -> ConvFactors:
+        """The same factors in another dtype."""
+        return ConvFactors(self.linear.to(dtype), self.groups, self.weight_shape)
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor] | None:
         """``(a, delta)`` of the unfolded layer for KFC (Grosse & Martens 2016).

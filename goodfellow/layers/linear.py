@@ -17,6 +17,7 @@ gradient, norm, weighted sum or second moment calls the functions here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -63,8 +64,9 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
         if out is None:
             return torch.mul(left, right)  # (n, o, i)
         return torch.mul(left, right, out=out)  # (n, o, i)
-    left = grad_outputs.reshape(n, -1, d_out).transpose(1, 2)  # (n, o, t)
-    right = inputs.reshape(n, -1, d_in)  # (n, t, i)
+    positions = math.prod(inputs.shape[1:-1])  # explicit: -1 is ambiguous when n = 0
+    left = grad_outputs.reshape(n, positions, d_out).transpose(1, 2)  # (n, o, t)
+    right = inputs.reshape(n, positions, d_in)  # (n, t, i)
     if out is None:
         return torch.bmm(left, right)  # (n, o, i)
     return torch.bmm(left, right, out=out)  # (n, o, i)
@@ -211,6 +213,10 @@ class LinearFactors(NamedTuple):
         r""":math:`\sum_i g_i \odot g_i`; see :func:`_layer_square_sum`."""
         return _layer_square_sum(self)
 
+    def to(self, dtype: torch.dtype) -> LinearFactors:
+        """The same factors in another dtype (autocast's products back in the parameters')."""
+        return LinearFactors(self.inputs.to(dtype), self.grad_outputs.to(dtype), self.bias)
+
     def kronecker_factors(self) -> tuple[Tensor, Tensor]:
         r"""``(a, delta)`` for KFAC.
 
@@ -241,7 +247,8 @@ def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
                 f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
             )
     n = uses[0].shape[0]
-    laid_out = [t.reshape(n, -1, t.shape[-1]) for t in uses]  # views where the layout allows
+    # views where the layout allows; the sizes are explicit, as -1 is ambiguous when n = 0
+    laid_out = [t.reshape(n, math.prod(t.shape[1:-1]), t.shape[-1]) for t in uses]
     if len(laid_out) == 1:
         return laid_out[0]  # (n, T, d), no copy: the statistics only read the factors
     # A layer used several times in one forward: its gradient is the sum over all uses, which is
