@@ -10,6 +10,7 @@ example's own gradient, by four routes:
   layer kind (:mod:`goodfellow.layers`);
 * :mod:`goodfellow.statistics` and :mod:`goodfellow.transforms`: averages of transformed
   per-example gradients, E[T(g_i)] (clipping, variance, norms), and :mod:`goodfellow.cabs`;
+* :mod:`goodfellow.privacy`: DP-SGD's noisy clipped mean (:func:`goodfellow.private_mean`);
 * :mod:`goodfellow.ekfac`: KFAC and EKFAC preconditioning built on the recorded quantities;
 * :mod:`goodfellow.gradiator`: a learned backward for black-box functions.
 """
@@ -21,6 +22,7 @@ from goodfellow import gradiator as _gradiator
 from goodfellow import hooks as _hooks
 from goodfellow import layers as _layers
 from goodfellow import models as _models
+from goodfellow import privacy as _privacy
 from goodfellow import reduction as _reduction
 from goodfellow import reference as _reference
 from goodfellow import statistics as _statistics
@@ -32,6 +34,7 @@ from goodfellow.gradiator import *  # noqa: F403
 from goodfellow.hooks import *  # noqa: F403
 from goodfellow.layers import *  # noqa: F403
 from goodfellow.models import *  # noqa: F403
+from goodfellow.privacy import *  # noqa: F403
 from goodfellow.reduction import *  # noqa: F403
 from goodfellow.reference import *  # noqa: F403
 from goodfellow.statistics import *  # noqa: F403
@@ -51,6 +54,7 @@ __all__ = [
         _transforms,
         _statistics,
         _cabs,
+        _privacy,
         _ekfac,
         _gradiator,
     )
