@@ -340,7 +340,6 @@ def gradient_mean(
 
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -392,7 +391,6 @@ def clipped_mean(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         max_norm: The clipping norm :math:`C > 0`.
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -442,7 +440,6 @@ def gradient_second_moment(
 
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -508,7 +505,6 @@ def gradient_variance(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -591,7 +587,6 @@ def gradient_variance_trace(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Divide by ``n - 1`` instead of ``n``.
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -623,7 +618,6 @@ def noise_scale_parts(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Return the unbiased estimates (needs ``n >= 2``).
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
@@ -655,7 +649,6 @@ def gradient_noise_scale(
     Args:
         source: Per-example gradients or their factored form, as for :func:`gradient_norms`.
         unbiased: Use the unbiased estimates of both parts (see :func:`noise_scale_parts`).
-
         group: A ``torch.distributed`` process group: every rank passes the source of its own
             examples and gets the statistic of all ranks' examples together (one all-reduce
             of ``O(P)`` numbers; see :doc:`/scaling_out`). ``None``: this process only.
