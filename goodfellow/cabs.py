@@ -387,7 +387,9 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` with ``num_workers=0`` (workers
     would fetch batches before the optimizer has chosen their size), or through
     :func:`adaptive_batches`. ``len(sampler)`` (and so ``len(loader)``) is the number of
-    batches at the **current** batch size; see :meth:`__len__`.
+    batches one iteration yields at the **current** batch size (read once, when ``len`` is
+    called): exact for a fixed ``int``, an estimate for an adaptive source such as :class:`CABS`,
+    whose size changes while the batches are drawn; without ``epochs`` there is no length.
 
     Args:
         num_examples: The size of the data set.
@@ -421,7 +423,7 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
         self.examples_seen = 0
 
     def __len__(self) -> int:
-        r"""The number of batches a pass of :meth:`__iter__` yields at the current batch size.
+        r"""The number of batches one iteration yields at the current batch size.
 
         The batch size is read once, now (a callable source is called); an adaptive source
         such as :class:`CABS` changes it while the batches are drawn, so the actual number of

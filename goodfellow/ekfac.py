@@ -686,8 +686,8 @@ class EKFAC(torch.optim.Optimizer):
         For a forward that raised half-way (a bad batch skipped with ``try``/``except``: its
         first layers were recorded, and a next batch of another size would be refused as part
         of it), or a forward and backward not meant for a step. The gradients in ``.grad`` are
-        left alone: call :meth:`zero_grad` as well if a backward ran. Clear through this
-        method, not through :attr:`recorder`: :meth:`step` would take a batch cleared behind
+        left alone: call ``zero_grad()`` as well if a backward ran. Clear through this
+        method, not through ``recorder.clear()``: :meth:`step` would take a batch cleared behind
         its back for a second, accumulated one.
         """
         self.recorder.clear()
