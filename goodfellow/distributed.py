@@ -1,0 +1,217 @@
+r"""The gradient noise scale of any DDP model, without per-example gradients.
+
+McCandlish et al. 2018 (arXiv:1812.06162, appendix A) estimate the noise scale
+:math:`\mathcal B = \operatorname{tr}\Sigma / |G|^2` from the squared norms of two batch
+gradients of different sizes. The expected squared norm of a mean gradient over :math:`b`
+independent examples is
+
+.. math::
+
+    \mathbb E\,\|g_b\|^2 = |G|^2 + \frac{\operatorname{tr}\Sigma}{b},
+
+a line in :math:`1/b`; two batch sizes give two points and the line's intercept and slope are
+:math:`|G|^2` and :math:`S = \operatorname{tr}\Sigma`. Data-parallel training has both for
+free: each rank's local gradient (small batch :math:`b_r`) before DistributedDataParallel's
+all-reduce, and the averaged gradient after it.
+
+With shares of equal size :math:`b` over :math:`W` ranks (big batch :math:`B = Wb`) the
+paper's unbiased estimates are
+
+.. math::
+
+    |G|^2 \approx \frac{B\|g_B\|^2 - b\,\overline{\|g_b\|^2}}{B - b}, \qquad
+    S \approx \frac{\overline{\|g_b\|^2} - \|g_B\|^2}{1/b - 1/B},
+
+with :math:`\overline{\|g_b\|^2}` the mean over ranks. :class:`NoiseScaleHook` uses the form
+that stays unbiased when the shares differ. DDP's gradient is the plain average
+:math:`\bar g = \frac1W\sum_r g_r` of the ranks' mean gradients, so with
+:math:`H = \sum_r 1/b_r`,
+
+.. math::
+
+    \mathbb E \sum_r \|g_r\|^2 = W|G|^2 + H S, \qquad
+    \mathbb E\,\|\bar g\|^2 = |G|^2 + \frac{H}{W^2} S,
+
+two linear equations whose solution is
+
+.. math::
+
+    S \approx \frac{W\big(\sum_r\|g_r\|^2 - W\|\bar g\|^2\big)}{H (W - 1)}, \qquad
+    |G|^2 \approx \|\bar g\|^2 - \frac{H}{W^2} S.
+
+For equal shares (:math:`H = W/b`) these are the paper's formulas. Both estimates are noisy
+and :math:`|G|^2` can come out negative, so, as the paper says, each is averaged over steps
+before the ratio is taken (an exponential moving average here).
+"""
+
+# no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["NoiseScaleHook"]
+
+
+class NoiseScaleHook:
+    r"""Track the gradient noise scale of a DistributedDataParallel model during training.
+
+    Registers a DDP communication hook (``ddp_model.register_comm_hook``) that, for every
+    gradient bucket, takes the squared norm of the rank's local gradient before the all-reduce
+    and of the averaged gradient after it; DDP's gradient itself is unchanged (the same average
+    as DDP's default hook). At the last bucket of a backward it sends one extra all-reduce of
+    two numbers, :math:`\|g_r\|^2` and :math:`1/b_r`, and updates the estimates of the module
+    docstring. Nothing else crosses the network and nothing waits on the host.
+
+    Each step's estimates :math:`S_t` and :math:`|G|^2_t` are smoothed by exponential moving
+    averages, :math:`m_t = \beta m_{t-1} + (1-\beta) x_t`, divided by :math:`1 - \beta^t` (as
+    Adam does) so that the first steps are not pulled towards the start value 0;
+    :attr:`noise_scale` is the ratio of the two averages. All ranks hold the same numbers.
+
+    The local loss must be the mean over the rank's examples (torch losses' default), so that
+    a rank's gradient is the mean gradient of its :math:`b_r` examples. Steps under
+    ``ddp_model.no_sync()`` do not all-reduce and are not counted; a step with gradient
+    accumulation over several micro-batches counts as one batch of their total size.
+
+    Example::
+
+        model = DistributedDataParallel(net)
+        noise = NoiseScaleHook(model, batch_size=32, decay=0.95)
+        for x, y in loader:
+            noise.batch_size = len(x)      # this rank's share, if it varies
+            loss_fn(model(x), y).backward()
+            optimizer.step(); optimizer.zero_grad()
+            print(noise.noise_scale)
+
+    Args:
+        ddp_model: A :class:`torch.nn.parallel.DistributedDataParallel` model before its first
+            backward; a model takes one communication hook, so this replaces none.
+        batch_size: This rank's number of examples per step, :math:`b_r \ge 1`; set
+            :attr:`batch_size` before a backward when it changes. ``None``: set it before the
+            first backward.
+        decay: :math:`\beta \in [0, 1)` of the moving averages (``0``: no smoothing).
+
+    Raises:
+        TypeError: If ``ddp_model`` is not a DistributedDataParallel model.
+        ValueError: If the process group has a single rank (no second batch size), or
+            ``decay`` or ``batch_size`` are out of range.
+    """
+
+    def __init__(
+        self, ddp_model: DistributedDataParallel, batch_size: int | None = None,
+        decay: float = 0.95,
+    ) -> None:
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(
+                "NoiseScaleHook needs a torch.nn.parallel.DistributedDataParallel model, got "
+                f"{type(ddp_model).__name__}; wrap the model in DistributedDataParallel first."
+            )
+        self.group = ddp_model.process_group
+        self.world_size = dist.get_world_size(self.group)
+        if self.world_size < 2:
+            raise ValueError(
+                "the noise scale from DDP's all-reduce needs at least 2 ranks (two batch sizes), "
+                "got 1; use goodfellow.gradient_noise_scale with per-example gradients instead."
+            )
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+        self.decay = float(decay)
+        self._batch_size: int | None = None
+        if batch_size is not None:
+            self.batch_size = batch_size
+        self.steps = 0
+        """Backward passes seen (all-reduces of the whole gradient)."""
+        self._averages: Tensor | None = None  # (2,): running S and |G|^2, not yet debiased
+        self._last: Tensor | None = None  # (2,): this step's S and |G|^2
+        self._local: list[Tensor] = []  # this step's per-bucket local squared norms
+        self._reduced: list[torch.futures.Future] = []  # futures of the reduced squared norms
+        ddp_model.register_comm_hook(None, self._hook)
+
+    @property
+    def batch_size(self) -> int | None:
+        """This rank's number of examples in the next backward, :math:`b_r`."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"batch_size must be this rank's number of examples, an int >= 1, got {value!r} "
+                "(a rank with no example has no mean gradient)."
+            )
+        self._batch_size = value
+
+    # ------------------------------------------------------------------ the communication hook
+
+    def _hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        if self._batch_size is None:
+            raise RuntimeError(
+                "NoiseScaleHook.batch_size is not set: set it to this rank's number of examples "
+                "before the backward."
+            )
+        buffer = bucket.buffer()  # (bucket numel,) this rank's mean gradient
+        self._local.append(torch.linalg.vector_norm(buffer, dtype=torch.float64).square())
+        buffer.div_(self.world_size)  # DDP's default: the all-reduced sum is the rank average
+        work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        averaged = work.get_future().then(lambda fut: fut.value()[0])
+        self._reduced.append(
+            averaged.then(lambda fut: torch.linalg.vector_norm(fut.value(), dtype=torch.float64))
+        )
+        if not bucket.is_last():
+            return averaged
+        scalars = torch.stack([sum(self._local), buffer.new_tensor(1.0 / self._batch_size,
+                                                                  dtype=torch.float64)])  # (2,)
+        extra = dist.all_reduce(scalars, group=self.group, async_op=True).get_future()
+        reduced, self._local, self._reduced = self._reduced, [], []
+        done = torch.futures.collect_all([*reduced, extra])
+
+        def finish(fut: torch.futures.Future) -> Tensor:
+            parts = fut.value()
+            squared_mean = sum(p.value().square() for p in parts[:-1])  # |g_bar|^2
+            local_sum, inverse_sizes = parts[-1].value()[0]  # sum_r |g_r|^2, H
+            self._update(local_sum, inverse_sizes, squared_mean)
+            return averaged.value()
+
+        return done.then(finish)
+
+    def _update(self, local_sum: Tensor, inverse_sizes: Tensor, squared_mean: Tensor) -> None:
+        w = self.world_size
+        trace = w * (local_sum - w * squared_mean) / (inverse_sizes * (w - 1))
+        squared_norm = squared_mean - inverse_sizes / w**2 * trace
+        last = torch.stack([trace, squared_norm])  # (2,)
+        self._last = last
+        if self._averages is None:
+            self._averages = torch.zeros_like(last)
+        self._averages.mul_(self.decay).add_(last, alpha=1 - self.decay)
+        self.steps += 1
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def last_parts(self) -> tuple[float, float]:
+        r"""The last step's unbiased ``(S, |G|^2)``, not smoothed (``nan`` before a step)."""
+        if self._last is None:
+            return math.nan, math.nan
+        trace, squared_norm = self._last.tolist()
+        return trace, squared_norm
+
+    @property
+    def parts(self) -> tuple[float, float]:
+        r"""The moving averages of ``(S, |G|^2)``, debiased (``nan`` before a step)."""
+        if self._averages is None:
+            return math.nan, math.nan
+        debiased = self._averages / (1 - self.decay**self.steps)  # (2,)
+        trace, squared_norm = debiased.tolist()
+        return trace, squared_norm
+
+    @property
+    def noise_scale(self) -> float:
+        r"""The noise scale :math:`\mathcal B = S / |G|^2` of the averages, in examples.
+
+        ``nan`` before the first step; negative or huge while the average of :math:`|G|^2` is
+        still dominated by noise (average over more steps, or a larger ``decay``).
+        """
+        trace, squared_norm = self.parts
+        return trace / squared_norm if squared_norm != 0 else math.inf
