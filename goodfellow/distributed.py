@@ -108,6 +108,12 @@ class NoiseScaleHook:
                 "NoiseScaleHook needs a torch.nn.parallel.DistributedDataParallel model, got "
                 f"{type(ddp_model).__name__}; wrap the model in DistributedDataParallel first."
             )
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+        self.decay = float(decay)
+        self._batch_size: int | None = None
+        if batch_size is not None:
+            self.batch_size = batch_size
         self.group = ddp_model.process_group
         self.world_size = dist.get_world_size(self.group)
         if self.world_size < 2:
@@ -115,12 +121,6 @@ class NoiseScaleHook:
                 "the noise scale from DDP's all-reduce needs at least 2 ranks (two batch sizes), "
                 "got 1; use goodfellow.gradient_noise_scale with per-example gradients instead."
             )
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
-        self.decay = float(decay)
-        self._batch_size: int | None = None
-        if batch_size is not None:
-            self.batch_size = batch_size
         self.steps = 0
         """Backward passes seen (all-reduces of the whole gradient)."""
         self._averages: Tensor | None = None  # (2,): running S and |G|^2, not yet debiased

@@ -9,6 +9,7 @@ give, on every rank, the single-process result on the concatenated batch.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -303,7 +304,40 @@ def _hook_worker(rank: int, kind: str) -> dict:
         record["noise_scale"].append(hook.noise_scale)
         optimizer.step()
     record["steps"] = hook.steps
+    record["errors"] = _bad_hook_arguments(rank)
     return record
+
+
+BAD_HOOK_ARGUMENTS = {
+    "decay 1": ({"decay": 1.0}, ValueError, r"decay must be a number in \[0, 1\)"),
+    "decay negative": ({"decay": -0.1}, ValueError, "decay must be"),
+    "batch size 0": ({"batch_size": 0}, ValueError, "batch_size must be this rank's number"),
+    "batch size float": ({"batch_size": 2.0}, ValueError, "an int >= 1"),
+    "one rank": ({"batch_size": 2, "group": "rank 0 only"}, ValueError, "at least 2 ranks"),
+}
+
+
+def _bad_hook_arguments(rank: int) -> dict:
+    """Each bad argument's (exception type, message) on this rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from goodfellow.distributed import NoiseScaleHook
+
+    alone = dist.new_group([0])  # every rank takes part in creating it
+    errors = {}
+    for name, (kwargs, _, _) in BAD_HOOK_ARGUMENTS.items():
+        kwargs = dict(kwargs)
+        group = kwargs.pop("group", None)
+        if group is not None and rank != 0:
+            continue
+        model = DistributedDataParallel(nn.Linear(2, 1), process_group=alone if group else None)
+        try:
+            NoiseScaleHook(model, **kwargs)
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 - compared by the parent
+            errors[name] = (type(error).__name__, str(error))
+    return errors
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> float:
@@ -345,6 +379,18 @@ def test_the_noise_scale_hook_follows_its_formula(kind, tmp_path):
             expected = float(debiased[0] / debiased[1])
             assert results["noise_scale"][step] == pytest.approx(expected, rel=1e-10)
     assert [results["steps"] for results in per_rank] == [HOOK_STEPS] * w
+    if kind == "hook equal":  # bad arguments, checked once
+        for name, (_, error, match) in BAD_HOOK_ARGUMENTS.items():
+            raised = per_rank[0]["errors"][name]
+            assert raised is not None and raised[0] == error.__name__, f"{name}: {raised}"
+            assert re.search(match, raised[1]), f"{name}: {raised[1]}"
+
+
+def test_the_noise_scale_hook_needs_a_ddp_model():
+    from goodfellow.distributed import NoiseScaleHook
+
+    with pytest.raises(TypeError, match="needs a torch.nn.parallel.DistributedDataParallel"):
+        NoiseScaleHook(nn.Linear(2, 1), batch_size=4)
 
 
 if __name__ == "__main__":
