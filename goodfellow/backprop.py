@@ -34,10 +34,16 @@ from goodfellow._checks import (
     check_plain_mean,
     loss_reduction_of,
 )
-from goodfellow.layers.linear import batched_outer, norm_from_squares, outer_sq_norms
+from goodfellow.layers.linear import LinearFactors, batched_outer, linear_factors, norm_from_squares
 from goodfellow.reduction import batch_size_factor
 
-__all__ = ["check_layer_lists", "goodfellow_backprop", "per_example_grads", "per_example_norms"]
+__all__ = [
+    "check_layer_lists",
+    "goodfellow_backprop",
+    "mlp_factors",
+    "per_example_grads",
+    "per_example_norms",
+]
 
 
 def check_layer_lists(
@@ -271,6 +277,36 @@ def _check_out(
 
 
 
+def mlp_factors(
+    activations: Sequence[Tensor], linear_grads: Sequence[Tensor], loss_reduction: str = "sum"
+) -> list[LinearFactors]:
+    """The factored per-example gradients of a :class:`goodfellow.MLP`, one entry per layer.
+
+    Statistics computed from the result come out as lists ``[W_1, b_1, ..., W_L, b_L]``, the
+    layout of :func:`goodfellow.goodfellow_backprop` and of ``model.parameters()``.
+
+    Args:
+        activations: Inputs of the linear layers, ``activations[l]`` of shape ``(n, d_l)``.
+        linear_grads: ``torch.autograd.grad(loss, linear_combs)``, ``linear_grads[l]`` of shape
+            ``(n, d_{l+1})`` (with ``create_graph=True`` to differentiate the statistics).
+        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow.goodfellow_backprop`.
+
+    Returns:
+        One :class:`goodfellow.LinearFactors` per layer, each with ``T = 1`` position.
+
+    Raises:
+        TypeError: If the arguments are not lists of tensors.
+        ValueError: If the lists do not describe one batch through one chain of layers (see
+            :func:`goodfellow.goodfellow_backprop`).
+    """
+    # the same checks as goodfellow_backprop: one chain of (n, features) layers, one batch
+    check_layer_lists(activations, linear_grads)
+    factors = [
+        linear_factors(a, g, True, loss_reduction) for a, g in zip(activations, linear_grads)
+    ]
+    return factors
+
+
 def per_example_norms(
     activations: Sequence[Tensor],
     linear_grads: Sequence[Tensor],
@@ -305,12 +341,13 @@ def per_example_norms(
     """
     n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
-    differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in linear_grads)
-    with torch.set_grad_enabled(differentiable):
-        layer_squares = [outer_sq_norms(g, a, bias=True) for a, g in zip(activations, linear_grads)]
-        squared = torch.stack(layer_squares).sum(dim=0)  # (L, n) -> (n,)
-        norms = norm_from_squares(squared)  # (n,)
-        return norms * scale if scale != 1 else norms
+    # The linear rule's factored norm, one layer at a time (one position each); the factor n
+    # goes onto the norms rather than onto every G: the same number, fewer kernels.
+    layers = [
+        LinearFactors(a[:, None], g[:, None], True) for a, g in zip(activations, linear_grads)
+    ]
+    norms = norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
+    return norms * scale if scale != 1 else norms
 
 
 def per_example_grads(

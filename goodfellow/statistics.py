@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goodfellow.backprop import check_layer_lists
 from goodfellow.layers.base import MaterializedGradients
-from goodfellow.layers.linear import LinearFactors, linear_factors, norm_from_squares
+from goodfellow.layers.linear import LinearFactors, norm_from_squares
 from goodfellow.transforms import PerExampleGrads, _check_max_norm, _clip_factors, _unpack
 
 Source = object
@@ -37,41 +36,9 @@ __all__ = [
     "gradient_second_moment",
     "gradient_variance",
     "gradient_variance_trace",
-    "mlp_factors",
     "noise_scale_parts",
     "recorded_factors",
 ]
-
-
-def mlp_factors(
-    activations: Sequence[Tensor], linear_grads: Sequence[Tensor], loss_reduction: str = "sum"
-) -> list[LinearFactors]:
-    """The factored per-example gradients of a :class:`goodfellow.MLP`, one entry per layer.
-
-    Statistics computed from the result come out as lists ``[W_1, b_1, ..., W_L, b_L]``, the
-    layout of :func:`goodfellow.goodfellow_backprop` and of ``model.parameters()``.
-
-    Args:
-        activations: Inputs of the linear layers, ``activations[l]`` of shape ``(n, d_l)``.
-        linear_grads: ``torch.autograd.grad(loss, linear_combs)``, ``linear_grads[l]`` of shape
-            ``(n, d_{l+1})`` (with ``create_graph=True`` to differentiate the statistics).
-        loss_reduction: ``"sum"`` or ``"mean"``, as for :func:`goodfellow.goodfellow_backprop`.
-
-    Returns:
-        One :class:`goodfellow.LinearFactors` per layer, each with ``T = 1`` position.
-
-    Raises:
-        TypeError: If the arguments are not lists of tensors.
-        ValueError: If the lists do not describe one batch through one chain of layers (see
-            :func:`goodfellow.goodfellow_backprop`).
-    """
-    # the same checks as goodfellow_backprop: one chain of (n, features) layers, one batch
-    check_layer_lists(activations, linear_grads)
-    factors = [
-        linear_factors(a, g, True, loss_reduction) for a, g in zip(activations, linear_grads)
-    ]
-    _check_layers(factors, allow_empty=False)
-    return factors
 
 
 def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
