@@ -49,9 +49,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import goodfellow.layers.conv  # noqa: F401  (registers the convolution rules)
+import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
 from goodfellow._checks import aliased_buffer, display_module, display_name
 from goodfellow.layers.base import LayerRule, rule_for
+from goodfellow.layers.fallback import FallbackRule
 from goodfellow.reduction import batch_size_factor
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
@@ -88,6 +89,10 @@ class LayerRecord:
         self.inputs: list[Tensor] = []
         self.grad_outputs: list[Tensor | None] = []
         self.output_shapes: list[torch.Size] = []
+        self.args: list[tuple] = []
+        self.kwargs: list[dict] = []
+        self.records_all_inputs = bool(getattr(rule, "records_all_inputs", False))
+        self.batch_dim = _batch_dim(rule, module)
         self._owner = owner
 
     @property
@@ -98,7 +103,7 @@ class LayerRecord:
     @property
     def batch_size(self) -> int | None:
         """The number of examples ``n`` of the current batch, ``None`` before any call."""
-        return self.inputs[0].shape[0] if self.inputs else None
+        return self.inputs[0].shape[self.batch_dim] if self.inputs else None
 
     @property
     def scale(self) -> int:
@@ -149,14 +154,18 @@ class LayerRecord:
             A layer-gradients object (see :mod:`goodfellow.layers.base`).
         """
         scale = self.scale if self.inputs else 1
-        inputs, deltas = [], []
-        for a, g in zip(self.inputs, self.grad_outputs):
+        inputs, deltas, calls = [], [], []
+        for c, (a, g) in enumerate(zip(self.inputs, self.grad_outputs)):
             if g is None:
                 continue  # this call's output did not reach the loss: it contributes zero
             inputs.append(a if differentiable else a.detach())
             deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
+            if self.records_all_inputs:
+                calls.append((self.args[c], self.kwargs[c]))
         if not deltas:
             return self.rule.zeros(self.module, self._owner._batch_size)
+        if self.records_all_inputs:
+            return self.rule.gradients(self.module, inputs, deltas, calls=calls)
         return self.rule.gradients(self.module, inputs, deltas)
 
     def clear(self) -> None:
@@ -164,6 +173,8 @@ class LayerRecord:
         self.inputs = []
         self.grad_outputs = []
         self.output_shapes = []
+        self.args = []
+        self.kwargs = []
 
     def __repr__(self) -> str:
         return (
@@ -248,6 +259,7 @@ class PerExampleGradients:
         self._attached = False
         self._generation = 0
         self._batch_size: int | None = None
+        self._model_batch_size: int | None = None  # of the model's forward running now, if any
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
@@ -272,6 +284,7 @@ class PerExampleGradients:
             )
         self._inspect_model()
         self._module_handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._module_handles.append(self.model.register_forward_hook(self._after_model_forward))
         for record in self.layers.values():
             handle = record.module.register_forward_hook(
                 self._forward_hook_for(record), with_kwargs=True
@@ -320,13 +333,21 @@ class PerExampleGradients:
         """Find the modules with a layer rule; refuse every one the recorder cannot handle."""
         layers: dict[str, LayerRecord] = {}
         batchnorms: list[tuple[str, _BatchNorm]] = []
+        claimed: list[str] = []  # modules whose rule claims their submodules' parameters
         for name, module in self.model.named_modules():
+            if any(name.startswith(f"{prefix}.") or prefix == "" for prefix in claimed):
+                continue  # its parameters belong to the enclosing module's rule
             own = dict(module.named_parameters(recurse=False))
             if isinstance(module, _BatchNorm):
                 batchnorms.append((name, module))
                 _refuse_training_batchnorm(name, module)
             rule = rule_for(module)
+            if rule is None and not isinstance(module, _BatchNorm):
+                if any(p.requires_grad for p in own.values()):
+                    rule = _FALLBACK  # a custom layer or a bare parameter: torch.func
             if rule is not None:
+                if getattr(rule, "claims_submodules", False):
+                    claimed.append(name)
                 rule.check(name, module)
                 _refuse_uninitialized(name, module, own)
                 kept = self.layers.get(name)  # keep records others hold across re-attaching
@@ -352,7 +373,7 @@ class PerExampleGradients:
         owner_of = {id(p): p_name for p_name, p in self.model.named_parameters()}
         owners: dict[str, list[tuple[LayerRecord, str]]] = {}
         for record in layers.values():
-            params = dict(record.module.named_parameters(recurse=False))
+            params = dict(record.module.named_parameters())
             for suffix in record.rule.parameter_names(record.module):
                 p_name = owner_of[id(params[suffix])]
                 owners.setdefault(p_name, []).append((record, suffix))
@@ -366,15 +387,38 @@ class PerExampleGradients:
     # ------------------------------------------------------------------ hooks
 
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook of the model: BatchNorm may have been put in training mode since."""
-        if torch.is_grad_enabled():
-            for name, batchnorm in self._batchnorms:
-                _refuse_training_batchnorm(name, batchnorm)
+        """Forward pre-hook of the model: check BatchNorm, note the batch size of the input.
+
+        BatchNorm may have been put in training mode since :meth:`attach`. The batch size of
+        the model's own input is what every recorded call must see on its batch dimension: a
+        module applied to a tensor without the batch (positions ``arange(T)``) or to the
+        batch merged with another dimension (``(n * T, d)``) would otherwise pass for a batch of
+        ``T`` or ``n * T`` examples.
+        """
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if not torch.is_grad_enabled() or (first is not None and _is_functorch(first)):
+            return
+        for name, batchnorm in self._batchnorms:
+            _refuse_training_batchnorm(name, batchnorm)
+        root = self.layers.get("")
+        dim = root.batch_dim if root is not None and root.module is self.model else 0
+        self._model_batch_size = (
+            first.shape[dim] if first is not None and first.dim() > dim else None
+        )
+
+    def _after_model_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        """Forward hook of the model: calls of a submodule run on its own are not checked."""
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None or not _is_functorch(first):
+            self._model_batch_size = None
 
     def _forward_hook_for(self, record: LayerRecord) -> Callable[..., None]:
         """The forward hook of one Linear: keep its input, hook its output's gradient."""
 
-        def forward_hook(module: nn.Linear, args: tuple, kwargs: dict, output: Tensor) -> None:
+        def forward_hook(module: nn.Linear, args: tuple, kwargs: dict, output: object) -> None:
+            output, others = _split_output(record, output)
+            if not isinstance(output, Tensor):
+                return  # a module returning no tensor: nothing to hook
             if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
                 return  # no backward of ours can come through this call
             if _in_backward():
@@ -395,7 +439,19 @@ class PerExampleGradients:
                     "with no batch dimension; per-example gradients need the examples on "
                     "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
                 )
-            n = a.shape[0]
+            n = a.shape[record.batch_dim]
+            expected = self._model_batch_size
+            if expected is not None and n != expected:
+                raise ValueError(
+                    f"{kind} {_display(record.name)} got {n} examples on dimension "
+                    f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
+                    f"input has {expected}: the module runs on a tensor without the batch "
+                    "dimension (a position embedding looked up on arange(T) and broadcast over "
+                    "the batch) or with the batch merged into another dimension (a reshape of "
+                    "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
+                    "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
+                    "its own dimension."
+                )
             if self._batch_size is None:
                 self._batch_size = n
             elif n != self._batch_size:
@@ -410,8 +466,14 @@ class PerExampleGradients:
             record.inputs.append(a)  # (n, ..., d_in)
             record.grad_outputs.append(None)
             record.output_shapes.append(output.shape)
+            if record.records_all_inputs:
+                record.args.append(args)
+                record.kwargs.append(dict(kwargs))
             hook = self._gradient_hook_for(record, call, self._generation, output.shape)
             self._tensor_handles.append(_hookable(output).register_hook(hook))
+            for k, other in others:
+                refuse = _refuse_other_output(record, k, self._generation, self)
+                self._tensor_handles.append(other.register_hook(refuse))
 
         return forward_hook
 
@@ -562,7 +624,8 @@ class PerExampleGradients:
                     g is not None and g.dtype != params[full[0]].dtype for g in record.grad_outputs
                 )
                 buffers = [
-                    out[p] if out is not None and len(self._owners[p]) == 1 and not autocast
+                    out[p]
+                    if out is not None and len(self._owners[p]) == 1 and not autocast
                     else None
                     for p in full
                 ]
@@ -607,6 +670,52 @@ class PerExampleGradients:
             f"PerExampleGradients({type(self.model).__name__}, "
             f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} Linear layers, {state})"
         )
+
+
+_FALLBACK = FallbackRule()
+
+
+def _batch_dim(rule: LayerRule, module: nn.Module) -> int:
+    """The dimension of a call's input and output that indexes the examples (0 unless told)."""
+    batch_dim = getattr(rule, "batch_dim", None)
+    return batch_dim(module) if callable(batch_dim) else 0
+
+
+def _split_output(record: LayerRecord, output: object) -> tuple[object, list[tuple[int, Tensor]]]:
+    """The output whose gradient is recorded, and the other outputs that might need a gradient.
+
+    A module returning a tuple (``nn.MultiheadAttention``: the attention output and its
+    weights) is recorded through its first element; the others get a hook that refuses a
+    backward through them.
+    """
+    if not isinstance(output, tuple):
+        return output, []
+    if not output:
+        return None, []
+    others = [
+        (k, t)
+        for k, t in enumerate(output[1:], start=1)
+        if isinstance(t, Tensor) and t.requires_grad and not _is_functorch(t)
+    ]
+    return output[0], others
+
+
+def _refuse_other_output(
+    record: LayerRecord, index: int, generation: int, owner: PerExampleGradients
+) -> Callable[[Tensor], None]:
+    """A tensor hook on output ``index > 0`` of a tuple: its gradient would be missing."""
+
+    def hook(grad: Tensor) -> None:
+        if owner._attached and generation == owner._generation:
+            raise ValueError(
+                f"output {index} of {type(record.module).__name__} {_display(record.name)} "
+                "reaches the loss, but PerExampleGradients records only the gradient of its "
+                "first output, so the per-example gradients would miss that path. For "
+                "nn.MultiheadAttention pass need_weights=False (or use the weights under "
+                "torch.no_grad())."
+            )
+
+    return hook
 
 
 def _is_functorch(tensor: Tensor) -> bool:

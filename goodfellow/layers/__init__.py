@@ -1,10 +1,39 @@
-"""Layer rules: one module per layer kind.
+r"""Layer rules: one module per layer kind.
 
 A *rule* turns what the recorder saw of one module (its inputs and the gradients of its
 outputs, call by call) into that module's per-example gradients, their norms, weighted sums,
 second moments and, where KFAC defines them, Kronecker factors.
+
+Which rule claims which parameters. Each trainable parameter of a recorded model belongs to
+exactly one rule:
+
+- ``nn.Linear``: :class:`~goodfellow.layers.linear.LinearRule`, factored outer products.
+- ``nn.Conv1d/2d/3d``: :class:`~goodfellow.layers.conv.ConvRule`, the linear rule on unfolded
+  patches.
+- ``nn.Embedding``: :class:`~goodfellow.layers.embedding.EmbeddingRule`, token ids and output
+  gradients; rows added where tokens repeat, none for ``padding_idx``.
+- ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm1d/2d/3d``:
+  :class:`~goodfellow.layers.norm.NormRule`, :math:`\sum_t G \odot \hat x` and
+  :math:`\sum_t G`.
+- ``nn.MultiheadAttention``: :class:`~goodfellow.layers.attention.MultiheadAttentionRule`, all
+  its parameters, ``out_proj``'s included (``out_proj`` is not recorded on its own).
+- Any other module with trainable parameters of its own (a custom layer, a bare
+  ``nn.Parameter``): :class:`~goodfellow.layers.fallback.FallbackRule`, ``torch.func`` of that
+  module alone, for its own parameters.
+
+BatchNorm with trainable parameters or in training mode is refused (it mixes the examples).
+A layer of your own gets a faster rule than the fallback by subclassing
+:class:`~goodfellow.layers.base.LayerRule` (implement ``gradients``, return a layer-gradients
+object such as :class:`~goodfellow.layers.base.MaterializedGradients`) and registering it::
+
+    goodfellow.layers.register_rule(MyLayer, MyLayerRule())
 """
 
+import goodfellow.layers.attention
+import goodfellow.layers.conv
+import goodfellow.layers.embedding
+import goodfellow.layers.norm  # noqa: F401  (each registers its rules on import)
+from goodfellow.layers.base import register_rule, registered_rules, rule_for
 from goodfellow.layers.linear import (
     LinearFactors,
     batched_outer,
@@ -19,4 +48,7 @@ __all__ = [
     "linear_factors",
     "norm_from_squares",
     "outer_sq_norms",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
 ]

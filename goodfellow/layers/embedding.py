@@ -1,0 +1,169 @@
+r"""The embedding rule: ``nn.Embedding``'s per-example gradients are rows added where tokens hit.
+
+An embedding looks up row :math:`x_{i,t}` of its weight :math:`W \in \mathbb{R}^{V \times d}` at
+every position ``t`` of example ``i``. With :math:`G_{i,t} = \partial L_i / \partial Z_{i,t}`
+the output gradient at that position,
+
+.. math::
+
+    \frac{\partial L_i}{\partial W_v} = \sum_t [x_{i,t} = v]\, G_{i,t},
+
+so the gradient is zero outside the rows the example used, and a row used at several positions
+collects the sum of their gradients (``index_add``). ``padding_idx`` is a row the module never
+updates: its positions are dropped. The squared norm needs no ``(n, V, d)`` tensor:
+
+.. math::
+
+    \Big\|\frac{\partial L_i}{\partial W}\Big\|^2
+    = \sum_v \Big\|\sum_t [x_{i,t} = v] G_{i,t}\Big\|^2
+    = \sum_{t,s} [x_{i,t} = x_{i,s}]\, G_{i,t} \cdot G_{i,s}.
+
+Two exact ways to evaluate it, chosen by cost: the right-hand side as an ``(n, T, T)``
+equality mask times the Gram matrix of :math:`G_i` (:math:`n T^2 d` work in one batched product,
+fastest for short sequences), or the middle form, adding rows with equal ``(i, v)`` first
+(``unique`` and ``index_add``: :math:`n T d` work plus a sort, for long ones).
+
+Index letters: ``n`` example, ``t`` and ``s`` position, ``v`` vocabulary row, ``d`` feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from goodfellow._checks import display_name
+from goodfellow.layers.base import LayerRule, register_rule
+
+__all__ = ["EmbeddingGradients", "EmbeddingRule"]
+
+#: Up to this many positions per example the Gram form is used for the norms.
+GRAM_MAX_POSITIONS = 64
+
+
+class EmbeddingGradients:
+    r"""One embedding's per-example gradients, kept as token ids and output gradients.
+
+    Args:
+        tokens: The looked-up rows :math:`x`, shape ``(n, T)`` (all calls laid end to end).
+        grad_outputs: :math:`G`, shape ``(n, T, d)``, zero at ``padding_idx`` positions.
+        num_embeddings: The vocabulary size :math:`V`.
+    """
+
+    names = ("weight",)
+
+    def __init__(self, tokens: Tensor, grad_outputs: Tensor, num_embeddings: int) -> None:
+        self.tokens = tokens
+        self.grad_outputs = grad_outputs
+        self.num_embeddings = num_embeddings
+
+    @property
+    def batch_size(self) -> int:
+        """The number of examples ``n``."""
+        return self.tokens.shape[0]
+
+    def _keys(self) -> Tensor:
+        """Row ``i * V + x_{i,t}`` of the ``(n V, d)`` stack of all examples' gradients."""
+        n, T = self.tokens.shape
+        offsets = torch.arange(n, device=self.tokens.device).unsqueeze(1) * self.num_embeddings
+        return (offsets + self.tokens).reshape(n * T)  # (n T,)
+
+    def per_example(self, out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+        """``(n, V, d)``: each example's output gradients added into the rows it used."""
+        n, V, G = self.batch_size, self.num_embeddings, self.grad_outputs
+        d = G.shape[-1]
+        buffer = None if out is None else out[0]
+        result = G.new_zeros((n, V, d)) if buffer is None else buffer.zero_()
+        result.view(n * V, d).index_add_(0, self._keys(), G.reshape(-1, d))
+        return [result]
+
+    def _unique_rows(self) -> tuple[Tensor, Tensor]:
+        """The distinct ``(i, v)`` pairs and the sum of their positions' gradients, ``(U, d)``."""
+        G = self.grad_outputs
+        keys, inverse = torch.unique(self._keys(), return_inverse=True)  # (U,), (n T,)
+        rows = G.new_zeros((keys.shape[0], G.shape[-1]))
+        rows.index_add_(0, inverse, G.reshape(-1, G.shape[-1]))  # (U, d)
+        return keys, rows
+
+    def sq_norms(self) -> Tensor:
+        r""":math:`\|g_i\|^2`, ``(n,)``, by the Gram form or by unique rows (see the module)."""
+        if self.tokens.shape[1] <= GRAM_MAX_POSITIONS:
+            return _gram_sq_norms(self.tokens, self.grad_outputs)
+        return self._unique_sq_norms()
+
+    def _unique_sq_norms(self) -> Tensor:
+        keys, rows = self._unique_rows()
+        examples = torch.div(keys, self.num_embeddings, rounding_mode="floor")  # (U,)
+        squares = torch.linalg.vecdot(rows, rows)  # (U,)
+        return squares.new_zeros(self.batch_size).index_add_(0, examples, squares)
+
+    def weighted_sum(self, weights: Tensor) -> list[Tensor]:
+        r""":math:`\sum_i w_i g_i`, ``(V, d)``: the rows weighted by their example, added."""
+        G = self.grad_outputs
+        weighted = (weights.to(G.dtype)[:, None, None] * G).reshape(-1, G.shape[-1])  # (n T, d)
+        total = G.new_zeros((self.num_embeddings, G.shape[-1]))
+        return [total.index_add_(0, self.tokens.reshape(-1), weighted)]
+
+    def square_sum(self) -> list[Tensor]:
+        r""":math:`\sum_i g_i \odot g_i`, ``(V, d)``: each example's rows squared, then added."""
+        keys, rows = self._unique_rows()
+        vocab_rows = torch.remainder(keys, self.num_embeddings)  # (U,)
+        total = rows.new_zeros((self.num_embeddings, rows.shape[-1]))
+        return [total.index_add_(0, vocab_rows, rows.square())]
+
+    def kronecker_factors(self) -> None:
+        """An embedding has no Kronecker factors here (KFAC treats only Linear and Conv)."""
+        return None
+
+
+def _gram_sq_norms(tokens: Tensor, grad_outputs: Tensor) -> Tensor:
+    r""":math:`\sum_{t,s} [x_t = x_s]\, G_t \cdot G_s` per example, ``(n,)``."""
+    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)  # (n, T, T)
+    gram = torch.bmm(grad_outputs, grad_outputs.transpose(1, 2))  # (n, T, T)
+    return (gram * same).sum(dim=(1, 2))  # (n,)
+
+
+class EmbeddingRule(LayerRule):
+    """``nn.Embedding``: rows of the output gradients added at the looked-up indices."""
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Refuse ``max_norm`` (rewrites the weight in the forward), ``sparse`` and subclasses."""
+        who = f"module {display_name(name)} ({type(module).__name__})"
+        if type(module).forward is not nn.Embedding.forward:
+            raise ValueError(
+                f"{who} subclasses nn.Embedding with its own forward; the embedding rule "
+                "handles only the plain lookup of nn.Embedding."
+            )
+        if module.max_norm is not None:
+            raise ValueError(
+                f"{who} has max_norm={module.max_norm}: it renormalizes the looked-up rows of "
+                "the weight in place during the forward, so the gradient is not the plain "
+                "lookup's and the weight changes under the recorder; use max_norm=None (clip "
+                "the rows after the optimizer step if needed)."
+            )
+        if module.sparse:
+            raise ValueError(
+                f"{who} has sparse=True; per-example gradients are dense tensors here: "
+                "construct it with sparse=False."
+            )
+
+    def min_input_dim(self, module: nn.Module) -> int:
+        """Token ids ``(n, ...)``: one dimension at least."""
+        return 1
+
+    def gradients(
+        self, module: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor]
+    ) -> EmbeddingGradients:
+        """Token ids and output gradients of all calls, laid end to end as positions."""
+        n = inputs[0].shape[0]
+        d = module.embedding_dim
+        dtype = module.weight.dtype
+        tokens = torch.cat([x.reshape(n, -1) for x in inputs], dim=1)  # (n, T)
+        G = torch.cat([g.to(dtype).reshape(n, -1, d) for g in grad_outputs], dim=1)  # (n, T, d)
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            G = G * (tokens != module.padding_idx).unsqueeze(-1).to(dtype)  # (n, T, d)
+        return EmbeddingGradients(tokens, G, module.num_embeddings)
+
+
+register_rule(nn.Embedding, EmbeddingRule())
