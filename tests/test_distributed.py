@@ -393,5 +393,35 @@ def test_the_noise_scale_hook_needs_a_ddp_model():
         NoiseScaleHook(nn.Linear(2, 1), batch_size=4)
 
 
+# --------------------------------------------------------------------------------------------
+# The example, as torchrun runs it
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_ddp_example_trains_and_keeps_the_ranks_in_step():
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [
+        str(torchrun), "--standalone", "--nproc-per-node", str(WORLD_SIZE),
+        "examples/ddp_training.py", "--steps", "40", "--log-every", "20",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the example ran for more than {TIMEOUT_S} s")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    initial = float(re.search(r"initial loss ([0-9.]+)", output).group(1))
+    final = float(re.search(r"final loss ([0-9.]+)", output).group(1))
+    assert final < 0.8 * initial, output
+    scales = re.findall(r"noise scale: hook +(\S+), per-example +(\S+)", output)
+    assert len(scales) == 2, output  # steps 20 and 40
+    assert all(float(hook) == float(hook) for hook, _ in scales)  # not nan: the hook ran
+    assert "ranks agree: True" in output, output
+    assert "steps:" in output  # rank 0's progress bar
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
