@@ -38,10 +38,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from goodfellow.layers.linear import LinearFactors
-from goodfellow.statistics import clipped_mean
+from goodfellow.statistics import _clipped_sum_and_count
 from goodfellow.transforms import PerExampleGrads, _check_max_norm
 
 __all__ = ["private_mean"]
@@ -102,63 +101,6 @@ def _check_group(group: object) -> None:
             "group was given but torch.distributed is not initialized: call "
             "torch.distributed.init_process_group first (or pass group=None)."
         )
-
-
-def _entries(source: object) -> list[object]:
-    """The per-parameter tensors or per-layer factors of a source, unchecked."""
-    if isinstance(source, LinearFactors):
-        return [source]
-    if isinstance(source, Mapping):
-        return list(source.values())
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    return []
-
-
-def _rows(entry: object) -> int | None:
-    """The number of examples an entry holds, ``None`` if it is not recognizable."""
-    tensor = entry.inputs if isinstance(entry, LinearFactors) else entry
-    if isinstance(tensor, Tensor) and tensor.dim() >= 1:
-        return tensor.shape[0]
-    return None
-
-
-def _one_zero_example(source: object) -> object:
-    """The source with every empty entry replaced by one example whose gradient is zero.
-
-    Its clipped mean is zero in exactly the layout, dtype and device of the source's: the
-    clipped sum of an empty batch, computed (and checked) by :func:`goodfellow.clipped_mean`.
-    """
-
-    def replace(entry: object) -> object:
-        if _rows(entry) != 0:
-            return entry
-        if isinstance(entry, LinearFactors):
-            A, G, bias = entry
-            return LinearFactors(A.new_zeros(1, *A.shape[1:]), G.new_zeros(1, *G.shape[1:]), bias)
-        return entry.new_zeros(1, *entry.shape[1:])  # type: ignore[union-attr]
-
-    if isinstance(source, LinearFactors):
-        return replace(source)
-    if isinstance(source, Mapping):
-        return {key: replace(value) for key, value in source.items()}
-    return type(source)(replace(entry) for entry in source)  # type: ignore[call-arg]
-
-
-def _local_clipped_sum(source: Source, max_norm: float) -> tuple[PerExampleGrads, int]:
-    r""":math:`\sum_i \operatorname{clip}_C(g_i)` in the layout of ``clipped_mean``, and ``n``."""
-    entries = _entries(source)
-    n = _rows(entries[0]) if entries else None
-    if n == 0:
-        summed = clipped_mean(_one_zero_example(source), max_norm)  # zeros, checked layout
-        scale = 0.0
-    else:
-        summed = clipped_mean(source, max_norm)  # checks the source
-        n = _rows(entries[0])
-        scale = float(n)
-    if isinstance(summed, Mapping):
-        return {key: t * scale for key, t in summed.items()}, int(n)  # type: ignore[arg-type]
-    return type(summed)(t * scale for t in summed), int(n)  # type: ignore[arg-type]
 
 
 def private_mean(
@@ -243,7 +185,8 @@ def private_mean(
     _check_generator(generator)
     _check_group(group)
 
-    summed, n = _local_clipped_sum(source, max_norm)  # n: this rank's examples
+    # This rank's clipped sum; the all-reduce comes below, after rank 0 has added the noise.
+    summed, n = _clipped_sum_and_count(source, max_norm)  # n: this rank's examples
     keys = list(summed.keys()) if isinstance(summed, Mapping) else None
     sums = list(summed.values()) if isinstance(summed, Mapping) else list(summed)  # param.shape
     like = sums[0]
