@@ -1,0 +1,334 @@
+"""Rules of transformer layers against torch.func: Embedding, norm layers, attention, fallback.
+
+Every case of the list is a small model run through PerExampleGradients and through
+``vmap(grad(...))`` of one example's loss, in float64, for both reductions. The statistics built
+on the rules (norms, clipped means, second moments) are checked against the same statistics of
+the materialized gradients, and the refusals against their messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from goodfellow import (
+    PerExampleGradients,
+    clipped_mean,
+    gradient_norms,
+    gradient_second_moment,
+    recorded_factors,
+    torch_func_per_example_grads,
+)
+from goodfellow.layers import embedding as embedding_rule
+from goodfellow.layers.embedding import EmbeddingGradients, _gram_sq_norms
+from tests.conftest import TOLERANCES
+
+F64 = TOLERANCES[torch.float64]
+V, D, T, N = 7, 6, 5, 4
+
+
+class Pool(nn.Module):
+    """A model around one layer: layer -> tanh -> mean over positions -> Linear head."""
+
+    def __init__(self, layer: nn.Module, d: int = D, prepare: Callable | None = None):
+        super().__init__()
+        self.layer, self.head, self.prepare = layer, nn.Linear(d, 2), prepare
+
+    def forward(self, x):
+        h = self.layer(x) if self.prepare is None else self.prepare(self.layer, x)
+        h = torch.tanh(h)
+        return self.head(h.reshape(h.shape[0], -1, h.shape[-1]).mean(dim=1))
+
+
+class TinyLM(nn.Module):
+    """Token and (expanded) position embeddings, LayerNorm, MHA with a causal mask, RMSNorm."""
+
+    def __init__(self, batch_first: bool = True, padding_idx: int | None = 0):
+        super().__init__()
+        self.batch_first = batch_first
+        self.tok = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.pos = nn.Embedding(T, D)
+        self.ln = nn.LayerNorm(D)
+        self.mha = nn.MultiheadAttention(D, 2, batch_first=batch_first)
+        self.rms = nn.RMSNorm(D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        n, t = x.shape
+        positions = torch.arange(t).expand(n, t)  # (n, T): the batch stays its own dimension
+        h = self.ln(self.tok(x) + self.pos(positions))  # (n, T, D)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        pad = x == 0
+        h = h if self.batch_first else h.transpose(0, 1)
+        a, _ = self.mha(h, h, h, attn_mask=causal, key_padding_mask=pad, need_weights=False)
+        a = a if self.batch_first else a.transpose(0, 1)
+        return self.head(self.rms(a + h if self.batch_first else a + h.transpose(0, 1)))
+
+
+class Scaled(nn.Module):
+    """A custom layer: a bare parameter and a Linear child used inside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(D))
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.lin(x * self.gain) + self.gain.square()
+
+
+def tokens(n=N, t=T, vocab=V):
+    x = torch.randint(0, vocab, (n, t))
+    x[:, -1] = 0  # a padding token in every example
+    x[0, 1] = x[0, 2]  # a repeated token: rows add up
+    return x
+
+
+def floats(*shape):
+    return lambda: torch.randn(*shape, dtype=torch.float64)
+
+
+def _mha_first(layer, x):
+    return layer(x, x, x, need_weights=False)[0]
+
+
+def _mha_seq_first(layer, x):
+    return layer(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)[
+        0
+    ].transpose(0, 1)
+
+
+def _mha_cross(layer, x):
+    memory = x[:, :2] * 2  # kdim = vdim = D here, but separate projection weights below
+    return layer(x, memory, memory, need_weights=False)[0]
+
+
+def _frozen(module, *names):
+    for name in names:
+        module.get_parameter(name).requires_grad_(False)
+    return module
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]
+
+
+CASES = [
+    Case("embedding", lambda: Pool(nn.Embedding(V, D)), lambda: tokens()),
+    Case("embedding-padding", lambda: Pool(nn.Embedding(V, D, padding_idx=0)), lambda: tokens()),
+    Case("embedding-long", lambda: Pool(nn.Embedding(3, D, padding_idx=2)),
+         lambda: tokens(t=80, vocab=3)),  # fmt: skip
+    Case("embedding-2d-positions", lambda: Pool(nn.Embedding(V, D)), lambda: tokens(t=6)[:, None]
+         .expand(N, 2, 6).clone()),  # fmt: skip
+    Case("layernorm", lambda: Pool(nn.LayerNorm(D)), floats(N, T, D)),
+    Case("layernorm-2d-shape", lambda: Pool(nn.LayerNorm((3, D)), prepare=None),
+         floats(N, 2, 3, D)),  # fmt: skip
+    Case("layernorm-no-bias", lambda: Pool(nn.LayerNorm(D, bias=False)), floats(N, D)),
+    Case("layernorm-frozen-weight", lambda: Pool(_frozen(nn.LayerNorm(D), "weight")),
+         floats(N, T, D)),  # fmt: skip
+    Case("rmsnorm", lambda: Pool(nn.RMSNorm(D)), floats(N, T, D)),
+    Case("rmsnorm-eps", lambda: Pool(nn.RMSNorm(D, eps=1e-3)), floats(N, T, D)),
+    Case("groupnorm", lambda: Pool(nn.GroupNorm(2, D), prepare=lambda m, x: m(x).transpose(1, 2)),
+         floats(N, D, T)),  # fmt: skip
+    Case("instancenorm1d", lambda: Pool(nn.InstanceNorm1d(D, affine=True),
+                                        prepare=lambda m, x: m(x).transpose(1, 2)),
+         floats(N, D, T)),  # fmt: skip
+    Case("instancenorm2d", lambda: Pool(nn.InstanceNorm2d(D, affine=True),
+                                        prepare=lambda m, x: m(x).flatten(2).transpose(1, 2)),
+         floats(N, D, 3, 3)),  # fmt: skip
+    Case("instancenorm3d-running-eval",
+         lambda: Pool(_running(nn.InstanceNorm3d(D, affine=True, track_running_stats=True)),
+                      prepare=lambda m, x: m(x).flatten(2).transpose(1, 2)),
+         floats(N, D, 2, 2, 2)),  # fmt: skip
+    Case("mha-batch-first", lambda: Pool(nn.MultiheadAttention(D, 2, batch_first=True),
+                                         prepare=_mha_first), floats(N, T, D)),  # fmt: skip
+    Case("mha-seq-first", lambda: Pool(nn.MultiheadAttention(D, 3), prepare=_mha_seq_first),
+         floats(N, T, D)),  # fmt: skip
+    Case("mha-kdim-bias-kv", lambda: Pool(
+        nn.MultiheadAttention(D, 2, batch_first=True, kdim=D, vdim=D, add_bias_kv=True,
+                              add_zero_attn=True), prepare=_mha_cross), floats(N, T, D)),
+    Case("mha-frozen-in-proj", lambda: Pool(
+        _frozen(nn.MultiheadAttention(D, 2, batch_first=True), "in_proj_weight"),
+        prepare=_mha_first), floats(N, T, D)),  # fmt: skip
+    Case("fallback-custom-layer", lambda: Pool(Scaled()), floats(N, T, D)),
+    Case("fallback-two-calls", lambda: Pool(Scaled(), prepare=lambda m, x: m(torch.tanh(m(x)))),
+         floats(N, T, D)),  # fmt: skip
+    Case("embedding-two-calls", lambda: Pool(nn.Embedding(V, D, padding_idx=0),
+                                             prepare=lambda m, x: m(x) * m(x.flip(1))),
+         lambda: tokens()),  # fmt: skip
+    Case("tiny-lm", lambda: nn.Sequential(TinyLM(), nn.Flatten()), lambda: tokens()),
+    Case("tiny-lm-seq-first", lambda: nn.Sequential(TinyLM(batch_first=False), nn.Flatten()),
+         lambda: tokens()),  # fmt: skip
+    Case("tiny-lm-frozen-embedding",
+         lambda: nn.Sequential(_frozen(TinyLM(), "tok.weight"), nn.Flatten()),
+         lambda: tokens()),  # fmt: skip
+]
+
+
+def _running(module):
+    module.running_mean.uniform_(-1, 1)
+    module.running_var.uniform_(0.5, 2)
+    return module.eval()
+
+
+def setup(case: Case, reduction: str):
+    torch.manual_seed(0)
+    model = case.make().double()
+    x = case.inputs()
+    with torch.no_grad():
+        width = model(x).shape[-1]
+    y = torch.randn(x.shape[0], width, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    with PerExampleGradients(model, loss_reduction=reduction) as pe:
+        loss_fn(model(x), y).backward()
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    expected = dict(zip(names, torch_func_per_example_grads(model, loss_fn, x, y)))
+    return model, pe, expected
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_per_example_gradients_match_torch_func(case, reduction):
+    model, pe, expected = setup(case, reduction)
+    assert list(pe.grads) == list(expected)  # every trainable parameter, claimed once
+    for name, value in expected.items():
+        torch.testing.assert_close(pe.grads[name], value, **F64)
+    scale = 1.0 / pe.batch_size if reduction == "mean" else 1.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the per-example gradients add up to what autograd computed
+            torch.testing.assert_close(pe.grads[name].sum(dim=0) * scale, p.grad, **F64)
+
+
+# recorded_factors refuses a frozen weight with a trained bias for every layer kind (a check
+# written for Linear); those cases are covered by the materialized test above.
+STAT_CASES = [c for c in CASES if c.name != "layernorm-frozen-weight"]
+
+
+@pytest.mark.parametrize("case", STAT_CASES, ids=[c.name for c in STAT_CASES])
+def test_statistics_of_the_rules_equal_the_materialized_ones(case):
+    _, pe, expected = setup(case, "sum")
+    factors = recorded_factors(pe)
+    torch.testing.assert_close(gradient_norms(factors), gradient_norms(expected), **F64)
+    norms = gradient_norms(expected)
+    max_norm = float(norms.median())
+    got = clipped_mean(factors, max_norm=max_norm)
+    want = clipped_mean(expected, max_norm=max_norm)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **F64)
+    got, want = gradient_second_moment(factors), gradient_second_moment(expected)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **F64)
+
+
+@pytest.mark.parametrize("t", [3, 70])
+def test_embedding_norms_both_ways_and_sums_against_materialized(t):
+    torch.manual_seed(1)
+    x = tokens(n=3, t=t, vocab=4)
+    G = torch.randn(3, t, 5, dtype=torch.float64)
+    layer = EmbeddingGradients(x, G, 4)
+    (full,) = layer.per_example()  # (n, V, d)
+    naive = torch.zeros(3, 4, 5, dtype=torch.float64)
+    for i in range(3):
+        for s in range(t):
+            naive[i, x[i, s]] += G[i, s]
+    torch.testing.assert_close(full, naive, **F64)
+    squares = naive.square().sum(dim=(1, 2))
+    torch.testing.assert_close(_gram_sq_norms(x, G), squares, **F64)
+    torch.testing.assert_close(layer._unique_sq_norms(), squares, **F64)
+    torch.testing.assert_close(layer.sq_norms(), squares, **F64)
+    w = torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(layer.weighted_sum(w)[0], torch.einsum("n,nvd->vd", w, naive), **F64)
+    torch.testing.assert_close(layer.square_sum()[0], naive.square().sum(dim=0), **F64)
+    assert embedding_rule.GRAM_MAX_POSITIONS < 70  # both paths of sq_norms() are exercised
+
+
+def test_padding_row_gets_no_gradient():
+    _, pe, _ = setup(CASES[1], "sum")
+    assert torch.count_nonzero(pe.grads["layer.weight"][:, 0]) == 0
+
+
+def test_out_proj_is_claimed_by_the_attention_rule_not_recorded_alone():
+    _, pe, expected = setup(CASES[14], "sum")
+    assert "layer.out_proj" not in pe.layers and "layer" in pe.layers
+    assert pe.grads["layer.out_proj.weight"].abs().sum() > 0
+    torch.testing.assert_close(
+        pe.grads["layer.out_proj.weight"], expected["layer.out_proj.weight"], **F64
+    )
+
+
+class UnexpandedPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(V, D), nn.Embedding(T, D), nn.Linear(D, 1)
+
+    def forward(self, x):
+        return self.head(self.tok(x) + self.pos(torch.arange(x.shape[1])))
+
+
+class MergedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, 1)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        return self.lin(x.reshape(n * t, d)).reshape(n, t)
+
+
+class AttentionWeightsInLoss(nn.Module):
+    def __init__(self, mask=None):
+        super().__init__()
+        self.mha, self.mask = nn.MultiheadAttention(D, 2, batch_first=True), mask
+
+    def forward(self, x):
+        out, weights = self.mha(x, x, x, attn_mask=self.mask)
+        return out.sum() + (weights.sum() if self.mask is None else 0)
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (nn.Embedding(V, D, max_norm=1.0), r"max_norm=1.0.*renormalizes.*max_norm=None"),
+        (nn.Embedding(V, D, sparse=True), r"sparse=True.*sparse=False"),
+    ],
+    ids=["max-norm", "sparse"],
+)
+def test_embedding_settings_are_refused_on_enter(module, message):
+    with pytest.raises(ValueError, match=message), PerExampleGradients(Pool(module)):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "message"),
+    [
+        (UnexpandedPositions(), tokens(),
+         r"Embedding 'pos' got 5 examples.*model's input has 4.*Expand positions to \(n, T\)"),
+        (MergedBatch(), torch.randn(N, T, D),
+         r"Linear 'lin' got 20 examples.*model's input has 4.*\(n \* T, d\)"),
+    ],
+    ids=["unexpanded-positions", "merged-batch"],
+)  # fmt: skip
+def test_calls_without_the_batch_dimension_are_refused(model, x, message):
+    with PerExampleGradients(model), pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_attention_weights_reaching_the_loss_are_refused():
+    model = AttentionWeightsInLoss()
+    with PerExampleGradients(model), pytest.raises(ValueError, match="output 1 .*need_weights"):
+        model(torch.randn(N, T, D)).backward()
+
+
+def test_three_dimensional_attention_mask_is_refused():
+    model = AttentionWeightsInLoss(mask=torch.zeros(N * 2, T, T, dtype=torch.bool))
+    with PerExampleGradients(model) as pe:
+        model(torch.randn(N, T, D)).backward()
+    with pytest.raises(ValueError, match=r"3-d attn_mask.*\(L, S\)"):
+        _ = pe.grads
