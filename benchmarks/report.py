@@ -19,7 +19,7 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.methods import LARGEST, METHODS
+from benchmarks.methods import CONV_CONFIGS, LARGEST, METHODS
 
 PEERS = ("naive_loop", "torch_func_vmap", "opacus", "backpack")
 MATERIALIZING = ("goodfellow_backprop", "hooks")
@@ -102,8 +102,12 @@ def evaluate_targets(results: dict) -> list[dict]:
             }
         )
 
+    conv_labels = {c.label for c in CONV_CONFIGS}
     for allocator in _allocators(records):
-        configs = [c for c in _configs(records) if (allocator, c, "plain_backward") in index]
+        every = [c for c in _configs(records) if (allocator, c, "plain_backward") in index]
+        # The conv configurations have targets of their own (issue 12), below.
+        configs = [c for c in every if c not in conv_labels]
+        convs = [c for c in every if c in conv_labels]
 
         def ratio_to(method: str, floor: tuple[str, ...], allocator: str = allocator):
             def value(config: str) -> float | None:
@@ -170,6 +174,31 @@ def evaluate_targets(results: dict) -> list[dict]:
                 "peak extra memory O(n), not O(nP): below 10% of the n*P gradients", method,
                 allocator, configs, memory_share, lambda v: v < 0.1, "< 10%", "{:.1%}",
             )
+        add(
+            "conv: hooks within 1.6x of plain_backward + write_floor", "hooks", allocator,
+            convs, ratio_to("hooks", ("plain_backward", "write_floor")), lambda v: v <= 1.6,
+            "<= 1.6x", "{:.2f}x",
+        )
+        add(
+            "conv: hooks 1.3x faster than the fastest peer", "hooks", allocator, convs,
+            peer_speedup("hooks"), lambda v: v >= 1.3, ">= 1.3x", "{:.2f}x",
+            larger_is_worse=False,
+        )
+        add(
+            "conv: norms_only at most 1.2x plain_backward", "norms_only", allocator, convs,
+            ratio_to("norms_only", ("plain_backward",)), lambda v: v <= 1.2, "<= 1.2x",
+            "{:.2f}x",
+        )
+        add(
+            "conv: clipped_mean at most 1.5x plain_backward", "clipped_mean", allocator, convs,
+            ratio_to("clipped_mean", ("plain_backward",)), lambda v: v <= 1.5, "<= 1.5x",
+            "{:.2f}x",
+        )
+        add(
+            "conv: clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator,
+            convs, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
+        )
     return rows
 
 

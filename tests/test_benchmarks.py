@@ -253,6 +253,25 @@ def test_targets_are_judged_from_the_numbers():
     assert row("peak extra memory", "norms_only")["met"] == 1  # 1 MB of 100 MB
 
 
+def test_conv_targets_are_judged_from_the_numbers():
+    def record(method, median, config="3c3d/n64"):
+        return {"config": config, "method": method, "median_s": median, "allocator": "default"}
+
+    records = [
+        record("plain_backward", 1.0), record("write_floor", 0.25),
+        record("hooks", 1.9), record("torch_func_vmap", 2.6), record("opacus", 3.0),
+        record("norms_only", 1.3), record("clipped_mean", 1.45),
+        record("opacus_ghost_clipping", 1.4),
+    ]
+    rows = {r["target"]: r for r in report.evaluate_targets({"records": records})}
+    assert all(t.startswith("conv: ") for t in rows)  # the MLP targets do not apply
+    assert rows["conv: hooks within 1.6x of plain_backward + write_floor"]["met"] == 1  # 1.52
+    assert rows["conv: hooks 1.3x faster than the fastest peer"]["met"] == 1  # 2.6 / 1.9
+    assert rows["conv: norms_only at most 1.2x plain_backward"]["met"] == 0  # 1.3
+    assert rows["conv: clipped_mean at most 1.5x plain_backward"]["met"] == 1  # 1.45
+    assert rows["conv: clipped_mean faster than Opacus ghost clipping"]["met"] == 0  # 1.45 > 1.4
+
+
 def test_quick_run_never_overwrites_the_committed_results():
     quick = parse_args(["--quick"])
     assert "_scratch" in quick.out.parts and "_scratch" in quick.figures_dir.parts
@@ -261,6 +280,8 @@ def test_quick_run_never_overwrites_the_committed_results():
     assert full.out == REPO / "benchmarks" / "results.json"
     assert full.runs >= 7 and full.allocators == ["default", "thp"]
     assert parse_args(["--device", "cuda"]).allocators == ["default"]
+    conv = parse_args(["--quick", "--conv"])
+    assert conv.configs == [c.label for c in (*bm.QUICK_CONFIGS, *bm.CONV_CONFIGS)]
 
 
 def test_unknown_configuration_is_refused():
