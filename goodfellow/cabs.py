@@ -399,9 +399,20 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
         epochs: Stop once ``epochs * num_examples`` examples were drawn (the last batch is
             complete, so slightly more may be); ``None`` never stops.
         generator: The random generator for the permutations.
+        num_replicas: For data-parallel training, the number of ranks ``W``: every rank then
+            yields its share ``batch[rank::W]`` of each global batch, the shares are disjoint
+            and together are the global batch, and ``batch_size`` is the global size (so it
+            must give the same sizes on every rank, as ``CABS(group=...)`` does). Pass a
+            ``generator`` seeded alike on every rank so that all draw the same permutations.
+            ``None``: one process, the whole batch.
+        rank: This rank, ``0 <= rank < num_replicas``; given with ``num_replicas``.
 
     Attributes:
-        examples_seen: How many examples the batches drawn so far held.
+        examples_seen: How many examples the global batches drawn so far held.
+
+    Raises:
+        ValueError: If ``num_replicas`` and ``rank`` are not given together, are out of range,
+            or come without a ``generator``.
     """
 
     def __init__(
@@ -410,7 +421,32 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
         batch_size: BatchSizeSource,
         epochs: float | None = None,
         generator: torch.Generator | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
+        if (num_replicas is None) != (rank is None):
+            raise ValueError(
+                "num_replicas and rank go together: pass both (e.g. num_replicas="
+                "dist.get_world_size(), rank=dist.get_rank()) or neither."
+            )
+        if num_replicas is not None:
+            if not is_integer(num_replicas) or num_replicas < 1:
+                raise ValueError(
+                    f"num_replicas must be a positive integer, got {num_replicas!r}."
+                )
+            if not is_integer(rank) or not 0 <= rank < num_replicas:
+                raise ValueError(
+                    f"rank must be an integer in [0, num_replicas = {num_replicas}), "
+                    f"got {rank!r}."
+                )
+            if generator is None:
+                raise ValueError(
+                    "with num_replicas, pass a generator seeded alike on every rank (e.g. "
+                    "torch.Generator().manual_seed(0)): the global random state differs "
+                    "between ranks, and so would the batches."
+                )
+        self.num_replicas = 1 if num_replicas is None else int(num_replicas)
+        self.rank = 0 if rank is None else int(rank)
         if not is_integer(num_examples) or num_examples < 1:
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}.")
         if epochs is not None and (not is_real(epochs) or not math.isfinite(epochs) or epochs <= 0):
@@ -470,7 +506,7 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler):
                 batch = batch + fill
                 pending = [i for i in fresh if i not in filled]
             self.examples_seen += len(batch)
-            yield batch
+            yield batch[self.rank :: self.num_replicas]
 
 
 def adaptive_batches(
