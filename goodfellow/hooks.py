@@ -35,9 +35,16 @@ to the value it had when the hook was registered: exactly
 
 What is needed for the results to be per-example gradients: every Linear sees the batch on
 dimension 0, and nothing in the model mixes the examples of a batch (BatchNorm in training mode
-does, and is refused). Parameters of a Linear used outside its own ``forward`` (for instance
-through ``F.linear(x, layer.weight)``) are not seen by the hooks. Activation checkpointing
-(``torch.utils.checkpoint``) reruns Linear layers inside the backward and is refused.
+does, and is refused), and every recorded call sees as many examples as the model's own input
+(a position embedding looked up on ``arange(T)``, or a reshape of ``(n, T, d)`` to
+``(n * T, d)``, is refused). Parameters of a Linear used outside its own ``forward`` (for
+instance through ``F.linear(x, layer.weight)``) are not seen by the hooks, except inside
+``nn.MultiheadAttention``, whose rule claims ``out_proj``. Modules with trainable parameters and
+no rule of their own get the ``torch.func`` fallback rule (:mod:`goodfellow.layers.fallback`),
+for which the recorder keeps every call's arguments; a module returning a tuple is recorded
+through its first output, and a backward through its other outputs is refused.
+Activation checkpointing (``torch.utils.checkpoint``) reruns Linear layers inside the backward
+and is refused.
 """
 
 from __future__ import annotations
@@ -218,8 +225,10 @@ class PerExampleGradients:
     computes anyway.
 
     Args:
-        model: Any ``nn.Module`` whose parameters all belong to ``nn.Linear`` layers (other
-            modules may hold parameters only if they are frozen, ``requires_grad=False``).
+        model: Any ``nn.Module`` that treats the examples of a batch independently; each
+            trainable parameter is claimed by one rule (see :mod:`goodfellow.layers`:
+            Linear, convolutions, Embedding, norm layers, MultiheadAttention, and the
+            ``torch.func`` fallback for any other module).
         loss_reduction: How the batch loss is reduced over examples, as in
             :func:`goodfellow.goodfellow_backprop`: ``"sum"`` (:math:`\sum_i L_i`) or ``"mean"``
             (:math:`\frac1n \sum_i L_i`; torch losses' default). A cross-entropy ``"mean"``
@@ -273,8 +282,8 @@ class PerExampleGradients:
             ``self``, so that ``pe = PerExampleGradients(model).attach()`` works.
 
         Raises:
-            ValueError: If a module other than ``nn.Linear`` holds trainable parameters, a
-                BatchNorm is in training mode, or the model has no ``nn.Linear``.
+            ValueError: If a rule refuses a module's settings, a BatchNorm is in training mode
+                or has trainable parameters, or the model has no module with a rule.
             RuntimeError: If already attached.
         """
         if self._attached:
