@@ -394,6 +394,50 @@ def test_the_noise_scale_hook_needs_a_ddp_model():
 
 
 # --------------------------------------------------------------------------------------------
+# AdaptiveBatchSampler's shares (no process group needed: every rank's sampler is local)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 3])
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [5, 2, 7, 1, 9], [13, 3]])
+def test_the_ranks_shares_are_disjoint_and_make_the_global_batch(num_replicas, sizes):
+    def draw(**replicas) -> list[list[int]]:
+        asked = iter(sizes * 10)  # the same global sizes on every rank, read once per batch
+        generator = torch.Generator().manual_seed(7)  # seeded alike on every rank
+        sampler = gf.AdaptiveBatchSampler(
+            13, lambda: next(asked), epochs=2, generator=generator, **replicas
+        )
+        return list(sampler)
+
+    whole = draw()
+    shares = [draw(num_replicas=num_replicas, rank=rank) for rank in range(num_replicas)]
+    assert all(len(share) == len(whole) for share in shares)
+    for k, batch in enumerate(whole):
+        parts = [share[k] for share in shares]
+        together = [i for part in parts for i in part]
+        assert sorted(together) == sorted(batch)  # complete
+        assert len(set(together)) == len(together)  # disjoint
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+
+
+BAD_SAMPLER_ARGUMENTS = [
+    ({"num_replicas": 2}, "num_replicas and rank go together"),
+    ({"rank": 0}, "num_replicas and rank go together"),
+    ({"num_replicas": 0, "rank": 0}, "num_replicas must be a positive integer"),
+    ({"num_replicas": 2, "rank": 2}, r"rank must be an integer in \[0, num_replicas = 2\)"),
+    ({"num_replicas": 2, "rank": -1}, "rank must be an integer"),
+    ({"num_replicas": 2, "rank": 1, "generator": None}, "pass a generator seeded alike"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_SAMPLER_ARGUMENTS)
+def test_bad_replica_arguments_are_refused(kwargs, match):
+    kwargs = {"generator": torch.Generator().manual_seed(0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        gf.AdaptiveBatchSampler(10, 4, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # The example, as torchrun runs it
 # --------------------------------------------------------------------------------------------
 
