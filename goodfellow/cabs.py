@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from goodfellow._checks import is_integer, is_real, real_number
 from goodfellow.layers.linear import LinearFactors
-from goodfellow.statistics import _batch_size, _trace_and_mean
+from goodfellow.statistics import _all_reduce, _layers, _trace_mean_total
 from goodfellow.transforms import PerExampleGrads, assign_grads
 
 __all__ = ["CABS", "AdaptiveBatchSampler", "adaptive_batches"]
@@ -140,6 +140,13 @@ class CABS(torch.optim.Optimizer):
         initial_batch_size: The first batch's size; default ``bounds[0]``.
         rounding: ``"ceil"`` (default) or ``"round"`` (the reference code; half to even).
         unbiased: Estimate :math:`\operatorname{tr}\Sigma` with ``n - 1``.
+        group: A ``torch.distributed`` process group for data-parallel training: every rank
+            passes its share's losses and per-example gradients to :meth:`step`, and the
+            variance, the mean gradient and the mean loss are those of the global batch (sums
+            all-reduced, see :doc:`/scaling_out`), so every rank takes the same step and
+            chooses the same next global batch size (draw the shares with
+            ``AdaptiveBatchSampler(..., num_replicas=W, rank=r)``). A rank's share may be
+            empty. ``None``: this process only.
 
     Numbers may be Python's or NumPy's (``np.float32(0.1)``, ``np.int64(16)``).
 
@@ -161,6 +168,7 @@ class CABS(torch.optim.Optimizer):
         initial_batch_size: int | None = None,
         rounding: str = "ceil",
         unbiased: bool = False,
+        group: object = None,
     ) -> None:
         params = _check_params(params)
         lr = _check_lr(lr)
@@ -193,6 +201,7 @@ class CABS(torch.optim.Optimizer):
             )
         self.rounding = rounding
         self.unbiased = bool(unbiased)
+        self.group = group
         self.state["cabs"] = {
             "variance_avg": 0.0,
             "loss_avg": 1.0,
@@ -292,7 +301,7 @@ class CABS(torch.optim.Optimizer):
         lr = _check_lr(group["lr"])
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor of shape (n,), got {type(losses).__name__}.")
-        if losses.dim() != 1 or losses.shape[0] == 0:
+        if losses.dim() != 1 or (losses.shape[0] == 0 and self.group is None):
             raise ValueError(
                 f"losses must hold one loss per example, shape (n,), got {tuple(losses.shape)}; "
                 "compute them with reduction='none'."
@@ -305,14 +314,14 @@ class CABS(torch.optim.Optimizer):
                 "CABS needs non-negative losses: its rule divides by the loss, taking the "
                 f"minimum to be 0; got a loss of {losses.min().item():g}. Shift the loss."
             )
-        n = _batch_size(per_example_grads)
+        n = _layers(per_example_grads, allow_empty=self.group is not None)[2]
         if n != losses.shape[0]:
             raise ValueError(
                 f"losses hold {losses.shape[0]} examples but the gradients {n}: pass both for "
                 "the same batch."
             )
         with torch.no_grad():
-            trace, mean = _trace_and_mean(per_example_grads, self.unbiased)
+            trace, mean, _ = _trace_mean_total(per_example_grads, self.unbiased, self.group)
         if not math.isfinite(float(trace)):
             # caught before the running average, which would stay NaN for good
             raise ValueError(
@@ -323,7 +332,9 @@ class CABS(torch.optim.Optimizer):
         self._apply(mean, lr)
         # The biased trace is a mean of squares minus a square: never negative but for rounding.
         variance = max(float(trace), 0.0)
-        loss = float(losses.mean())
+        loss_sum = torch.stack([losses.sum(), losses.new_tensor(float(losses.shape[0]))])  # (2,)
+        loss_sum, count = _all_reduce([loss_sum], self.group)[0].tolist()
+        loss = loss_sum / count
         state = self.state["cabs"]
         decay = group["decay"]
         state["variance_avg"] = decay * state["variance_avg"] + (1 - decay) * variance
