@@ -173,6 +173,8 @@ def _worker(kind: str, rank: int, port: int, out: str) -> None:
     try:
         if kind == "statistics":
             results = _statistics_worker(rank)
+        elif kind == "cabs":
+            results = _cabs_run(rank, dist.group.WORLD)
         else:
             results = _hook_worker(rank, kind)
         torch.save(results, out)
@@ -435,6 +437,36 @@ def test_bad_replica_arguments_are_refused(kwargs, match):
     kwargs = {"generator": torch.Generator().manual_seed(0), **kwargs}
     with pytest.raises(ValueError, match=match):
         gf.AdaptiveBatchSampler(10, 4, **kwargs)
+
+
+def _cabs_run(rank: int | None, group: object = None) -> dict:
+    """A few CABS steps on batches drawn by AdaptiveBatchSampler; ``rank=None``: one process."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    cabs = gf.CABS(model.named_parameters(), lr=2.0, bounds=(3, 20), decay=0.5, group=group)
+    replicas = {} if rank is None else {"num_replicas": WORLD_SIZE, "rank": rank}
+    sampler = gf.AdaptiveBatchSampler(
+        40, cabs, generator=torch.Generator().manual_seed(9), **replicas
+    )
+    sizes = []
+    for _, indices in zip(range(5), sampler):
+        with gf.PerExampleGradients(model) as pe:
+            losses = F.cross_entropy(model(x[indices]), y[indices], reduction="none")  # (b_r,)
+            losses.sum().backward()
+        sizes.append(cabs.step(losses, gf.recorded_factors(pe)))
+    return {"sizes": sizes, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_cabs_on_two_ranks_follows_the_single_process_trajectory(tmp_path):
+    expected = _cabs_run(None)
+    assert len(set(expected["sizes"])) > 1  # the batch size does adapt in this run
+    for results in _launch("cabs", tmp_path):
+        assert results["sizes"] == expected["sizes"]
+        for a, e in zip(results["params"], expected["params"]):
+            torch.testing.assert_close(a, e, **F64)
 
 
 # --------------------------------------------------------------------------------------------
