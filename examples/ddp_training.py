@@ -12,8 +12,8 @@ steps along the clipped mean of the global batch. Two noise scales are printed: 
 :class:`goodfellow.distributed.NoiseScaleHook` reads off DDP's own gradient all-reduce (no
 per-example gradients) and the one of the global batch's per-example gradients
 (:func:`goodfellow.noise_scale_parts` with ``group=WORLD``), both smoothed over steps by the
-same moving average. The global batch size is fixed (``--batch``): adaptive global sizes need
-``AdaptiveBatchSampler(num_replicas=..., rank=...)`` and ``CABS(group=...)``, not there yet.
+same moving average. The global batch size is fixed (``--batch``): the steps are clipped
+means, while ``CABS(group=...)`` steps along the plain mean gradient.
 """
 
 import argparse
