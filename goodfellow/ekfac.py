@@ -628,12 +628,22 @@ class EKFAC(torch.optim.Optimizer):
                     "bias; EKFAC treats "
                     "weight and bias as one matrix: freeze both or neither."
                 )
+        recorder = PerExampleGradients(model, loss_reduction=loss_reduction)
+        try:
+            recorder.attach()
+        except ValueError as error:
+            raise ValueError(f"EKFAC cannot precondition this model: {error}") from error
+        # A Linear inside a module that uses its weight itself (nn.MultiheadAttention's
+        # out_proj) belongs to that module's rule: it has no record, and no Kronecker factors.
         linears = [
             (name, module)
             for name, module in model.named_modules()
-            if _is_kronecker_layer(module) and module.weight.requires_grad
+            if _is_kronecker_layer(module)
+            and module.weight.requires_grad
+            and name in recorder.layers
         ]
         if not linears:
+            recorder.detach()
             raise ValueError(
                 f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
                 "weights: EKFAC preconditions nn.Linear and ungrouped nn.Conv1d/2d/3d layers "
@@ -643,6 +653,7 @@ class EKFAC(torch.optim.Optimizer):
         for name, module in linears:
             for param in module.parameters():
                 if id(param) in owner:
+                    recorder.detach()
                     raise ValueError(
                         f"Linear {name!r} shares a parameter with Linear {owner[id(param)]!r}; "
                         "the Fisher of a tied weight is not one Kronecker product per layer, "
@@ -650,11 +661,6 @@ class EKFAC(torch.optim.Optimizer):
                         "Linear module twice instead)."
                     )
                 owner[id(param)] = name
-        recorder = PerExampleGradients(model, loss_reduction=loss_reduction)
-        try:
-            recorder.attach()
-        except ValueError as error:
-            raise ValueError(f"EKFAC cannot precondition this model: {error}") from error
         self.model = model
         self.mode = mode
         self.loss_reduction = loss_reduction

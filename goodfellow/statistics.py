@@ -89,7 +89,7 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
         names = record.rule.parameter_names(module)
         if not names:
             continue  # frozen: nothing to report
-        if isinstance(weight, torch.nn.Parameter):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             if not weight.requires_grad:
                 raise ValueError(
                     f"{type(module).__name__} {name!r} has a frozen weight but a trainable bias, "

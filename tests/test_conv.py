@@ -270,9 +270,9 @@ def test_property_random_convolutions(dim, kernel, stride, dilation, padding, mo
     ("model", "x", "message"),
     [
         (nn.Sequential(nn.Conv2d(1, 2, 3)), torch.randn(1, 5, 5), r"Conv2d '0'.*no batch"),
-        (nn.Sequential(nn.ConvTranspose2d(1, 2, 3)), None, r"no rule for ConvTranspose2d"),
+        (nn.Sequential(nn.Conv1d(1, 2, 3)), torch.randn(1, 5), r"Conv1d '0'.*no batch"),
     ],
-    ids=["unbatched", "transposed"],
+    ids=["unbatched-2d", "unbatched-1d"],
 )
 def test_refusals(model, x, message):
     with pytest.raises(ValueError, match=message):

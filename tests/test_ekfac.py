@@ -784,11 +784,9 @@ class Scale(nn.Module):
     [
         (nn.Sequential(nn.ReLU()), "no nn.Linear layer"),
         (nn.Sequential(nn.Conv1d(2, 2, 2, groups=2)), "no nn.Linear layer"),
-        (nn.Sequential(nn.Linear(3, 3), Scale()), "EKFAC cannot precondition this model.*'1'"),
-        (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "EKFAC cannot precondition this model"),
         (nn.Linear(3, 3).requires_grad_(False), "no nn.Linear layer with trainable"),
     ],
-    ids=["relu-only", "grouped-conv-only", "other-parameter", "layernorm", "frozen"],
+    ids=["relu-only", "grouped-conv-only", "frozen"],
 )
 def test_models_ekfac_cannot_precondition_are_refused(model, match):
     with pytest.raises(ValueError, match=match):
@@ -1205,3 +1203,43 @@ def test_a_mismatched_state_is_refused_with_the_layer_and_what_differs(
     with pytest.raises(ValueError, match=match):
         optimizer.load_state_dict(state)
     assert not optimizer.state
+
+
+class TinyTransformerish(nn.Module):
+    """Layers without Kronecker factors beside Linear ones: an Embedding, a LayerNorm, a bare
+    parameter, and attention (whose out_proj belongs to the attention rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.scale = Scale()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)  # (n, T, 4)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = self.scale.weight[:1] * self.norm(h)
+        return self.head(torch.tanh(self.fc(h))).mean(1)
+
+
+def test_parameters_without_kronecker_factors_take_a_plain_gradient_step():
+    """Norm layers, embeddings, attention and bare parameters: theta -= lr * grad; the Linear
+    layers are preconditioned (they move differently from plain SGD)."""
+    torch.manual_seed(0)
+    model = TinyTransformerish().double()
+    tokens, y = torch.randint(0, 7, (5, 6)), torch.randn(5, 2, dtype=torch.float64)
+    optimizer = EKFAC(model, lr=0.1, damping=1e-2)
+    assert set(optimizer._layers) == {"fc", "head"}  # attn.out_proj is the attention rule's
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    nn.functional.mse_loss(model(tokens), y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        plain = before[name] - 0.1 * grads[name]
+        if name.startswith(("fc.", "head.")):
+            assert not torch.allclose(p, plain), name
+        else:
+            torch.testing.assert_close(p, plain, rtol=1e-12, atol=1e-14, msg=name)
