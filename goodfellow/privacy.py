@@ -203,8 +203,13 @@ def private_mean(
         adds_noise = adds_noise and dist.get_rank(group) == 0
     if adds_noise:
         std = sigma * max_norm
+        # add(s, z, alpha=std) scales and adds in one pass: no std * z tensor of size P
         sums = [
-            s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
+            torch.add(
+                s,
+                torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device),
+                alpha=std,
+            )
             for s in sums
         ]  # param.shape each
 
