@@ -491,6 +491,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="timed steps per method")
     parser.add_argument("--configs", nargs="+", default=[c.label for c in CONFIGS])
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's own choice); 1 keeps a busy shared machine from "
+        "stalling every parallel kernel on a descheduled thread",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=None,
@@ -509,6 +516,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.runs is None:
         args.runs = QUICK_RUNS if args.quick else FULL_RUNS
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     for label in args.configs:
@@ -519,6 +528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine.")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
