@@ -27,10 +27,15 @@ copyright = "2026, The goodfellow developers"
 release = goodfellow.__version__
 version = ".".join(release.split(".")[:2])
 
-# Placeholder: the public repository the Colab and Binder links point to. Change it (and the
-# Documentation URL in pyproject.toml) when the project is published under another name.
+# Placeholder: the public repository. Every link to it on the site comes from this one setting:
+# the Colab and Binder links, the sidebar's repository, issue tracker, licence and citation links,
+# and the install commands of the .rst pages, which write @REPOSITORY_URL@ (replaced when the
+# page is read). The notebooks, which must work outside the site, spell it out in their first
+# code cell; tests/test_notebooks.py checks that they agree with this setting. Change it (and
+# the Documentation URL in pyproject.toml) when the project is published under another name.
 REPOSITORY_URL = "https://github.com/goodfellow-dev/goodfellow"
 REPOSITORY_BRANCH = "main"
+ISSUES_URL = f"{REPOSITORY_URL}/issues"
 
 # -- pandoc (nbsphinx converts notebook markdown with it) ------------------------------------------
 
@@ -71,6 +76,255 @@ def _copy_tutorials() -> None:
 
 _copy_tutorials()
 
+# -- Tutorials: the list, the lesson plan and the handouts come from the notebooks ---------------
+
+# Each notebook carries its place in the course in its metadata, under this key (see
+# docs/teachers.rst, "Adding a tutorial"); a new notebook in tutorials/ appears on the Tutorials
+# page, in the lesson plan and in the handouts without any edit of the .rst pages.
+TUTORIAL_METADATA_KEY = "goodfellow"
+TUTORIAL_FIELDS = {
+    "part": "the heading it is listed under on the Tutorials page",
+    "summary": "one or two sentences for the Tutorials page",
+    "minutes": "the time it takes in class, in minutes",
+    "level": "introductory, intermediate or advanced",
+    "session": "the session of the lesson plan it belongs to (1, 2, ...)",
+    "aims": "what students can do afterwards (lesson plan)",
+    "activity": "a suggested activity for the session, with timings (lesson plan)",
+}
+LEVELS = ("introductory", "intermediate", "advanced")
+SOLUTION_PREFIX = "<details><summary>Solution</summary>"
+HANDOUT_NAME = "goodfellow-handouts.zip"
+
+
+def _tutorials() -> list[dict]:
+    """Title, file and course metadata of every notebook in tutorials/, in file order."""
+    import re
+
+    import nbformat
+
+    tutorials = []
+    for path in sorted(TUTORIALS_SOURCE.glob("[0-9][0-9]_*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        first = notebook.cells[0].source if notebook.cells else ""
+        match = re.match(r"# (\d+)\. (.+)", first)
+        title = match.group(2).strip() if match else path.stem
+        meta = dict(notebook.metadata.get(TUTORIAL_METADATA_KEY, {}))
+        missing = [key for key in TUTORIAL_FIELDS if key not in meta]
+        tutorials.append(
+            {"path": path, "doc": f"tutorials/{path.stem}", "title": title, "missing": missing,
+             **meta}
+        )
+    return tutorials
+
+
+def _indent(text: str, spaces: int) -> str:
+    return "\n".join((" " * spaces + line) if line else "" for line in text.splitlines())
+
+
+def _when(tutorial: dict) -> str:
+    minutes, level = tutorial.get("minutes"), tutorial.get("level")
+    parts = [str(level).capitalize() if level else ""]
+    parts.append(f"about {minutes} minutes" if minutes else "")
+    return ", ".join(part for part in parts if part)
+
+
+def _write_tutorial_pages(tutorials: list[dict]) -> None:
+    """The Tutorials page's list and the teachers page's lesson plan, from the metadata."""
+    lines, part = [], None
+    for tutorial in tutorials:
+        if tutorial.get("part", "Further tutorials") != part:
+            part = tutorial.get("part", "Further tutorials")
+            lines += ["", part, "-" * len(part), ""]
+        lines.append(f":doc:`{tutorial['doc']}`")
+        body = (f"*{_when(tutorial)}.* " if _when(tutorial) else "") + tutorial.get("summary", "")
+        lines += [_indent(body.strip(), 4), ""]
+    (DOCS / "tutorial_list.generated.txt").write_text("\n".join(lines) + "\n")
+
+    sessions: dict[int, list[dict]] = {}
+    for tutorial in tutorials:
+        sessions.setdefault(int(tutorial.get("session", 0) or 0), []).append(tutorial)
+    rows = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 10 30 60",
+        "   :class: lesson-plan",
+        "",
+        "   * - Session",
+        "     - Tutorials and time",
+        "     - Aims and suggested activity",
+    ]
+    # Sessions in order; tutorials not yet planned (no metadata) last.
+    for session in sorted(sessions, key=lambda number: (number == 0, number)):
+        members = sessions[session]
+        who = "; ".join(
+            f":doc:`{t['doc']}` ({t['minutes']} min)" if t.get("minutes") else f":doc:`{t['doc']}`"
+            for t in members
+        )
+        total = sum(int(t.get("minutes", 0) or 0) for t in members)
+        texts = []
+        for t in members:
+            number = int(t["path"].name[:2])
+            if t.get("aims") or t.get("activity"):
+                texts.append(
+                    f"**{number}.** {t.get('aims', '')} *Activity:* {t.get('activity', '')}"
+                )
+            else:
+                texts.append(f"**{number}.** Not planned yet.")
+        rows += [
+            f"   * - {session if session else '(later)'}",
+            f"     - {who}{f'; {total} min in all' if len(members) > 1 and total else ''}",
+            f"     - {' '.join(texts)}",
+        ]
+    (DOCS / "lesson_plan.generated.txt").write_text("\n".join(rows) + "\n")
+
+
+def _strip_solutions(path: Path):
+    """The notebook at ``path`` without its solution cells (the handout a student gets)."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells = [
+        cell
+        for cell in notebook.cells
+        if not (cell.cell_type == "markdown" and cell.source.lstrip().startswith(SOLUTION_PREFIX))
+    ]
+    return notebook
+
+
+def _write_handouts(outdir: Path) -> Path:
+    """One zip of every tutorial without its solutions, into the built site."""
+    import zipfile
+
+    import nbformat
+
+    target = outdir / HANDOUT_NAME
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for tutorial in TUTORIALS:
+            archive.writestr(
+                f"goodfellow-handouts/{tutorial['path'].name}",
+                nbformat.writes(_strip_solutions(tutorial["path"])),
+            )
+    return target
+
+
+TUTORIALS = _tutorials()
+_write_tutorial_pages(TUTORIALS)
+
+# -- The index's "what is supported" box, from the library's registered layer rules -------------
+
+
+def _summary_line(obj: object) -> str:
+    """The first line of a docstring, its cross-references as plain code.
+
+    The references are written relative to their own module, which a generated table outside
+    that module cannot resolve.
+    """
+    import re
+
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    line = doc.splitlines()[0].strip() if doc else ""
+    role = re.compile(r":(?:py:)?\w+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+    return role.sub(lambda match: f"``{match.group(1).split('.')[-1]}``", line)
+
+
+def _supported_layers() -> list[tuple[str, str]]:
+    """(layer type, what its rule does) for every layer kind the hooks know.
+
+    ``goodfellow.layers.registered_rules()`` maps module types to rule objects; before it exists
+    the one supported layer is ``nn.Linear``.
+    """
+    registered = getattr(goodfellow.layers, "registered_rules", None)
+    if registered is None:
+        return [("torch.nn.Linear", "Per-example gradients as outer products of input and output "
+                 "gradient.")]
+    layers = []
+    for module_type, rule in registered().items():
+        name = f"{module_type.__module__}.{module_type.__qualname__}"
+        name = name.replace("torch.nn.modules.linear.", "torch.nn.")
+        if name.startswith("torch.nn.modules."):
+            name = "torch.nn." + module_type.__qualname__
+        summary = _summary_line(rule if isinstance(rule, type) else type(rule))
+        layers.append((name, summary))
+    return sorted(layers)
+
+
+def _write_supported_box() -> None:
+    import re
+
+    # Layer types whose rules have the same summary share one line.
+    grouped: dict[str, list[str]] = {}
+    for name, summary in _supported_layers():
+        summary = re.sub(r"^``[^`]+``:\s*", "", summary)  # the summary's own list of types
+        grouped.setdefault(summary, []).append(name)
+    layers = "\n".join(
+        "   * " + ", ".join(f"``{name}``" for name in names) + (f": {summary}" if summary else "")
+        for summary, names in grouped.items()
+    )
+    text = f"""\
+.. admonition:: What goodfellow supports, and what it does not
+   :class: supported-box
+
+   **Layers with per-example gradients** (the hooks of
+   :class:`~goodfellow.PerExampleGradients`; :func:`~goodfellow.goodfellow_backprop` takes the
+   :class:`~goodfellow.MLP`):
+
+{layers}
+
+   Layers without parameters (activations, dropout, pooling, reshapes) may sit anywhere in
+   between.
+
+   **Losses**: any loss that is the sum or the mean over the batch of one term per example
+   (``reduction="sum"`` or ``"mean"``: cross-entropy, squared error, ...), declared as
+   ``loss_reduction``.
+
+   **Not supported**: models that mix examples in the forward (BatchNorm in training mode is
+   refused), inputs whose first dimension is not the batch, weighted or ``ignore_index`` means
+   (not a constant times the sum), and layers with parameters not listed above, which are
+   refused with an error rather than silently left out. For those, ``torch.func``
+   (:func:`~goodfellow.torch_func_per_example_grads`) handles any functional model.
+"""
+    (DOCS / "supported.generated.txt").write_text(text)
+
+
+_write_supported_box()
+
+# -- The API page's summary table: every public name of the documented modules ------------------
+
+
+def _write_api_summary() -> None:
+    """A table of every public name, grouped by module in the order of api.rst."""
+    import importlib
+    import inspect
+    import re
+
+    modules = re.findall(r"^\.\. automodule:: (\S+)", (DOCS / "api.rst").read_text(), re.M)
+    rows = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 35 65",
+        "   :class: api-summary",
+        "",
+        "   * - Name",
+        "     - What it is",
+    ]
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        names = [
+            name for name in getattr(module, "__all__", [])
+            if getattr(getattr(module, name), "__module__", None) == module_name
+        ]
+        for name in names:
+            obj = getattr(module, name)
+            role = "class" if inspect.isclass(obj) else "func" if callable(obj) else "data"
+            rows += [
+                f"   * - :py:{role}:`~{module_name}.{name}`",
+                f"     - {_summary_line(obj) or ' '}",
+            ]
+    (DOCS / "api_summary.generated.txt").write_text("\n".join(rows) + "\n")
+
+
+_write_api_summary()
+
 # -- Benchmarks: the GPU section shows committed GPU results, if there are any ---------------
 
 # Beside benchmarks.rst, so that the paths inside it mean the same to Sphinx and to docutils.
@@ -90,6 +344,157 @@ def _write_gpu_section() -> None:
 
 _write_gpu_section()
 
+# The Benchmarks page's tables, figures and the numbers its prose quotes, all from the committed
+# CPU results: a number in the text can't disagree with the table.
+BENCH_RESULTS = ROOT / "benchmarks" / "results.json"
+BENCH_FIGURES = DOCS / "_build" / "figures"  # written at every build, never committed
+METHOD_ORDER = [
+    "plain_backward", "write_floor", "naive_loop", "torch_func_vmap", "opacus", "backpack",
+    "goodfellow_backprop", "goodfellow_backprop_fresh", "hooks", "norms_only", "clipped_mean",
+    "opacus_ghost_clipping",
+]
+# One colour per method, the same in every figure of the site that shows methods.
+METHOD_COLORS = {
+    "plain_backward": "#4d4d4d", "write_floor": "#a6a6a6", "naive_loop": "#b07d48",
+    "torch_func_vmap": "#9c5fa0", "opacus": "#d9534f", "backpack": "#5b8fd6",
+    "goodfellow_backprop": "#1b7a3a", "goodfellow_backprop_fresh": "#7cc48a",
+    "hooks": "#2a9d8f", "norms_only": "#e08a1e", "clipped_mean": "#b35806",
+    "opacus_ghost_clipping": "#f2a3a3",
+}
+
+
+def _bench_records() -> list[dict]:
+    import json
+
+    return json.loads(BENCH_RESULTS.read_text())["records"] if BENCH_RESULTS.exists() else []
+
+
+def _bench(records, config, method, allocator, key="median_s"):
+    for record in records:
+        if (record["config"], record["method"], record.get("allocator", "default")) == (
+            config, method, allocator
+        ):
+            return record.get(key)
+    return None
+
+
+def _ms(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{1e3 * value:.0f}" if value >= 0.01 else f"{1e3 * value:.1f}"
+
+
+def _write_bench_numbers(records: list[dict]) -> None:
+    """Substitutions (|name|) for every measured number the Benchmarks prose quotes."""
+    big = "mnist-mlp/n512"
+    numbers = {
+        "big_config": big,
+        "backpack_default_ms": _ms(_bench(records, big, "backpack", "default")),
+        "backpack_thp_ms": _ms(_bench(records, big, "backpack", "thp")),
+        "func_default_ms": _ms(_bench(records, big, "torch_func_vmap", "default")),
+        "func_thp_ms": _ms(_bench(records, big, "torch_func_vmap", "thp")),
+        "kept_ms": _ms(_bench(records, big, "goodfellow_backprop", "default")),
+        "fresh_ms": _ms(_bench(records, big, "goodfellow_backprop_fresh", "default")),
+        "write_floor_ms": _ms(_bench(records, big, "write_floor", "default")),
+        "plain_ms": _ms(_bench(records, big, "plain_backward", "default")),
+    }
+    faults = _bench(records, big, "goodfellow_backprop_fresh", "default", "minor_faults_per_step")
+    numbers["fresh_faults"] = "n/a" if faults is None else f"{faults:,.0f}"
+    per_example = _bench(records, big, "plain_backward", "default", "per_example_mb")
+    numbers["big_mib"] = "n/a" if per_example is None else f"{per_example:.0f}"
+    text = "\n".join(f".. |{key}| replace:: {value}" for key, value in numbers.items())
+    (DOCS / "benchmark_numbers.generated.txt").write_text(text + "\n")
+
+
+def _write_bench_tables(records: list[dict]) -> None:
+    """One table per allocator setting, narrow enough for the text column."""
+    configs = list(dict.fromkeys(record["config"] for record in records))
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in records)]
+    out = []
+    for allocator, title in (("default", "Default allocator"), ("thp", "THP_MEM_ALLOC_ENABLE=1")):
+        if not any(r.get("allocator", "default") == allocator for r in records):
+            continue
+        out += [
+            f".. list-table:: {title}",
+            "   :header-rows: 1",
+            "   :class: bench-table",
+            "",
+            "   * - Configuration",
+            "     - Method",
+            "     - ms",
+            "     - × plain",
+            "     - faults",
+            "     - peak MiB",
+        ]
+        for config in configs:
+            for method in methods:
+                median = _bench(records, config, method, allocator)
+                if median is None:
+                    continue
+                ratio = _bench(records, config, method, allocator, "ratio_to_plain_backward")
+                faults = _bench(records, config, method, allocator, "minor_faults_per_step")
+                peak = _bench(records, config, method, allocator, "peak_mem_mb")
+                out += [
+                    f"   * - {config}",
+                    f"     - ``{method}``",
+                    f"     - {1e3 * median:,.1f}",
+                    f"     - {ratio:.2f}" if ratio is not None else "     - n/a",
+                    f"     - {faults:,.0f}" if faults is not None else "     - n/a",
+                    f"     - {peak:,.0f}" if peak is not None else "     - n/a",
+                ]
+        out.append("")
+    (DOCS / "benchmark_tables.generated.txt").write_text("\n".join(out) + "\n")
+
+
+def _draw_bench_figures(records: list[dict]) -> None:
+    """Step time relative to plain_backward, one figure per allocator, readable at page width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    BENCH_FIGURES.mkdir(parents=True, exist_ok=True)
+    configs = list(dict.fromkeys(record["config"] for record in records))
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in records)]
+    for allocator in ("default", "thp"):
+        columns = 2
+        rows = (len(configs) + columns - 1) // columns
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(7.4, 3.3 * rows), sharex=True, squeeze=False,
+            layout="constrained",
+        )
+        for index, ax in enumerate(axes.flat):
+            if index >= len(configs):
+                ax.axis("off")
+                continue
+            config = configs[index]
+            shown = [m for m in methods if _bench(records, config, m, allocator) is not None]
+            ratios = [
+                _bench(records, config, m, allocator, "ratio_to_plain_backward") for m in shown
+            ]
+            times = [_bench(records, config, m, allocator) for m in shown]
+            positions = range(len(shown))
+            ax.barh(positions, ratios, color=[METHOD_COLORS.get(m, "C0") for m in shown])
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="k", lw=0.8)
+            for y, ratio, seconds in zip(positions, ratios, times):
+                ax.text(ratio * 1.1, y, f"{1e3 * seconds:.1f} ms", va="center", fontsize=9)
+            ax.set_yticks(list(positions), shown if index % columns == 0 else [""] * len(shown),
+                          fontsize=9)
+            ax.invert_yaxis()
+            ax.set_title(config, fontsize=11)
+            ax.set_xlim(0.3, 3000)
+            if index >= len(configs) - columns:
+                ax.set_xlabel("time / plain_backward (log scale)", fontsize=9)
+        fig.savefig(BENCH_FIGURES / f"cpu_{allocator}.png", dpi=150)
+        plt.close(fig)
+
+
+_BENCH_RECORDS = _bench_records()
+_write_bench_numbers(_BENCH_RECORDS)
+_write_bench_tables(_BENCH_RECORDS)
+_draw_bench_figures(_BENCH_RECORDS)
+
 # -- General -------------------------------------------------------------------------------------
 
 extensions = [
@@ -100,7 +505,9 @@ extensions = [
     "sphinx_copybutton",
     "sphinxcontrib.bibtex",
     "nbsphinx",
+    "sphinx.ext.viewcode",
 ]
+templates_path = ["_templates"]
 
 exclude_patterns = [
     "_build",
@@ -109,6 +516,7 @@ exclude_patterns = [
     "**.ipynb_checkpoints",
     "tutorials/**/*.rst",
     "tutorials/**/*.md",
+    "*.generated.txt",
 ]
 nitpicky = True
 # Types that appear in signatures and have no page in this offline build (there is no
@@ -207,21 +615,39 @@ nbsphinx_prolog = r"""
       <p>This page is a Jupyter notebook, executed when the site was built.
       <a class="reference internal" href="{{ notebook }}" download>Download the notebook</a>,
       or open it in <a class="reference external" href="COLAB{{ repo_path }}">Google Colab</a>
-      or on <a class="reference external" href="BINDER{{ repo_path }}">Binder</a> (see
-      <a class="reference internal" href="../installation.html#colab-and-binder">Installation</a>
-      for the one line Colab needs first).</p>
+      or on <a class="reference external" href="BINDER{{ repo_path }}">Binder</a>. In Colab the
+      notebook's first code cell installs goodfellow; elsewhere it does nothing (see
+      <a class="reference internal" href="../installation.html#colab-and-binder">Installation</a>).
+      Each exercise has a check cell that tells you whether your answer is right.</p>
     </div>
 """.replace("COLAB", _COLAB).replace("BINDER", _BINDER)
 
 # -- HTML ----------------------------------------------------------------------------------------
 
 html_theme = "furo"
-html_title = "goodfellow"
+html_title = f"goodfellow {release}"  # the version, in the header of every page
 html_static_path = ["_static"]
 html_favicon = "_static/favicon.svg"
 html_css_files = ["custom.css"]
+html_js_files = ["search-summary.js"]
 html_show_sourcelink = True
 html_theme_options = {"navigation_with_keys": True}
+html_sidebars = {
+    "**": [
+        "sidebar/brand.html",
+        "sidebar/search.html",
+        "sidebar/scroll-start.html",
+        "sidebar/navigation.html",
+        "project-links.html",
+        "sidebar/scroll-end.html",
+    ]
+}
+html_context = {
+    "repository_url": REPOSITORY_URL,
+    "issues_url": ISSUES_URL,
+    "license_url": f"{REPOSITORY_URL}/blob/{REPOSITORY_BRANCH}/LICENSE",
+    "citation_url": f"{REPOSITORY_URL}/blob/{REPOSITORY_BRANCH}/CITATION.cff",
+}
 pygments_style = "friendly"
 pygments_dark_style = "monokai"
 
@@ -265,6 +691,155 @@ def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
     return None
 
 
+def _replace_repository_url(app, docname, source):
+    """Write the one repository setting into .rst pages (code blocks included)."""
+    if "@REPOSITORY_URL@" in source[0]:
+        source[0] = source[0].replace("@REPOSITORY_URL@", REPOSITORY_URL)
+
+
+def _warn_about_tutorial_metadata(app):
+    """Say which notebooks lack course metadata (tests/test_notebooks.py fails on them).
+
+    Not a build warning: a tutorial in progress still builds, listed by its title alone.
+    """
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
+    for tutorial in TUTORIALS:
+        if tutorial["missing"]:
+            logger.info(
+                "note: %s: the notebook's metadata has no %s under %r, so the Tutorials page and "
+                "the lesson plan list it by its title only. Add them (in Jupyter: Edit > Notebook "
+                "metadata): %s. See docs/teachers.rst, 'Adding a tutorial'.",
+                tutorial["path"].relative_to(ROOT),
+                ", ".join(tutorial["missing"]),
+                TUTORIAL_METADATA_KEY,
+                "; ".join(f"{key}: {TUTORIAL_FIELDS[key]}" for key in tutorial["missing"]),
+            )
+        elif tutorial["level"] not in LEVELS:
+            logger.info(
+                "%s: level %r is not one of %s",
+                tutorial["path"].relative_to(ROOT), tutorial["level"], ", ".join(LEVELS),
+            )
+
+
+FIGURE_COMMENT = "# Figure:"
+
+
+def _figure_alt(code: str) -> str:
+    """The alt text a notebook cell gives its figure: a ``# Figure: ...`` comment, continued by
+    the comment lines right below it."""
+    lines, taking = [], False
+    for line in code.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(FIGURE_COMMENT):
+            taking = True
+            lines.append(stripped[len(FIGURE_COMMENT) :].strip())
+        elif taking and stripped.startswith("#"):
+            lines.append(stripped.lstrip("#").strip())
+        else:
+            taking = False
+    return " ".join(lines)
+
+
+def _api_target(env, text: str):
+    """The documented object an inline code span of a tutorial names, or None."""
+    import re
+
+    match = re.fullmatch(r"([A-Za-z_][\w.]*)(\(.*\))?", text.strip())
+    if not match:
+        return None
+    dotted = match.group(1)
+    objects = env.get_domain("py").objects
+    candidates = [dotted]
+    name, _, rest = dotted.removeprefix("goodfellow.").partition(".")
+    if name in goodfellow.__all__:
+        module = getattr(getattr(goodfellow, name), "__module__", None)
+        if module:
+            candidates.append(f"{module}.{name}" + (f".{rest}" if rest else ""))
+    for candidate in candidates:
+        if candidate.startswith("goodfellow.") and candidate in objects:
+            return candidate, objects[candidate]
+    return None
+
+
+ARXIV_ID = r"arXiv:(\d{4}\.\d{4,5})(v\d+)?"
+
+
+def _link_arxiv_identifiers(doctree) -> None:
+    """Every ``arXiv:NNNN.NNNNN`` in the text becomes a link to the paper's abstract page."""
+    import re
+
+    from docutils import nodes
+
+    pattern = re.compile(ARXIV_ID)
+    for text in list(doctree.findall(nodes.Text)):
+        parent = text.parent
+        if isinstance(parent, (nodes.reference, nodes.literal, nodes.literal_block, nodes.raw)):
+            continue
+        if any(isinstance(a, (nodes.reference, nodes.literal_block, nodes.raw, nodes.math))
+               for a in _ancestors(parent)):
+            continue
+        value = str(text)
+        if not pattern.search(value):
+            continue
+        pieces, last = [], 0
+        for match in pattern.finditer(value):
+            pieces.append(nodes.Text(value[last : match.start()]))
+            uri = f"https://arxiv.org/abs/{match.group(1)}"
+            pieces.append(nodes.reference(match.group(0), match.group(0), refuri=uri))
+            last = match.end()
+        pieces.append(nodes.Text(value[last:]))
+        parent.replace(text, [piece for piece in pieces if not (
+            isinstance(piece, nodes.Text) and not str(piece))])
+
+
+def _ancestors(node):
+    while node is not None:
+        yield node
+        node = node.parent
+
+
+def _tutorial_links_and_figures(app, doctree, docname):
+    """arXiv identifiers become links; in the tutorials, API names in prose link to the API
+    page, and figures get alt text and a link to the full-size image."""
+    from docutils import nodes
+
+    _link_arxiv_identifiers(doctree)
+    if not docname.startswith("tutorials/"):
+        return
+    last_code = ""
+    for node in list(doctree.findall()):
+        if isinstance(node, nodes.literal_block):
+            last_code = node.astext()
+        elif isinstance(node, nodes.image):
+            alt = _figure_alt(last_code)
+            if alt:
+                node["alt"] = alt
+            if "no-scaled-link" in node.get("classes", []):
+                node["classes"].remove("no-scaled-link")
+        elif isinstance(node, nodes.literal) and not isinstance(node.parent, nodes.reference):
+            found = _api_target(app.env, node.astext())
+            if found is None:
+                continue
+            fullname, entry = found
+            uri = app.builder.get_relative_uri(docname, entry.docname) + "#" + entry.node_id
+            reference = nodes.reference(
+                "", "", internal=True, refuri=uri, reftitle=f"{fullname} (API reference)"
+            )
+            node.replace_self(reference)
+            reference.append(node)
+
+
+def _build_finished(app, exception):
+    if exception is None and app.builder.format == "html":
+        _write_handouts(Path(app.outdir))
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_reexports)
     app.connect("autodoc-skip-member", _skip_namedtuple_aliases)
+    app.connect("source-read", _replace_repository_url)
+    app.connect("builder-inited", _warn_about_tutorial_metadata)
+    app.connect("doctree-resolved", _tutorial_links_and_figures)
+    app.connect("build-finished", _build_finished)
