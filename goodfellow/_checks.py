@@ -20,6 +20,12 @@ def display_name(name: str) -> str:
     return f"'{name}'" if name else "the model itself"
 
 
+def describe(name: str, module: object) -> str:
+    """``Linear 'fc1'`` for messages, or ``the model itself (Linear)`` for the root module."""
+    kind = type(module).__name__
+    return f"{kind} '{name}'" if name else f"the model itself ({kind})"
+
+
 def display_module(name: str) -> str:
     """``module 'fc1'`` for messages, or ``the model itself`` for the root module."""
     return f"module '{name}'" if name else "the model itself"

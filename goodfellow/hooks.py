@@ -49,6 +49,7 @@ and is refused.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
-from goodfellow._checks import aliased_buffer, display_module, display_name
+from goodfellow._checks import aliased_buffer, describe, display_module, display_name
 from goodfellow.layers.base import LayerRule, rule_for
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.reduction import batch_size_factor
@@ -121,7 +122,7 @@ class LayerRecord:
         """
         if self.batch_size is None:
             raise RuntimeError(
-                f"Linear {_display(self.name)} has not run in the current batch: run the "
+                f"{describe(self.name, self.module)} has not run in the current batch: run the "
                 "model's forward while the recorder is attached."
             )
         return batch_size_factor(self._owner.loss_reduction, self.batch_size)
@@ -269,6 +270,7 @@ class PerExampleGradients:
         self._generation = 0
         self._batch_size: int | None = None
         self._model_batch_size: int | None = None  # of the model's forward running now, if any
+        self._forward_start: dict[str, int] | None = None  # calls per record when it started
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
@@ -292,13 +294,20 @@ class PerExampleGradients:
                 "`with` block) before attaching it again."
             )
         self._inspect_model()
-        self._module_handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
-        self._module_handles.append(self.model.register_forward_hook(self._after_model_forward))
-        for record in self.layers.values():
+        model = self.model
+        self._module_handles.append(
+            model.register_forward_pre_hook(_ModuleHook(self, "_on_model_forward"))
+        )
+        self._module_handles.append(
+            model.register_forward_hook(_ModuleHook(self, "_after_model_forward"))
+        )
+        for name, record in self.layers.items():
             handle = record.module.register_forward_hook(
-                self._forward_hook_for(record), with_kwargs=True
+                _ModuleHook(self, "_on_layer_forward", name), with_kwargs=True
             )
             self._module_handles.append(handle)
+        # a recorder that nobody holds any more takes its hooks off the model
+        self._finalizer = weakref.finalize(self, _remove_all, self._module_handles)
         self._attached = True
         self.clear()
         return self
@@ -310,6 +319,9 @@ class PerExampleGradients:
         """
         for handle in self._module_handles + self._tensor_handles:
             handle.remove()
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         self._module_handles = []
         self._tensor_handles = []
         self._attached = False
@@ -407,6 +419,9 @@ class PerExampleGradients:
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if not torch.is_grad_enabled() or (first is not None and _is_functorch(first)):
             return
+        if self._forward_start is not None:
+            self._drop_failed_forward()
+        self._forward_start = {name: r.num_calls for name, r in self.layers.items()}
         for name, batchnorm in self._batchnorms:
             _refuse_training_batchnorm(name, batchnorm)
         root = self.layers.get("")
@@ -420,71 +435,88 @@ class PerExampleGradients:
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None or not _is_functorch(first):
             self._model_batch_size = None
+            self._forward_start = None
 
-    def _forward_hook_for(self, record: LayerRecord) -> Callable[..., None]:
-        """The forward hook of one Linear: keep its input, hook its output's gradient."""
+    def _drop_failed_forward(self) -> None:
+        """Forget the calls of a model forward that raised before it returned.
 
-        def forward_hook(module: nn.Linear, args: tuple, kwargs: dict, output: object) -> None:
-            output, others = _split_output(record, output)
-            if not isinstance(output, Tensor):
-                return  # a module returning no tensor: nothing to hook
-            if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
-                return  # no backward of ours can come through this call
-            if _in_backward():
-                raise ValueError(
-                    f"{type(module).__name__} {_display(record.name)} ran during the backward, "
-                    "as it does "
-                    "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
-                    "the forward then; PerExampleGradients cannot tell such a recomputation "
-                    "from a new batch. Run the model without checkpointing while recording."
-                )
-            if self._backward_seen:
-                self.clear()
-            a = args[0] if args else next(iter(kwargs.values()))
-            kind = type(module).__name__
-            if a.dim() < record.rule.min_input_dim(module):
-                raise ValueError(
-                    f"{kind} {_display(record.name)} got an input of shape {tuple(a.shape)} "
-                    "with no batch dimension; per-example gradients need the examples on "
-                    "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
-                )
-            n = a.shape[record.batch_dim]
-            expected = self._model_batch_size
-            if expected is not None and n != expected:
-                raise ValueError(
-                    f"{kind} {_display(record.name)} got {n} examples on dimension "
-                    f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
-                    f"input has {expected}: the module runs on a tensor without the batch "
-                    "dimension (a position embedding looked up on arange(T) and broadcast over "
-                    "the batch) or with the batch merged into another dimension (a reshape of "
-                    "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
-                    "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
-                    "its own dimension."
-                )
-            if self._batch_size is None:
-                self._batch_size = n
-            elif n != self._batch_size:
-                raise ValueError(
-                    f"{kind} {_display(record.name)} got {n} examples on dimension 0, but "
-                    f"earlier calls of this batch got {self._batch_size}. Every Linear must see "
-                    "the batch on dimension 0 (batch-first layouts only), and all forwards "
-                    "before a backward belong to one batch: run evaluation under "
-                    "torch.no_grad(), or call clear() to discard forwards without a backward."
-                )
-            call = len(record.inputs)
-            record.inputs.append(a)  # (n, ..., d_in)
-            record.grad_outputs.append(None)
-            record.output_shapes.append(output.shape)
-            if record.records_all_inputs:
-                record.args.append(args)
-                record.kwargs.append(dict(kwargs))
-            hook = self._gradient_hook_for(record, call, self._generation, output.shape)
-            self._tensor_handles.append(_hookable(output).register_hook(hook))
-            for k, other in others:
-                refuse = _refuse_other_output(record, k, self._generation, self)
-                self._tensor_handles.append(other.register_hook(refuse))
+        A forward that raises (a bad batch skipped with ``try``/``except``) never reaches the
+        model's forward hook; its partial calls would otherwise stay in the batch, and the next
+        batch of another size would be refused. What was recorded before it stays.
+        """
+        for name, record in self.layers.items():
+            keep = self._forward_start.get(name, 0)
+            for calls in (record.inputs, record.grad_outputs, record.output_shapes):
+                del calls[keep:]
+            if getattr(record, "records_all_inputs", False):
+                del record.args[keep:]
+                del record.kwargs[keep:]
+        if not any(record.num_calls for record in self.layers.values()):
+            self._batch_size = None
+        self._forward_start = None
 
-        return forward_hook
+    def _on_layer_forward(
+        self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: object
+    ) -> None:
+        """The forward hook of one recorded module: keep its input, hook its output's gradient."""
+        record = self.layers[name]
+        output, others = _split_output(record, output)
+        if not isinstance(output, Tensor):
+            return  # a module returning no tensor: nothing to hook
+        if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
+            return  # no backward of ours can come through this call
+        if _in_backward():
+            raise ValueError(
+                f"{describe(record.name, module)} ran during the backward, "
+                "as it does "
+                "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
+                "the forward then; PerExampleGradients cannot tell such a recomputation "
+                "from a new batch. Run the model without checkpointing while recording."
+            )
+        if self._backward_seen:
+            self.clear()
+        a = args[0] if args else next(iter(kwargs.values()))
+        if a.dim() < record.rule.min_input_dim(module):
+            raise ValueError(
+                f"{describe(record.name, module)} got an input of shape {tuple(a.shape)} "
+                "with no batch dimension; per-example gradients need the examples on "
+                "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
+            )
+        n = a.shape[record.batch_dim]
+        expected = self._model_batch_size
+        if expected is not None and n != expected:
+            raise ValueError(
+                f"{describe(record.name, module)} got {n} examples on dimension "
+                f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
+                f"input has {expected}: the module runs on a tensor without the batch "
+                "dimension (a position embedding looked up on arange(T) and broadcast over "
+                "the batch) or with the batch merged into another dimension (a reshape of "
+                "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
+                "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
+                "its own dimension."
+            )
+        if self._batch_size is None:
+            self._batch_size = n
+        elif n != self._batch_size:
+            raise ValueError(
+                f"{describe(record.name, module)} got {n} examples on dimension 0, but "
+                f"earlier calls of this batch got {self._batch_size}. Every Linear must see "
+                "the batch on dimension 0 (batch-first layouts only), and all forwards "
+                "before a backward belong to one batch: run evaluation under "
+                "torch.no_grad(), or call clear() to discard forwards without a backward."
+            )
+        call = len(record.inputs)
+        record.inputs.append(a)  # (n, ..., d_in)
+        record.grad_outputs.append(None)
+        record.output_shapes.append(output.shape)
+        if record.records_all_inputs:
+            record.args.append(args)
+            record.kwargs.append(dict(kwargs))
+        hook = self._gradient_hook_for(record, call, self._generation, output.shape)
+        self._tensor_handles.append(_hookable(output).register_hook(hook))
+        for k, other in others:
+            refuse = _refuse_other_output(record, k, self._generation, self)
+            self._tensor_handles.append(other.register_hook(refuse))
 
     def _gradient_hook_for(
         self, record: LayerRecord, call: int, generation: int, shape: torch.Size
@@ -496,12 +528,14 @@ class PerExampleGradients:
                 return
             if generation != self._generation:
                 raise RuntimeError(
-                    f"the backward reached the output of {type(record.module).__name__} "
-                    f"{_display(record.name)} from "
+                    "the backward reached the output of "
+                    f"{describe(record.name, record.module)} from "
                     "an earlier batch: after a backward (or clear(), or attach()) the next "
                     "forward starts a new batch and the old records are gone. Call backward "
                     "on the loss of a forward run since."
                 )
+            if self._forward_start is not None:  # no backward runs inside a forward: it raised
+                self._drop_failed_forward()
             recorded = record.grad_outputs[call]
             if recorded is not None and recorded.requires_grad:
                 # Recorded with create_graph=True: differentiating the results runs a backward
@@ -511,8 +545,8 @@ class PerExampleGradients:
             if recorded is not None:
                 raise RuntimeError(
                     "a second backward went through the same forward "
-                    f"({type(record.module).__name__} "
-                    f"{_display(record.name)}, call {call}); PerExampleGradients records one "
+                    f"({describe(record.name, record.module)}, call {call}); PerExampleGradients "
+                    "records one "
                     "backward per forward. Run the model again before each backward, or add "
                     "the losses and call backward once."
                 )
@@ -550,7 +584,10 @@ class PerExampleGradients:
         if self._batch_size is None:
             raise RuntimeError(
                 "nothing recorded yet: run the model's forward and loss.backward() while the "
-                "recorder is attached (inside `with PerExampleGradients(model) as pe:`)."
+                "recorder is attached (inside `with PerExampleGradients(model) as pe:`). If "
+                "the forward did run, it ran where module hooks do not: in a model compiled "
+                "with torch.compile (or TorchScript) before the recorder attached, or under "
+                "torch.no_grad(); record the uncompiled model."
             )
         if not self._backward_seen:
             raise RuntimeError(
@@ -684,6 +721,45 @@ class PerExampleGradients:
 _FALLBACK = FallbackRule()
 
 
+def _inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a recorder's hook becomes in a copy or a pickle of the model: nothing."""
+
+
+class _ModuleHook:
+    """A module hook that calls a method of its recorder through a weak reference.
+
+    The model does not keep the recorder alive (a recorder nobody holds any more is collected
+    and its hooks removed), and a ``copy.deepcopy`` or ``torch.save`` of the model gets a hook
+    that does nothing instead of one that feeds, or pickles, the original recorder.
+    """
+
+    def __init__(self, owner: PerExampleGradients, method: str, *bound: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self._method = method
+        self._bound = bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner()
+        if owner is None:
+            return None
+        return getattr(owner, self._method)(*self._bound, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_make_inert, ())
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _inert_hook
+
+
+def _make_inert() -> Callable[..., None]:
+    return _inert_hook
+
+
+def _remove_all(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _batch_dim(rule: LayerRule, module: nn.Module) -> int:
     """The dimension of a call's input and output that indexes the examples (0 unless told)."""
     batch_dim = getattr(rule, "batch_dim", None)
@@ -717,7 +793,7 @@ def _refuse_other_output(
     def hook(grad: Tensor) -> None:
         if owner._attached and generation == owner._generation:
             raise ValueError(
-                f"output {index} of {type(record.module).__name__} {_display(record.name)} "
+                f"output {index} of {describe(record.name, record.module)} "
                 "reaches the loss, but PerExampleGradients records only the gradient of its "
                 "first output, so the per-example gradients would miss that path. For "
                 "nn.MultiheadAttention pass need_weights=False (or use the weights under "
@@ -764,7 +840,7 @@ def _refuse_uninitialized(name: str, module: nn.Module, own: dict[str, nn.Parame
     for p_name, param in own.items():
         if isinstance(param, nn.parameter.UninitializedParameter):
             raise ValueError(
-                f"module {_display(name)} ({type(module).__name__}) has the uninitialized "
+                f"{display_module(name)} ({type(module).__name__}) has the uninitialized "
                 f"parameter {p_name!r}; run one forward of the lazy model before recording."
             )
 
@@ -781,7 +857,7 @@ def _refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
             else "its parameters are trainable and PerExampleGradients records only nn.Linear"
         )
         raise ValueError(
-            f"module {_display(name)} ({type(module).__name__}) cannot be recorded: {why}. "
+            f"{display_module(name)} ({type(module).__name__}) cannot be recorded: {why}. "
             "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
             "eval mode with frozen parameters."
         )

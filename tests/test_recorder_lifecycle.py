@@ -1,0 +1,138 @@
+"""The recorder over a training run: failed forwards, copies, pickles, garbage, empty batches.
+
+Each test is one item of issue 14 ("never a silently wrong number") that concerns the life of a
+PerExampleGradients rather than its formulas; the numbers are checked against torch.func.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from goodfellow import EKFAC, PerExampleGradients, recorded_factors, torch_func_per_example_grads
+from goodfellow.statistics import gradient_norms
+from tests.conftest import TOLERANCES
+
+F64 = TOLERANCES[torch.float64]
+
+
+class Fragile(nn.Module):
+    """A model whose forward raises half-way on request, after its first Linear ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 5)
+        self.second = nn.Linear(5, 3)
+
+    def forward(self, x, bad: bool = False):
+        h = torch.tanh(self.first(x))
+        if bad:
+            raise ValueError("corrupt batch")
+        return self.second(h)
+
+
+def hooks_on(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_forward_that_raised_half_way_is_forgotten():
+    """Item 11: a bad batch skipped with try/except does not break later batches."""
+    model = Fragile().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    with PerExampleGradients(model) as pe:
+        with pytest.raises(ValueError, match="corrupt"):
+            model(torch.randn(5, 4, dtype=torch.float64), bad=True)
+        nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+    assert pe.layers["first"].num_calls == 1
+    want = torch_func_per_example_grads(model, nn.MSELoss(reduction="sum"), x, y)
+    for got, expected in zip(pe.grads.values(), want):
+        torch.testing.assert_close(got, expected, **F64)
+
+
+def test_a_failed_forward_keeps_the_complete_forwards_of_its_batch():
+    model = Fragile().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with PerExampleGradients(model) as pe:
+        out = model(x)
+        with pytest.raises(ValueError, match="corrupt"):
+            model(x, bad=True)
+        out.sum().backward()
+    assert pe.layers["first"].num_calls == 1 and pe.layers["second"].num_calls == 1
+    torch.testing.assert_close(pe.grads["second.bias"], torch.ones(6, 3, dtype=torch.float64))
+
+
+def test_the_model_can_be_saved_while_ekfac_is_attached():
+    """Item 12: torch.save of the model; the loaded copy carries inert hooks."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert optimizer.recorder.layers["0"].num_calls == 1  # only the original's forward counted
+
+
+def test_a_deep_copy_does_not_feed_the_original_recorder():
+    """Item 16: the copy's forwards are not recorded by the original's recorder."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    pe = PerExampleGradients(model).attach()
+    twin = copy.deepcopy(model)
+    for _ in range(5):
+        twin(torch.randn(2, 3)).sum().backward()
+    assert pe.layers["0"].num_calls == 0
+    pe.detach()
+    assert hooks_on(model) == 0
+
+
+def test_optimizers_nobody_holds_take_their_hooks_with_them():
+    """Item 16: creating EKFAC again and again does not pile up hooks."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    for _ in range(30):
+        optimizer = EKFAC(model, lr=0.1)
+    del optimizer
+    gc.collect()
+    assert hooks_on(model) == 0
+    kept = EKFAC(model, lr=0.1)
+    assert hooks_on(model) > 0 and kept.recorder.attached
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (0, 4, 10)], ids=["2d", "3d"])
+def test_an_empty_batch_gives_empty_results_with_or_without_extra_dimensions(shape):
+    """Item 17: (0, 4, 10) is treated like (0, 10): empty per-example gradients and norms."""
+    model = nn.Linear(10, 12)
+    with PerExampleGradients(model) as pe:
+        model(torch.randn(*shape)).sum().backward()
+    assert pe.grads["weight"].shape == (0, 12, 10) and pe.grads["bias"].shape == (0, 12)
+    assert gradient_norms(recorded_factors(pe)).shape == (0,)
+
+
+def test_messages_name_the_root_module_plainly():
+    """Item 19: no "Linear the model itself got ..."."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"^the model itself \(Linear\) got an input of shape"):
+        with PerExampleGradients(model):
+            model(torch.randn(3))
+
+
+def test_a_compiled_forward_gets_a_message_that_says_why_nothing_was_recorded():
+    """Item 23: hooks do not run inside a model compiled before the recorder attached."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(5, 3)
+    compiled(x).sum().backward()
+    with PerExampleGradients(model) as pe:
+        compiled(x).sum().backward()
+        if pe.batch_size is None:  # the hooks did not run inside the compiled graph
+            with pytest.raises(RuntimeError, match="torch.compile"):
+                pe.grads
+        else:  # a torch that re-traces with the hooks: the results must then be right
+            want = torch_func_per_example_grads(model, lambda out, _: out.sum(), x, x)
+            for got, expected in zip(pe.grads.values(), want):
+                torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
