@@ -131,7 +131,7 @@ def test_a_compiled_forward_gets_a_message_that_says_why_nothing_was_recorded():
         compiled(x).sum().backward()
         if pe.batch_size is None:  # the hooks did not run inside the compiled graph
             with pytest.raises(RuntimeError, match="torch.compile"):
-                pe.grads
+                _ = pe.grads
         else:  # a torch that re-traces with the hooks: the results must then be right
             want = torch_func_per_example_grads(model, lambda out, _: out.sum(), x, x)
             for got, expected in zip(pe.grads.values(), want):
