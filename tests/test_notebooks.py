@@ -146,3 +146,118 @@ def test_notebook_markdown_survives_the_conversion_to_the_site(path: Path):
         f"{path.name}: inline code or math inside bold/italics (cell, text): {nested}; "
         "the site would show it as raw markup. Move the code or math outside the emphasis."
     )
+
+
+# -- The course: metadata, the Colab cell, exercise checks, figure descriptions -------------------
+
+COURSE_KEY = "goodfellow"  # docs/conf.py's TUTORIAL_METADATA_KEY; docs/teachers.rst documents it
+COURSE_FIELDS = {
+    "part": str,
+    "summary": str,
+    "minutes": int,
+    "level": str,
+    "session": int,
+    "aims": str,
+    "activity": str,
+}
+LEVELS = ("introductory", "intermediate", "advanced")
+CONF = ROOT / "docs" / "conf.py"
+
+
+def repository_url() -> str:
+    match = re.search(r'^REPOSITORY_URL = "([^"]+)"', CONF.read_text(encoding="utf-8"), re.M)
+    assert match, "docs/conf.py defines no REPOSITORY_URL"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_notebook_carries_its_place_in_the_course(path: Path):
+    """The Tutorials page, the lesson plan and the handouts are built from this metadata."""
+    meta = nbformat.read(path, as_version=4).metadata.get(COURSE_KEY)
+    assert isinstance(meta, dict), (
+        f"{path.name}: no {COURSE_KEY!r} entry in the notebook metadata; see docs/teachers.rst, "
+        "'Adding a tutorial'"
+    )
+    for key, kind in COURSE_FIELDS.items():
+        assert isinstance(meta.get(key), kind), (
+            f"{path.name}: metadata {COURSE_KEY}.{key} should be a {kind.__name__}"
+        )
+    assert meta["level"] in LEVELS, f"{path.name}: level {meta['level']!r} not in {LEVELS}"
+    assert 10 <= meta["minutes"] <= 120, f"{path.name}: {meta['minutes']} minutes"
+    assert meta["session"] >= 1
+
+
+def test_lesson_plan_follows_the_order_of_the_tutorials():
+    sessions = [
+        nbformat.read(path, as_version=4).metadata.get(COURSE_KEY, {}).get("session", 0)
+        for path in NOTEBOOKS
+    ]
+    assert sessions == sorted(sessions), f"sessions in file order: {sessions}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_first_code_cell_installs_goodfellow_in_colab_only(path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert '"google.colab" in sys.modules' in first_code.source, (
+        f"{path.name}: the first code cell must install goodfellow when run in Colab, guarded "
+        "by `if \"google.colab\" in sys.modules:`"
+    )
+    assert f"git+{repository_url()}" in first_code.source, (
+        f"{path.name}: the Colab cell installs from another repository than docs/conf.py's "
+        "REPOSITORY_URL"
+    )
+
+
+def test_colab_cell_does_nothing_outside_colab():
+    """Run the first code cell of a notebook here: it must not try to install anything."""
+    import subprocess
+    import sys
+
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    guard = "import subprocess\nsubprocess.run = None  # would fail if called\n"
+    result = subprocess.run(
+        [sys.executable, "-c", guard + first_code.source],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_every_exercise_has_a_check_cell_and_its_solution_passes_it(path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    problems = []
+    for index, cell in enumerate(notebook.cells):
+        if not (cell.cell_type == "markdown" and cell.source.lstrip().startswith(SOLUTION)):
+            continue
+        before = notebook.cells[index - 1]
+        if not (
+            before.cell_type == "code"
+            and "from goodfellow.exercises import check_" in before.source
+        ):
+            problems.append(f"cell {index}: the cell before the solution is not a check cell")
+            continue
+        name = re.search(r"import (check_\w+)", before.source).group(1)
+        if not re.search(rf"assert {name}\(", cell.source):
+            problems.append(f"cell {index}: the solution does not `assert {name}(...)`")
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_every_figure_has_a_description(path: Path):
+    """A cell that shows a figure says what it shows (the figure's alt text on the site)."""
+    notebook = nbformat.read(path, as_version=4)
+    missing = [
+        index
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        and "plt.show()" in cell.source
+        and "# Figure:" not in cell.source
+    ]
+    assert not missing, (
+        f"{path.name}: code cells {missing} show a figure without a '# Figure: ...' comment "
+        "describing it"
+    )
