@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
 import pytest
 
@@ -41,6 +41,10 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 PAGE_TIMEOUT_S = 120
 VIRTUAL_TIME_BUDGET_MS = 8000
 WINDOW = "1280,2400"
+# A phone: 390 CSS pixels wide. Headless Chromium keeps its window at least 500 px wide, so the
+# page is laid out inside a 390 px iframe of a wrapper page (media queries then see 390 px).
+NARROW_WIDTH = 390
+NARROW_WINDOW = "500,2400"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Tags and attributes through which a page loads something (links to other pages are not loads).
@@ -224,13 +228,96 @@ def chromium() -> str:
     return path
 
 
+# Injected into a page requested with ?measure=1 (and &theme=dark): once the page and its math
+# are laid out, it measures every notebook output block and every table of the text column and
+# writes what sticks out, as JSON, into the DOM that --dump-dom returns. An element overflows if
+# its content is wider than its box (it scrolls or is cut: scrollWidth > clientWidth) or if its
+# box reaches past the right edge of the text column.
+MEASURE_SCRIPT = """
+<script>
+(() => {
+  const THEME = "%s";
+  if (THEME) document.body.dataset.theme = THEME;
+  const measure = () => {
+    const article = document.querySelector("article[role=main]")
+      || document.querySelector("article");
+    const edge = article ? article.getBoundingClientRect().right : window.innerWidth;
+    const problems = [];
+    const describe = (el) => (el.textContent || "").trim().replace(/\\s+/g, " ").slice(0, 60);
+    const check = (el, kind) => {
+      const box = el.getBoundingClientRect();
+      if (box.width === 0 && box.height === 0) return;
+      const hidden = el.scrollWidth - el.clientWidth;
+      const past = box.right - edge;
+      if (hidden > 1 || past > 1) {
+        problems.push({kind: kind, hidden_px: hidden, past_edge_px: Math.round(past),
+                       text: describe(el)});
+      }
+    };
+    const outputs = "div.nboutput div.output_area, div.nboutput div.output_area pre";
+    document.querySelectorAll(outputs).forEach((el) => check(el, "output"));
+    document.querySelectorAll("article table").forEach((el) => {
+      check(el, "table");
+      if (el.parentElement && el.parentElement.classList.contains("table-wrapper")) {
+        check(el.parentElement, "table");
+      }
+    });
+    const out = document.createElement("pre");
+    out.id = "goodfellow-overflow";
+    out.hidden = true;
+    out.textContent = JSON.stringify({width: window.innerWidth, problems: problems});
+    document.body.appendChild(out);
+    // In the narrow wrapper's iframe: hand the result to the page --dump-dom returns.
+    if (window.parent !== window) window.parent.document.body.appendChild(out.cloneNode(true));
+  };
+  window.addEventListener("load", () => {
+    const typeset = window.MathJax && MathJax.startup && MathJax.startup.promise;
+    (typeset || Promise.resolve()).then(() => setTimeout(measure, 300));
+  });
+})();
+</script>
+"""
+NARROW_WRAPPER = """<!DOCTYPE html><html><head><meta charset="utf-8"></head>
+<body style="margin:0"><iframe src="/{page}?measure=1&theme={theme}"
+style="width:{width}px;height:2400px;border:0;display:block"></iframe></body></html>"""
+OVERFLOW_RESULT = re.compile(r'<pre id="goodfellow-overflow"[^>]*>(.*?)</pre>', re.S)
+
+
 class RecordingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves the site and records every request with its status code."""
+    """Serves the site and records every request with its status code.
+
+    A page requested with ``?measure=1`` comes with :data:`MEASURE_SCRIPT` (``&theme=dark``
+    switches furo to its dark theme first).
+    """
 
     def __init__(self, *args, log: list, lock: threading.Lock, **kwargs):
         self._log = log
         self._lock = lock
         super().__init__(*args, **kwargs)
+
+    def do_GET(self):  # noqa: N802 - the base class's name
+        parsed = urlparse(self.path)
+        query = parse_qs(parsed.query)
+        if parsed.path == "/__narrow__.html":
+            self._send_html(NARROW_WRAPPER.format(
+                width=int(query["width"][0]), page=query["page"][0],
+                theme=query.get("theme", [""])[0],
+            ).encode())
+            return
+        file = Path(self.directory) / unquote(parsed.path).lstrip("/")
+        if "measure" not in query or file.suffix != ".html" or not file.is_file():
+            super().do_GET()
+            return
+        theme = query.get("theme", [""])[0]
+        script = (MEASURE_SCRIPT % theme).encode()
+        self._send_html(file.read_bytes().replace(b"</body>", script + b"</body>"))
+
+    def _send_html(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
         status = code.value if hasattr(code, "value") else int(code)
@@ -281,7 +368,9 @@ class PageVisit:
         self.parsed = parse(self.dom)
 
 
-def open_in_chromium(chromium: str, url: str, screenshot: Path) -> tuple[int | None, str, str, str]:
+def open_in_chromium(
+    chromium: str, url: str, screenshot: Path, window: str = WINDOW
+) -> tuple[int | None, str, str, str]:
     """Load ``url`` headless; return (returncode, dom, stderr, error)."""
     with tempfile.TemporaryDirectory(prefix="goodfellow-chromium-") as profile:
         command = [
@@ -298,7 +387,7 @@ def open_in_chromium(chromium: str, url: str, screenshot: Path) -> tuple[int | N
             f"--user-data-dir={profile}",
             "--enable-logging=stderr",
             "--v=0",
-            f"--window-size={WINDOW}",
+            f"--window-size={window}",
             f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}",
             f"--screenshot={screenshot}",
             "--dump-dom",
@@ -331,7 +420,7 @@ def visits(site, chromium, server, screenshot_dir) -> dict[str, PageVisit]:
         with lock:
             log.clear()
         returncode, dom, stderr, error = open_in_chromium(
-            chromium, f"{base}/{relative}", screenshot
+            chromium, f"{base}/{relative}?measure=1", screenshot
         )
         with lock:
             requests = list(log)
@@ -466,3 +555,181 @@ def test_a_screenshot_of_every_page(visits):
         if not visit.screenshot.is_file() or visit.screenshot.read_bytes()[:8] != PNG_MAGIC
     ]
     assert not missing, f"no screenshot of {missing}"
+
+
+@pytest.fixture(scope="module")
+def narrow_dark_visits(site, chromium, server, screenshot_dir) -> dict[str, PageVisit]:
+    """Every page again, 390 px wide (a phone) and in furo's dark theme."""
+    base, log, lock = server
+    results = {}
+    for page in html_pages(site):
+        relative = page.relative_to(site).as_posix()
+        name = relative.replace("/", "__").removesuffix(".html") + "__390_dark.png"
+        screenshot = screenshot_dir / name
+        with lock:
+            log.clear()
+        url = f"{base}/__narrow__.html?page={relative}&theme=dark&width={NARROW_WIDTH}"
+        returncode, dom, stderr, error = open_in_chromium(chromium, url, screenshot, NARROW_WINDOW)
+        with lock:
+            requests = list(log)
+        results[relative] = PageVisit(relative, returncode, dom, [], requests, screenshot, error)
+    return results
+
+
+def overflow_report(visit: PageVisit) -> dict | None:
+    match = OVERFLOW_RESULT.search(visit.dom)
+    return json.loads(html_unescape(match.group(1))) if match else None
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+@pytest.mark.parametrize("width", ["1280", "390"])
+def test_no_output_block_or_table_overflows_its_column(width, request):
+    fixture = "visits" if width == "1280" else "narrow_dark_visits"
+    visits = request.getfixturevalue(fixture)
+    problems, measured = [], 0
+    for page, visit in visits.items():
+        if page in ("search.html", "genindex.html", "py-modindex.html"):
+            continue
+        report = overflow_report(visit)
+        if report is None:
+            problems.append(f"{page}: the overflow measurement did not run")
+            continue
+        measured += 1
+        assert report["width"] == int(width), f"{page}: laid out {report['width']} px wide"
+        for item in report["problems"]:
+            by = max(item["hidden_px"], item["past_edge_px"])
+            problems.append(f"{page}: a {item['kind']} overflows by {by} px: {item['text']!r}")
+    assert measured >= 10
+    assert not problems, f"at {width} px:\n" + "\n".join(problems)
+
+
+def test_the_measurement_finds_an_overflow(tmp_path, chromium):
+    """The overflow check itself: a page with a long unbroken output line is reported."""
+    page = tmp_path / "page.html"
+    page.write_text(
+        "<html><body><article role='main' style='width:300px'>"
+        "<div class='nboutput'><div class='output_area' style='overflow-x:auto'>"
+        "<pre>" + "x" * 400 + "</pre></div></div></article></body></html>",
+        encoding="utf-8",
+    )
+    handler = functools.partial(
+        RecordingHandler, directory=str(tmp_path), log=[], lock=threading.Lock()
+    )
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/page.html?measure=1"
+        returncode, dom, _, error = open_in_chromium(chromium, url, tmp_path / "shot.png")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert returncode == 0 and not error
+    report = json.loads(html_unescape(OVERFLOW_RESULT.search(dom).group(1)))
+    assert report["problems"], "a 400-character line in a 300 px column was not reported"
+
+
+def test_dark_theme_and_phone_width_screenshots(narrow_dark_visits):
+    missing = [p for p, v in narrow_dark_visits.items() if v.returncode != 0 or not
+               v.screenshot.is_file() or v.screenshot.read_bytes()[:8] != PNG_MAGIC]
+    assert not missing, f"no 390 px dark screenshot of {missing}"
+    for page, visit in narrow_dark_visits.items():
+        requested = {urlparse(path).path for path, _ in visit.requests}
+        assert f"/{page}" in requested, f"{page}: the narrow wrapper did not load the page"
+
+
+# -- What a student and a teacher need on the site -------------------------------------------------
+
+
+def test_header_shows_the_version_and_every_page_links_the_project(site):
+    import goodfellow
+
+    for page in html_pages(site):
+        html = page.read_text(encoding="utf-8")
+        if page.name in ("genindex.html", "search.html", "py-modindex.html"):
+            continue
+        assert f"goodfellow {goodfellow.__version__}" in html, f"{page.name}: no version"
+        links = parse(html).links
+        assert any(url.endswith("/issues") for url in links), f"{page.name}: no issue tracker"
+        assert any("CITATION.cff" in url or "how-to-cite" in url for url in links), page.name
+
+
+def test_citation_and_licence_files_agree_with_the_package():
+    import yaml
+
+    import goodfellow
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert citation["version"] == goodfellow.__version__
+    assert citation["license"] == "BSD-3-Clause"
+    assert "BSD 3-Clause" in (ROOT / "LICENSE").read_text(encoding="utf-8")
+
+
+def test_front_page_says_what_is_supported_and_links_the_method_guide(site):
+    html = (site / "index.html").read_text(encoding="utf-8")
+    assert "supported-box" in html
+    assert "torch.nn.Linear" in html
+    assert "choosing.html" in html and "glossary.html" in html
+    assert (site / "choosing.html").is_file() and (site / "changelog.html").is_file()
+
+
+def test_handouts_hold_every_tutorial_without_solutions(site):
+    import zipfile
+
+    import nbformat
+
+    from tests.test_notebooks import NOTEBOOKS, SOLUTION
+
+    teachers = (site / "teachers.html").read_text(encoding="utf-8")
+    assert 'href="goodfellow-handouts.zip"' in teachers
+    with zipfile.ZipFile(site / "goodfellow-handouts.zip") as archive:
+        names = sorted(Path(name).name for name in archive.namelist())
+        assert names == sorted(path.name for path in NOTEBOOKS)
+        for name in archive.namelist():
+            notebook = nbformat.reads(archive.read(name).decode(), as_version=4)
+            assert not any(SOLUTION in cell.source for cell in notebook.cells), name
+            assert any("goodfellow.exercises" in cell.source for cell in notebook.cells), name
+
+
+def test_tutorials_link_api_names_and_arxiv_identifiers(site):
+    problems = []
+    for page in sorted((site / "tutorials").glob("[0-9][0-9]_*.html")):
+        html = page.read_text(encoding="utf-8")
+        if "api.html#goodfellow." not in html:
+            problems.append(f"{page.name}: no API name links to the API reference")
+        prose = re.sub(r"<pre.*?</pre>|<script.*?</script>", "", html, flags=re.S)
+        for match in re.finditer(r"arXiv:\d{4}\.\d{4,5}", prose):
+            if not prose[match.end() : match.end() + 4] == "</a>":
+                problems.append(f"{page.name}: {match.group(0)} is not a link")
+    assert not problems, "\n".join(problems)
+
+
+def test_figures_have_descriptions_and_open_full_size(site):
+    problems = []
+    for page in sorted((site / "tutorials").glob("[0-9][0-9]_*.html")):
+        html = page.read_text(encoding="utf-8")
+        for tag in re.findall(r"<img[^>]*>", html):
+            alt = re.search(r'alt="([^"]*)"', tag)
+            if not alt or alt.group(1).endswith(".png") or len(alt.group(1)) < 20:
+                problems.append(f"{page.name}: figure without a description: {tag[:80]}")
+        if "<img" in html and "image-reference" not in html:
+            problems.append(f"{page.name}: figures do not link to their full-size image")
+    assert not problems, "\n".join(problems)
+
+
+def test_search_results_show_prose_without_tex_or_the_run_box(site, chromium, server, tmp_path):
+    base, _, _ = server
+    returncode, dom, _, error = open_in_chromium(
+        chromium, f"{base}/search.html?q=batch+size+factor", tmp_path / "search.png"
+    )
+    assert returncode == 0 and not error
+    summaries = re.findall(r'<p class="context">(.*?)</p>', dom, re.S)
+    assert len(summaries) >= 5, "the search found (almost) nothing"
+    text = " ".join(re.sub(r"<[^>]+>", "", summary) for summary in summaries)
+    assert "Run this tutorial yourself" not in text
+    assert not re.search(r"\\\(|\\\)|\\mathcal|\\frac", text), text[:500]

@@ -5,6 +5,12 @@ document.addEventListener("DOMContentLoaded", () => {
   if (typeof Search === "undefined" || !Search.htmlToText) return;
   const original = Search.htmlToText;
   const unwanted = [".run-this-notebook", ".prompt", "div.math", ".supported-box"];
+  // The TeX commands of the tutorials' inline math, as the characters they print.
+  const symbols = {
+    sum: "Σ", nabla: "∇", theta: "θ", delta: "δ", alpha: "α", lambda: "λ", sigma: "σ",
+    Sigma: "Σ", varepsilon: "ε", epsilon: "ε", cdot: "·", top: "ᵀ", in: "∈", approx: "≈",
+    le: "≤", ge: "≥", otimes: "⊗", odot: "⊙", to: "→", infty: "∞", partial: "∂",
+  };
   Search.htmlToText = (htmlString, anchor) => {
     const page = new DOMParser().parseFromString(htmlString, "text/html");
     page.querySelectorAll(unwanted.join(",")).forEach((el) => el.remove());
@@ -12,7 +18,9 @@ document.addEventListener("DOMContentLoaded", () => {
       // \( g_i \) -> g_i: the formula's letters, without TeX commands and delimiters
       el.textContent = el.textContent
         .replace(/\\[()[\]]/g, "")
-        .replace(/\\[a-zA-Z]+\s?/g, "")
+        .replace(/\\[,;!: ]/g, " ")
+        .replace(/\\\|/g, "‖")
+        .replace(/\\([a-zA-Z]+)\s?/g, (_, name) => symbols[name] || "")
         .replace(/[{}^]/g, "")
         .trim();
     });
