@@ -116,6 +116,12 @@ def _verdict(exercise: str, run: Callable[[], str | None]) -> bool:
     except _WrongAnswerError as error:
         print(f"Exercise {exercise}: not right yet: {error}.")
         return False
+    except Exception as error:  # an answer of an unexpected kind: say so, do not crash the cell
+        print(
+            f"Exercise {exercise}: not right yet: the answer could not be checked "
+            f"({type(error).__name__}: {error})."
+        )
+        return False
     print(f"Exercise {exercise}: right." + (f" {note}" if note else ""))
     return True
 

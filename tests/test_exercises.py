@@ -313,3 +313,9 @@ def test_exercises_is_not_in_the_public_api():
     checks = {name for name in dir(ex) if name.startswith("check_")}
     assert len(checks) >= 28
     assert not checks & set(goodfellow.__all__)
+
+
+def test_an_answer_of_the_wrong_kind_is_reported_not_raised(capsys):
+    shapes = {"activations": None, "linear_combs": 3, "weight": (1, 10), "bias": (1,)}
+    assert ex.check_single_layer_shapes(shapes) is False
+    assert "not right yet" in capsys.readouterr().out
