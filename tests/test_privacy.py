@@ -582,3 +582,50 @@ def test_two_processes_give_one_process_result_on_every_rank(tmp_path):
 
 if __name__ == "__main__":
     _distributed_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+# --------------------------------------------------------------------------------------------
+# The DP-SGD benchmark: every contender's step is checked against the naive loop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off")
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_the_dpsgd_benchmarks_methods_make_the_naive_loops_step(kind):
+    from benchmarks import dpsgd
+
+    if kind == "mlp":
+        widths = (5, 4, 10)
+        config = dpsgd.Config("tiny-mlp", 6, (5,), lambda: dpsgd._mlp(widths), widths)
+    else:
+        config = dpsgd.Config(
+            "tiny-cnn",
+            6,
+            (1, 4, 4),
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 2, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(8, 10),
+            ),
+        )
+    problem = dpsgd.Problem(config, torch.device("cpu"))
+    checked = []
+    for name, method in dpsgd.METHODS.items():
+        try:
+            instance = method(problem, 0.0)
+        except dpsgd.SkipMethodError:
+            continue
+        assert dpsgd.check(instance) <= 1e-4 + instance.approximation  # raises if it deviates
+        checked.append(name)
+    assert {"goodfellow_hooks", "opacus_hooks", "opacus_ghost"} <= set(checked)
+    records = [
+        {"config": config.label, "method": m, "median_s": 1.0 + k} for k, m in enumerate(checked)
+    ]
+    (row,) = dpsgd.targets(records)
+    assert row["speedup"] == pytest.approx(
+        min(r["median_s"] for r in records if r["method"].startswith("opacus"))
+        / min(r["median_s"] for r in records if r["method"].startswith("goodfellow"))
+    )
