@@ -1,9 +1,11 @@
 """The configurations and the contenders of the benchmark.
 
 Every configuration is the same kind of problem: a network (an MLP with ReLU between its linear
-layers, or a small CNN: ``cnn-mnist`` and DeepOBS' ``3c3d``), float32, a batch of ``n`` random
-inputs with random class labels, and the cross-entropy summed over the batch
-(``reduction="sum"``), so that every method's per-example gradient is directly
+layers, a small CNN: ``cnn-mnist`` and DeepOBS' ``3c3d``, or a tiny causal language model,
+``tiny-lm`` and ``tiny-lm-mha``), float32, a batch of ``n`` random inputs with random class labels
+(random token sequences and next tokens for the language models), and the cross-entropy summed
+over the batch (``reduction="sum"``; for a language model summed over the tokens of each example
+and over the examples), so that every method's per-example gradient is directly
 :math:`\\nabla_\\theta L_i`, with no batch-size factor to undo.
 
 A contender is a :class:`Method`:
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import goodfellow as gf
@@ -46,17 +49,23 @@ class Config:
         name: The network's name, the first half of the label.
         widths: For an MLP its layer widths; for a CNN the input channels, the channels of each
             convolution and the widths of the linear layers after it (recorded, not used).
+            For a language model ``(vocab, d, heads, blocks)``.
         n: The batch size.
-        arch: ``"mlp"``, or a key of :data:`CNNS` (then ``widths`` only describes it).
+        arch: ``"mlp"``, a key of :data:`CNNS` (then ``widths`` only describes it), or a key of
+            :data:`LMS`.
+        seq_len: The sequence length ``T`` of a language model (``None`` otherwise).
     """
 
     name: str
     widths: tuple[int, ...]
     n: int
     arch: str = "mlp"
+    seq_len: int | None = None
 
     @property
     def label(self) -> str:
+        if self.is_lm:
+            return f"{self.name}/T{self.seq_len}-n{self.n}"
         return f"{self.name}/n{self.n}"
 
     @property
@@ -64,8 +73,26 @@ class Config:
         return self.arch == "mlp"
 
     @property
+    def is_lm(self) -> bool:
+        return self.arch in LMS
+
+    @property
+    def family(self) -> str:
+        """``"mlp"``, ``"cnn"``, ``"lm"`` (attention from four ``nn.Linear``) or ``"lm-mha"``."""
+        if self.is_mlp:
+            return "mlp"
+        return LMS[self.arch] if self.is_lm else "cnn"
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labels: the last width, or a language model's vocabulary."""
+        return self.widths[0] if self.is_lm else self.widths[-1]
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """One example's input shape: ``(d_0,)`` or ``(C, H, W)``."""
+        """One example's input shape: ``(d_0,)``, ``(C, H, W)`` or ``(T,)`` tokens."""
+        if self.is_lm:
+            return (self.seq_len,)
         return (self.widths[0],) if self.is_mlp else CNNS[self.arch][0]
 
     @property
@@ -73,14 +100,17 @@ class Config:
         """``(d_out, d_in)`` of every linear layer of an MLP."""
         return list(zip(self.widths[1:], self.widths[:-1]))
 
-    def sequential(self) -> nn.Sequential:
-        """A freshly initialised ``nn.Sequential`` of the network (float32, CPU)."""
+    def sequential(self) -> nn.Module:
+        """A freshly initialised network (float32, CPU): ``nn.Sequential`` or :class:`TinyLM`."""
         if self.is_mlp:
             modules: list[nn.Module] = []
             for index, (d_out, d_in) in enumerate(self.layer_shapes):
                 modules += [nn.ReLU()] if index > 0 else []
                 modules.append(nn.Linear(d_in, d_out))
             return nn.Sequential(*modules)
+        if self.is_lm:
+            vocab, d, heads, blocks = self.widths
+            return TinyLM(vocab, d, heads, blocks, self.seq_len, mha=self.family == "lm-mha")
         return CNNS[self.arch][1]()
 
     @property
@@ -135,6 +165,137 @@ def _tiny_cnn_zeros() -> nn.Sequential:
     )  # fmt: skip
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written from four ``nn.Linear`` projections.
+
+    Every parameter sits in an ``nn.Linear`` applied to ``(n, T, d)``, so that hook-based
+    libraries (Opacus, goodfellow's linear rule) see it; the attention itself is parameter-free
+    arithmetic between them: softmax(Q K^T / sqrt(d_h) + causal mask) V per head.
+
+    The key projection has no bias: a key bias b adds q_t . b to every score of query t, the
+    same for all keys, which the softmax cancels, so its gradient is exactly zero and every
+    method's result for it would be rounding noise (which no relative check can judge).
+    """
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.value, self.out = (nn.Linear(d, d) for _ in range(3))
+        self.key = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        h = self.heads
+
+        def split(z: Tensor) -> Tensor:
+            return z.view(n, t, h, d // h).transpose(1, 2)  # (n, h, T, d_h)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        # Written out rather than F.scaled_dot_product_attention: torch.func has no batching
+        # rule for the CPU flash-attention backward and would fall back to a slow loop.
+        scores = q @ k.transpose(-2, -1) / (d // h) ** 0.5  # (n, h, T, T)
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+        weights = scores.masked_fill(future, float("-inf")).softmax(-1)  # (n, h, T, T)
+        mixed = weights @ v  # (n, h, T, d_h)
+        return self.out(mixed.transpose(1, 2).reshape(n, t, d))  # (n, T, d)
+
+
+class MHACausalSelfAttention(nn.Module):
+    """The same attention through ``nn.MultiheadAttention`` (``batch_first=True``)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        # True above the diagonal: position t attends to positions <= t only.
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+        return self.attention(x, x, x, attn_mask=mask, need_weights=False)[0]  # (n, T, d)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4d GELU MLP."""
+
+    def __init__(self, d: int, heads: int, mha: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attention = (MHACausalSelfAttention if mha else CausalSelfAttention)(d, heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))  # (n, T, d)
+        return x + self.mlp(self.norm2(x))  # (n, T, d)
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings, pre-norm blocks, a final LayerNorm and a linear head.
+
+    The positions are looked up on ``arange(T)`` expanded to ``(n, T)``, so that the position
+    embedding, like every other layer, is applied to a tensor with the batch dimension (a lookup
+    on ``(T,)`` broadcast over the batch would hide the per-example split from every hook).
+
+    Args:
+        vocab: Vocabulary size.
+        d: Model width.
+        heads: Attention heads (``d`` divisible by it).
+        blocks: Number of transformer blocks.
+        max_len: Longest sequence (rows of the position embedding).
+        mha: Attention by ``nn.MultiheadAttention`` instead of four ``nn.Linear``.
+    """
+
+    def __init__(
+        self, vocab: int, d: int, heads: int, blocks: int, max_len: int, mha: bool = False
+    ) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = nn.Embedding(max_len, d)
+        self.blocks = nn.Sequential(*(Block(d, heads, mha) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        # Contiguous, not a stride-0 expand: Opacus' ghost-clipping norm of an embedding calls
+        # .view(-1, 1) on the indices, which a broadcast view refuses.
+        positions = torch.arange(t, device=tokens.device).expand(n, t).contiguous()  # (n, T)
+        x = self.tokens(tokens) + self.positions(positions)  # (n, T, d)
+        return self.head(self.norm(self.blocks(x)))  # (n, T, vocab)
+
+
+class TokenCrossEntropy(nn.Module):
+    """Cross-entropy of next-token logits, summed over the tokens of each example.
+
+    ``reduction="sum"`` (the benchmark's loss) also sums over the examples; ``"none"`` returns
+    the ``(n,)`` per-example losses :math:`L_i = \\sum_t \\ell(z_{i,t}, y_{i,t})`, which is what
+    Opacus' ``DPLossFastGradientClipping`` asks of its criterion (it sets ``reduction`` to
+    ``"none"`` and expects one loss per example).
+    """
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        n, t, vocab = logits.shape
+        per_token = F.cross_entropy(
+            logits.reshape(n * t, vocab), targets.reshape(n * t), reduction="none"
+        )  # (n T,)
+        per_example = per_token.view(n, t).sum(1)  # (n,)
+        if self.reduction == "none":
+            return per_example
+        if self.reduction == "sum":
+            return per_example.sum()
+        raise ValueError(f"TokenCrossEntropy: reduction {self.reduction!r}; use 'sum' or 'none'.")
+
+
+LMS: dict[str, str] = {"tiny-lm": "lm", "tiny-lm-mha": "lm-mha"}
+"""Language-model architecture -> its family (attention from ``nn.Linear`` or by MHA)."""
+LM_WIDTHS = (96, 128, 4, 2)
+"""Vocabulary, width, heads and blocks of the benchmark's language models."""
+
+
 CNNS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Sequential]]] = {
     "cnn-mnist": ((1, 28, 28), _cnn_mnist),
     "3c3d": ((3, 32, 32), _3c3d),
@@ -151,9 +312,13 @@ CONFIGS = (
     Config("deep-mlp", DEEP_WIDTHS, 256),
     Config("cnn-mnist", (1, 16, 32, 10), 128, "cnn-mnist"),
     Config("3c3d", (3, 64, 96, 128, 512, 256, 10), 64, "3c3d"),
+    Config("tiny-lm", LM_WIDTHS, 32, "tiny-lm", 64),
+    Config("tiny-lm", LM_WIDTHS, 8, "tiny-lm", 256),
+    Config("tiny-lm-mha", LM_WIDTHS, 32, "tiny-lm-mha", 64),
 )
 QUICK_CONFIGS = (CONFIGS[0], CONFIGS[1], CONFIGS[4])
 CONV_CONFIGS = (CONFIGS[5], CONFIGS[6])
+LM_CONFIGS = (CONFIGS[7], CONFIGS[8], CONFIGS[9])
 LARGEST = ("mnist-mlp/n512", "wide-mlp/n128")
 """The two configurations with the most per-example numbers (n * P), where the issue asks for 2x."""
 
@@ -203,11 +368,16 @@ class Problem:
         else:
             self.model = config.sequential().to(self.device, dtype)
         shape = (config.n, *config.input_shape)
-        self.inputs = torch.randn(shape, generator=generator, dtype=dtype)
-        self.inputs = self.inputs.to(self.device)  # (n, d_0) or (n, C, H, W)
-        self.targets = torch.randint(widths[-1], (config.n,), generator=generator)
-        self.targets = self.targets.to(self.device)  # (n,)
-        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.loss_fn: nn.Module = nn.CrossEntropyLoss(reduction="sum")
+        if config.is_lm:
+            self.inputs = torch.randint(config.num_classes, shape, generator=generator)
+            self.targets = torch.randint(config.num_classes, shape, generator=generator)
+            self.loss_fn = TokenCrossEntropy("sum")
+        else:
+            self.inputs = torch.randn(shape, generator=generator, dtype=dtype)
+            self.targets = torch.randint(config.num_classes, (config.n,), generator=generator)
+        self.inputs = self.inputs.to(self.device)  # (n, d_0), (n, C, H, W) or (n, T) tokens
+        self.targets = self.targets.to(self.device)  # (n,) or (n, T)
         self.max_norm = 1.0
         self.reference: list[Tensor] | None = None
         if reference:
@@ -228,8 +398,8 @@ class Problem:
         ]  # [(d_out, d_in), (d_out,), ...]
         self.reference_batch_grad = [g.sum(0) for g in self.reference]
 
-    def sequential(self) -> nn.Sequential:
-        """A fresh ``nn.Sequential`` with the problem's weights (Linear, ReLU, ... for an MLP)."""
+    def sequential(self) -> nn.Module:
+        """A fresh copy of the network with the problem's weights (Linear, ReLU, ... for an MLP)."""
         if self.mlp is None:
             return copy.deepcopy(self.model)
         modules: list[nn.Module] = []
@@ -273,6 +443,8 @@ class Method:
     """Relative deviation the method makes on purpose, added to the check's tolerance."""
     mlp_only: ClassVar[bool] = False
     """Whether the method needs a :class:`goodfellow.MLP` (the ``goodfellow_backprop`` route)."""
+    families: ClassVar[frozenset[str]] = frozenset({"mlp", "cnn", "lm", "lm-mha"})
+    """The :attr:`Config.family` values the method supports (a peer may lack a layer's rule)."""
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
@@ -300,7 +472,28 @@ def register(cls: type[Method]) -> type[Method]:
 def methods_for(config: Config, names: list[str] | None = None) -> list[str]:
     """The methods among ``names`` (default: all) that apply to ``config``, in order."""
     names = list(METHODS) if names is None else names
-    return [name for name in names if config.is_mlp or not METHODS[name].mlp_only]
+    return [
+        name
+        for name in names
+        if (config.is_mlp or not METHODS[name].mlp_only)
+        and config.family in METHODS[name].families
+    ]
+
+
+def _backward(problem: Problem, model: nn.Module, loss: Tensor) -> None:
+    """``loss.backward()``; for a language model only as far as the layer outputs.
+
+    The recorder needs dL/dZ at every layer's output, not the summed weight gradients a plain
+    ``loss.backward()`` also computes (one extra matrix product per ``nn.Linear``, the largest
+    part of the backward of a transformer). ``backward(inputs=...)`` with the two embedding
+    tables, the parameters at the bottom of the graph, still sends the gradient through every
+    layer (so every output's hook fires) but skips every other weight-gradient product; the
+    embeddings' own ``.grad`` costs one ``index_add`` each.
+    """
+    if problem.config.is_lm:
+        loss.backward(inputs=[model.tokens.weight, model.positions.weight])
+    else:
+        loss.backward()
 
 
 def _buffers(problem: Problem) -> list[Tensor]:
@@ -395,6 +588,8 @@ class TorchFuncVmap(_Reference):
 class Opacus(Method):
     name = "opacus"
     produces = "per_example"
+    # Opacus has no grad sampler for nn.MultiheadAttention (only for its DPMultiheadAttention).
+    families = frozenset({"mlp", "cnn", "lm"})
     description = "Opacus GradSampleModule (hooks mode): p.grad_sample after loss.backward()"
 
     def __init__(self, problem: Problem) -> None:
@@ -421,6 +616,8 @@ class Opacus(Method):
 class Backpack(Method):
     name = "backpack"
     produces = "per_example"
+    # BackPACK's BatchGrad has no rule for nn.Embedding or nn.LayerNorm.
+    families = frozenset({"mlp", "cnn"})
     description = "BackPACK's BatchGrad extension: p.grad_batch after loss.backward()"
 
     def __init__(self, problem: Problem) -> None:
@@ -511,7 +708,7 @@ class Hooks(Method):
 
     def step(self) -> None:
         p = self.problem
-        p.loss_fn(self.model(p.inputs), p.targets).backward()
+        _backward(p, self.model, p.loss_fn(self.model(p.inputs), p.targets))
         self.recorder.grads  # noqa: B018 - materializes the per-example gradients
 
     def reset(self) -> None:
@@ -535,7 +732,7 @@ class _Factored(Method):
     def recorded_factors(self) -> dict:
         """Forward, ``loss.backward()`` under the recorder, and its factors per layer."""
         p = self.problem
-        p.loss_fn(self.model(p.inputs), p.targets).backward()
+        _backward(p, self.model, p.loss_fn(self.model(p.inputs), p.targets))
         return gf.recorded_factors(self.recorder)
 
     def reset(self) -> None:
@@ -608,6 +805,7 @@ class ClippedMean(_Factored):
 class OpacusGhostClipping(Method):
     name = "opacus_ghost_clipping"
     produces = "clipped_mean"
+    families = frozenset({"mlp", "cnn", "lm"})
     description = "Opacus ghost clipping (GradSampleModuleFastGradientClipping, noise 0)"
     # Opacus clips with C / (||g_i|| + 1e-6) instead of C / ||g_i||.
     approximation = 1e-5
@@ -635,9 +833,15 @@ class OpacusGhostClipping(Method):
                 expected_batch_size=problem.config.n,
                 loss_reduction="sum",
             )
-        self.criterion = DPLossFastGradientClipping(
-            self.wrapped, self.optimizer, nn.CrossEntropyLoss(reduction="sum"), "sum"
+        # The criterion must reduce with "sum" and give one loss per example under
+        # reduction="none" (DPLossFastGradientClipping switches to it): per-token losses, as
+        # nn.CrossEntropyLoss gives on flattened logits, make its first backward non-scalar.
+        criterion = (
+            TokenCrossEntropy("sum")
+            if problem.config.is_lm
+            else nn.CrossEntropyLoss(reduction="sum")
         )
+        self.criterion = DPLossFastGradientClipping(self.wrapped, self.optimizer, criterion, "sum")
 
     def step(self) -> None:
         p = self.problem

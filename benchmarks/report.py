@@ -19,7 +19,7 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.methods import CONV_CONFIGS, LARGEST, METHODS
+from benchmarks.methods import CONV_CONFIGS, LARGEST, LM_CONFIGS, METHODS
 
 PEERS = ("naive_loop", "torch_func_vmap", "opacus", "backpack")
 MATERIALIZING = ("goodfellow_backprop", "hooks")
@@ -103,11 +103,14 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
 
     conv_labels = {c.label for c in CONV_CONFIGS}
+    lm_labels = {c.label for c in LM_CONFIGS}
     for allocator in _allocators(records):
         every = [c for c in _configs(records) if (allocator, c, "plain_backward") in index]
-        # The conv configurations have targets of their own (issue 12), below.
-        configs = [c for c in every if c not in conv_labels]
+        # The conv (issue 12) and language-model (issue 13) configurations have targets of
+        # their own, below.
+        configs = [c for c in every if c not in conv_labels | lm_labels]
         convs = [c for c in every if c in conv_labels]
+        lms = [c for c in every if c in lm_labels]
 
         def ratio_to(method: str, floor: tuple[str, ...], allocator: str = allocator):
             def value(config: str) -> float | None:
@@ -199,6 +202,42 @@ def evaluate_targets(results: dict) -> list[dict]:
             convs, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
             lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
         )
+        add(
+            "lm: hooks within 1.2x of plain_backward + write_floor", "hooks", allocator, lms,
+            ratio_to("hooks", ("plain_backward", "write_floor")), lambda v: v <= 1.2,
+            "<= 1.2x", "{:.2f}x",
+        )
+        add(
+            "lm: hooks faster than every peer", "hooks", allocator, lms, peer_speedup("hooks"),
+            lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
+        )
+        add(
+            "lm: norms_only at most 1.1x plain_backward", "norms_only", allocator, lms,
+            ratio_to("norms_only", ("plain_backward",)), lambda v: v <= 1.1, "<= 1.1x",
+            "{:.2f}x",
+        )
+        add(
+            "lm: clipped_mean at most 1.3x plain_backward", "clipped_mean", allocator, lms,
+            ratio_to("clipped_mean", ("plain_backward",)), lambda v: v <= 1.3, "<= 1.3x",
+            "{:.2f}x",
+        )
+        add(
+            "lm: clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator,
+            lms, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
+        )
+        for method in ("norms_only", "clipped_mean"):
+
+            def lm_memory_share(config: str, method: str = method, allocator: str = allocator):
+                record = index.get((allocator, config, method))
+                if record is None or record.get("peak_mem_mb") is None:
+                    return None
+                return record["peak_mem_mb"] / record["per_example_mb"]
+
+            add(
+                "lm: peak extra memory O(n), not O(nP): below 10% of the n*P gradients",
+                method, allocator, lms, lm_memory_share, lambda v: v < 0.1, "< 10%", "{:.1%}",
+            )
     return rows
 
 

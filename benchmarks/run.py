@@ -341,6 +341,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--conv", action="store_true",
         help="with --quick: add the conv configurations cnn-mnist/n128 and 3c3d/n64",
     )
+    parser.add_argument(
+        "--lm", action="store_true",
+        help="with --quick: add the language models tiny-lm/T64-n32, tiny-lm/T256-n8 and "
+        "tiny-lm-mha/T64-n32",
+    )
     parser.add_argument("--methods", nargs="+", default=None, choices=list(bm.METHODS))
     parser.add_argument(
         "--allocators", nargs="+", default=None, choices=list(ALLOCATORS),
@@ -378,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.configs = [c.label for c in (bm.QUICK_CONFIGS if args.quick else bm.CONFIGS)]
         if args.quick and args.conv:
             args.configs += [c.label for c in bm.CONV_CONFIGS]
+        if args.quick and args.lm:
+            args.configs += [c.label for c in bm.LM_CONFIGS]
     for label in args.configs:
         bm.config_by_label(label)
     if args.quiet_wait is None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import benchmarks
 import goodfellow as gf
@@ -28,6 +29,9 @@ DEEP_TINY = bm.Config("deep-tiny", (3, 4, 4, 4, 2), 5)
 # and reflect padding with a grouped conv (which they do not).
 CNN_TINY = bm.Config("cnn-tiny", (2, 4, 3, 3), 5, "tiny-cnn-zeros")
 CNN_REFLECT_TINY = bm.Config("cnn-reflect-tiny", (2, 4, 4, 3), 4, "tiny-cnn")
+# Tiny versions of the language models: vocabulary 11, width 8, 2 heads, 2 blocks, T = 5.
+LM_TINY = bm.Config("lm-tiny", (11, 8, 2, 2), 3, "tiny-lm", 5)
+LM_MHA_TINY = bm.Config("lm-mha-tiny", (11, 8, 2, 2), 3, "tiny-lm-mha", 5)
 RECORD_FIELDS = {
     "config": str,
     "method": str,
@@ -48,7 +52,9 @@ def test_benchmarks_package_is_this_repositorys():
     assert Path(benchmarks.__file__).resolve().parent == REPO / "benchmarks"
 
 
-@pytest.fixture(scope="module", params=[TINY, DEEP_TINY, CNN_TINY], ids=lambda c: c.name)
+@pytest.fixture(
+    scope="module", params=[TINY, DEEP_TINY, CNN_TINY, LM_TINY, LM_MHA_TINY], ids=lambda c: c.name
+)
 def problem(request):
     return bm.Problem(request.param, dtype=torch.float64, seed=3)
 
@@ -77,9 +83,12 @@ def expected_result(problem: bm.Problem, produces: str):
 @pytest.mark.parametrize("name", list(bm.METHODS))
 def test_method_agrees_with_torch_func(problem, name):
     if name not in bm.methods_for(problem.config):
-        assert not problem.config.is_mlp and bm.METHODS[name].mlp_only
-        with pytest.raises(ValueError, match="is not an MLP"):
-            bm.METHODS[name](problem)
+        cls = bm.METHODS[name]
+        assert not problem.config.is_mlp
+        assert cls.mlp_only or problem.config.family not in cls.families
+        if cls.mlp_only:
+            with pytest.raises(ValueError, match="is not an MLP"):
+                cls(problem)
         return
     method = bm.METHODS[name](problem)
     method.reset()
@@ -157,6 +166,60 @@ def test_conv_configurations_are_the_issues_networks():
         assert config.sequential()(x).shape == (2, 10)
         assert "goodfellow_backprop" not in bm.methods_for(config)
         assert {"hooks", "norms_only", "clipped_mean"} <= set(bm.methods_for(config))
+
+
+def lm_params(d: int, vocab: int, t: int, blocks: int, mha: bool) -> int:
+    """P of the language model counted by hand (the key projection of ours has no bias)."""
+    attention = 4 * d * d + (4 if mha else 3) * d
+    block = 2 * 2 * d + attention + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return vocab * d + t * d + blocks * block + 2 * d + (d * vocab + vocab)
+
+
+def test_lm_configurations_are_the_issues_networks():
+    by_label = {c.label: c for c in bm.LM_CONFIGS}
+    assert set(by_label) == {"tiny-lm/T64-n32", "tiny-lm/T256-n8", "tiny-lm-mha/T64-n32"}
+    for label, config in by_label.items():
+        mha = label.startswith("tiny-lm-mha")
+        assert config.widths == (96, 128, 4, 2)
+        assert config.num_params == lm_params(128, 96, config.seq_len, 2, mha)
+        model = config.sequential()
+        assert sum(isinstance(m, nn.MultiheadAttention) for m in model.modules()) == 2 * mha
+        assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 5
+        tokens = torch.randint(96, (2, config.seq_len))
+        assert model(tokens).shape == (2, config.seq_len, 96)
+        expected = {"plain_backward", "write_floor", "naive_loop", "torch_func_vmap", "hooks",
+                    "norms_only", "clipped_mean"}  # fmt: skip
+        expected |= set() if mha else {"opacus", "opacus_ghost_clipping"}
+        assert set(bm.methods_for(config)) == expected
+
+
+def test_lm_attention_is_causal():
+    # Changing the last token must leave the logits of every earlier position unchanged.
+    for config in (LM_TINY, LM_MHA_TINY):
+        model = config.sequential().double()
+        tokens = torch.randint(11, (2, 5), generator=torch.Generator().manual_seed(0))
+        changed = tokens.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % 11
+        a, b = model(tokens), model(changed)
+        torch.testing.assert_close(a[:, :-1], b[:, :-1], **TOLERANCES[torch.float64])
+        assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_token_cross_entropy_sums_tokens_per_example():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)  # (n, T, vocab)
+    targets = torch.randint(6, (3, 4), generator=generator)  # (n, T)
+    per_example = bm.TokenCrossEntropy("none")(logits, targets)
+    loop = torch.stack([
+        sum(nn.functional.cross_entropy(logits[i, t], targets[i, t]) for t in range(4))
+        for i in range(3)
+    ])  # fmt: skip
+    torch.testing.assert_close(per_example, loop, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(
+        bm.TokenCrossEntropy("sum")(logits, targets), loop.sum(), **TOLERANCES[torch.float64]
+    )
+    with pytest.raises(ValueError, match="reduction 'mean'; use 'sum' or 'none'"):
+        bm.TokenCrossEntropy("mean")(logits, targets)
 
 
 def test_reset_drops_results_and_steps_give_fresh_ones(problem):
@@ -272,6 +335,32 @@ def test_conv_targets_are_judged_from_the_numbers():
     assert rows["conv: clipped_mean faster than Opacus ghost clipping"]["met"] == 0  # 1.45 > 1.4
 
 
+def test_lm_targets_are_judged_from_the_numbers():
+    def record(method, median, config="tiny-lm/T64-n32"):
+        return {
+            "config": config, "method": method, "median_s": median, "allocator": "default",
+            "per_example_mb": 50.0, "peak_mem_mb": 2.0,
+        }
+
+    records = [
+        record("plain_backward", 1.0), record("write_floor", 0.5),
+        record("hooks", 1.75), record("torch_func_vmap", 1.7), record("opacus", 3.0),
+        record("norms_only", 1.05), record("clipped_mean", 1.35),
+        record("opacus_ghost_clipping", 2.0),
+    ]
+    rows = {(r["target"], r["method"]): r for r in report.evaluate_targets({"records": records})}
+    assert all(t.startswith("lm: ") for t, _ in rows)  # neither MLP nor conv targets apply
+    assert rows[("lm: hooks within 1.2x of plain_backward + write_floor", "hooks")]["met"] == 1
+    assert rows[("lm: hooks faster than every peer", "hooks")]["met"] == 0  # 1.7 < 1.75
+    assert rows[("lm: norms_only at most 1.1x plain_backward", "norms_only")]["met"] == 1
+    assert rows[("lm: clipped_mean at most 1.3x plain_backward", "clipped_mean")]["met"] == 0
+    ghost = rows[("lm: clipped_mean faster than Opacus ghost clipping", "clipped_mean")]
+    assert ghost["met"] == 1 and ghost["worst"] == "1.48x"  # 2.0 / 1.35
+    memory = "lm: peak extra memory O(n), not O(nP): below 10% of the n*P gradients"
+    norms_memory = rows[(memory, "norms_only")]
+    assert norms_memory["met"] == 1 and norms_memory["worst"] == "4.0%"  # 2 MB of 50 MB
+
+
 def test_quick_run_never_overwrites_the_committed_results():
     quick = parse_args(["--quick"])
     assert "_scratch" in quick.out.parts and "_scratch" in quick.figures_dir.parts
@@ -282,6 +371,9 @@ def test_quick_run_never_overwrites_the_committed_results():
     assert parse_args(["--device", "cuda"]).allocators == ["default"]
     conv = parse_args(["--quick", "--conv"])
     assert conv.configs == [c.label for c in (*bm.QUICK_CONFIGS, *bm.CONV_CONFIGS)]
+    lm = parse_args(["--quick", "--lm"])
+    assert lm.configs == [c.label for c in (*bm.QUICK_CONFIGS, *bm.LM_CONFIGS)]
+    assert set(bm.LM_CONFIGS) <= set(bm.CONFIGS)  # in the full run too
 
 
 def test_unknown_configuration_is_refused():
