@@ -59,7 +59,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
 from goodfellow._checks import aliased_buffer, describe, display_module, display_name
-from goodfellow.layers.base import LayerRule, rule_for
+from goodfellow.layers.base import LayerRule, rule_for, sum_discrepancy
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.reduction import batch_size_factor
 
@@ -173,8 +173,11 @@ class LayerRecord:
         if not deltas:
             return self.rule.zeros(self.module, self._owner._batch_size)
         if self.records_all_inputs:
-            return self.rule.gradients(self.module, inputs, deltas, calls=calls)
-        return self.rule.gradients(self.module, inputs, deltas)
+            layer = self.rule.gradients(self.module, inputs, deltas, calls=calls)
+        else:
+            layer = self.rule.gradients(self.module, inputs, deltas)
+        self._owner._check_accounted(self, layer, scale)
+        return layer
 
     def clear(self) -> None:
         """Forget the current batch (new lists, so references to the old ones stay intact)."""
@@ -271,6 +274,7 @@ class PerExampleGradients:
         self._batch_size: int | None = None
         self._model_batch_size: int | None = None  # of the model's forward running now, if any
         self._forward_start: dict[str, int] | None = None  # calls per record when it started
+        self._totals: dict[str, Tensor] = {}  # the gradient autograd gave each parameter
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
@@ -306,6 +310,10 @@ class PerExampleGradients:
                 _ModuleHook(self, "_on_layer_forward", name), with_kwargs=True
             )
             self._module_handles.append(handle)
+        params = dict(model.named_parameters())
+        for p_name in self._owners:
+            hook = _ModuleHook(self, "_on_parameter_gradient", p_name)
+            self._module_handles.append(params[p_name].register_hook(hook))
         # a recorder that nobody holds any more takes its hooks off the model
         self._finalizer = weakref.finalize(self, _remove_all, self._module_handles)
         self._attached = True
@@ -349,6 +357,7 @@ class PerExampleGradients:
         self._batch_size = None
         self._backward_seen = False
         self._grads = None
+        self._totals = {}
 
     def _inspect_model(self) -> None:
         """Find the modules with a layer rule; refuse every one the recorder cannot handle."""
@@ -436,6 +445,49 @@ class PerExampleGradients:
         if first is None or not _is_functorch(first):
             self._model_batch_size = None
             self._forward_start = None
+
+    def _on_parameter_gradient(self, p_name: str, grad: Tensor) -> None:
+        """Keep the gradient autograd gives a parameter: the first one of each batch."""
+        if self._attached and p_name not in self._totals:
+            self._totals[p_name] = grad
+
+    def _check_accounted(self, record: LayerRecord, layer: object, scale: int) -> None:
+        """Refuse per-example gradients that do not add up to what autograd gave the parameter.
+
+        The recorded calls of a module account for its parameters' whole gradient unless a
+        parameter is also used outside the module's forward (``F.linear(x, layer.weight)``):
+        then the recorder would silently return part of each example's gradient.
+        """
+        names = list(getattr(layer, "names", ()))
+        full = [self._param_names.get((record.name, suffix)) for suffix in names]
+        # shared (tied) parameters add up over their owners: checked as a whole elsewhere
+        totals = [
+            self._totals.get(p) if p is not None and len(self._owners.get(p, ())) == 1 else None
+            for p in full
+        ]
+        if all(t is None for t in totals):
+            return
+        check = getattr(layer, "sum_discrepancy", None)
+        with torch.no_grad():
+            errors = check(totals, scale) if check is not None else sum_discrepancy(
+                layer, totals, scale
+            )
+        # the least precise dtype involved sets the tolerance (bfloat16 under autocast)
+        dtypes = {t.dtype for t in totals if t is not None}
+        dtypes |= {g.dtype for g in record.grad_outputs if g is not None}
+        eps = max(torch.finfo(dtype).eps for dtype in dtypes)
+        tolerance = 1e-6 if eps < 1e-10 else 1e-3 if eps < 1e-5 else 5e-2
+        for p_name, error in zip(full, errors):
+            if error > tolerance:
+                raise ValueError(
+                    f"the per-example gradients of {p_name!r} do not add up to the gradient "
+                    f"autograd gave it (relative difference {error:.2g}): the parameter is also "
+                    f"used outside the forward of {describe(record.name, record.module)}, for "
+                    "instance through F.linear(x, layer.weight) or by another module, and the "
+                    "recorder sees only the module's own calls. Compute every use through the "
+                    "module, or register a rule for the module that uses the parameter "
+                    "(goodfellow.layers.register_rule)."
+                )
 
     def _drop_failed_forward(self) -> None:
         """Forget the calls of a model forward that raised before it returned.
@@ -726,6 +778,8 @@ def _inert_hook(*args: Any, **kwargs: Any) -> None:
 
 
 class _ModuleHook:
+    __torch_unserializable__ = True  # torch.save of a parameter: say nothing, save no hook
+
     """A module hook that calls a method of its recorder through a weak reference.
 
     The model does not keep the recorder alive (a recorder nobody holds any more is collected

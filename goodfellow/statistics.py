@@ -296,7 +296,7 @@ def gradient_norms(source: Source) -> Tensor:
         Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
         gradient, as for ``torch.linalg.vector_norm``).
     """
-    _, layers, _ = _layers(source, allow_empty=True)  # a norm per example: none for n = 0
+    _, layers, _ = _layers(source)
     return norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
 
 

@@ -110,7 +110,9 @@ def test_an_empty_batch_gives_empty_results_with_or_without_extra_dimensions(sha
     with PerExampleGradients(model) as pe:
         model(torch.randn(*shape)).sum().backward()
     assert pe.grads["weight"].shape == (0, 12, 10) and pe.grads["bias"].shape == (0, 12)
-    assert gradient_norms(recorded_factors(pe)).shape == (0,)
+    for source in (pe.grads, recorded_factors(pe)):  # the statistics refuse both alike
+        with pytest.raises(ValueError, match=r"the batch is empty \(n = 0\)"):
+            gradient_norms(source)
 
 
 def test_messages_name_the_root_module_plainly():
@@ -136,3 +138,59 @@ def test_a_compiled_forward_gets_a_message_that_says_why_nothing_was_recorded():
             want = torch_func_per_example_grads(model, lambda out, _: out.sum(), x, x)
             for got, expected in zip(pe.grads.values(), want):
                 torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_a_parameter_used_outside_its_module_is_refused_not_partial(which, dtype):
+    """Item 1: the recorded calls account for part of the gradient only: refuse, naming it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4).to(dtype)
+
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            extra = x @ layer.weight.T if which == "weight" else layer.bias * x
+            return torch.tanh(self.layer(x)) + extra
+
+    model = Outside()
+    x = torch.randn(6, 4, dtype=dtype)
+    with PerExampleGradients(model) as pe:
+        model(x).square().sum().backward()
+    with pytest.raises(ValueError, match=rf"'layer.{which}' do not add up.*Linear 'layer'"):
+        _ = pe.grads
+    with pytest.raises(ValueError, match="do not add up"):
+        recorded_factors(pe)
+
+
+def test_a_conv_weight_used_outside_its_module_is_refused():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1, groups=2).double()
+
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x) + nn.functional.conv2d(x, conv.weight, padding=1, groups=2)
+
+    model = Outside()
+    with PerExampleGradients(model) as pe:
+        model(torch.randn(3, 2, 5, 5, dtype=torch.float64)).square().sum().backward()
+    with pytest.raises(ValueError, match=r"'conv.weight' do not add up"):
+        _ = pe.grads
+
+
+def test_ordinary_models_pass_the_accounting_check_under_autocast_and_mean():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    with PerExampleGradients(model, loss_reduction="mean") as pe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        nn.functional.mse_loss(out.float(), y).backward()
+    assert set(pe.grads) == {"0.weight", "0.bias", "2.weight", "2.bias"}

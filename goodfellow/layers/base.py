@@ -99,6 +99,38 @@ class MaterializedGradients:
         return None
 
 
+def sum_discrepancy(layer: object, totals: Sequence[Tensor | None], scale: int) -> list[float]:
+    r"""How far :math:`\sum_i g_i` of a layer is from the gradient autograd gave its parameters.
+
+    The per-example gradients of a layer add up to its parameters' batch gradient (times the
+    batch-size factor ``scale``) exactly when the recorded calls are every use of the
+    parameters. A parameter used elsewhere as well (``F.linear(x, layer.weight)``) receives more
+    than the calls account for: its per-example gradients would be partial, silently.
+
+    Args:
+        layer: A layer-gradients object.
+        totals: The gradient autograd delivered to each of ``layer.names`` in this backward
+            (``None`` where none arrived).
+        scale: The batch-size factor the per-example gradients carry.
+
+    Returns:
+        For each name, ``|sum_i g_i / scale - total|`` relative to the size of the two (``0``
+        where there is no total).
+    """
+    n = layer.batch_size
+    like = next(t for t in totals if t is not None)
+    sums = layer.weighted_sum(torch.ones(n, dtype=like.dtype, device=like.device))
+    out = []
+    for summed, total in zip(sums, totals):
+        if total is None:
+            out.append(0.0)
+            continue
+        summed = summed.to(total.dtype) / scale
+        size = float(summed.abs().sum() + total.abs().sum())
+        out.append(float((summed - total).abs().sum()) / size if size > 0 else 0.0)
+    return out
+
+
 class LayerRule:
     """How one layer kind's per-example quantities follow from what the recorder saw of it.
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from goodfellow._checks import display_name
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
-from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.linear import LinearFactors, _projected_discrepancy
 
 __all__ = ["ConvFactors", "ConvRule", "unfold_patches"]
 
@@ -140,6 +140,10 @@ class ConvFactors:
         gradients are formed (one layer at a time).
         """
         return [t.square().sum(dim=0) for t in self.per_example()]
+
+    def sum_discrepancy(self, totals: list[Tensor | None], scale: int) -> list[float]:
+        """As :meth:`goodfellow.LinearFactors.sum_discrepancy`, the groups sharing directions."""
+        return _projected_discrepancy(self.linear, totals, scale, groups=self.groups)
 
     def to(self, dtype: torch.dtype) -> ConvFactors:
         """The same factors in another dtype."""

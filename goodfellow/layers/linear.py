@@ -213,6 +213,16 @@ class LinearFactors(NamedTuple):
         r""":math:`\sum_i g_i \odot g_i`; see :func:`_layer_square_sum`."""
         return _layer_square_sum(self)
 
+    def sum_discrepancy(self, totals: Sequence[Tensor | None], scale: int) -> list[float]:
+        r"""As :func:`goodfellow.layers.base.sum_discrepancy`, along random directions.
+
+        Instead of forming :math:`\sum_i g_i` (a batch-gradient product) it compares
+        :math:`v^\top (\cdot) u` of both sides for random ``u``, ``v``:
+        :math:`\sum_{n,t} (G_{nt} \cdot v)(A_{nt} \cdot u)` costs :math:`O(nT(d_{in} + d_{out}))`.
+        A parameter used elsewhere changes the projection with probability one.
+        """
+        return _projected_discrepancy(self, totals, scale, groups=1)
+
     def to(self, dtype: torch.dtype) -> LinearFactors:
         """The same factors in another dtype (autocast's products back in the parameters')."""
         return LinearFactors(self.inputs.to(dtype), self.grad_outputs.to(dtype), self.bias)
@@ -350,6 +360,36 @@ def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
     weighted = G * weights[:, None, None]  # (n, t, o)
     weight_grad = weighted.reshape(-1, d_out).T @ A.reshape(-1, d_in)  # (o, i)
     return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
+
+
+def _projected_discrepancy(
+    layer: LinearFactors, totals: Sequence[Tensor | None], scale: int, groups: int
+) -> list[float]:
+    """The projected comparison of :meth:`LinearFactors.sum_discrepancy`.
+
+    ``groups`` blocks of rows (a grouped convolution's) share the directions, and the weight
+    gradient is their ``(groups, d_out, d_in)`` stack.
+    """
+    A, G, _ = layer
+    generator = torch.Generator(device=A.device).manual_seed(0)
+    u = torch.randn(A.shape[-1], generator=generator, device=A.device, dtype=A.dtype)
+    v = torch.randn(G.shape[-1], generator=generator, device=A.device, dtype=A.dtype)
+    gv = G @ v  # (n, t)
+    au = A @ u  # (n, t)
+    predicted = [(gv * au).sum(), gv.sum()]  # weight, bias
+    sizes = [(gv * au).abs().sum(), gv.abs().sum()]
+    out = []
+    for k, total in enumerate(totals):
+        if total is None:
+            out.append(0.0)
+            continue
+        blocks = total.reshape(groups, G.shape[-1], -1)  # (g, o, i) or (g, o, 1) for the bias
+        direction = u if k == 0 else torch.ones(1, dtype=A.dtype, device=A.device)
+        actual = torch.einsum("goi,o,i->", blocks.to(A.dtype), v, direction)
+        size = float(sizes[k] / scale + actual.abs())
+        error = float((predicted[k] / scale - actual).abs())
+        out.append(error / size if size > 0 else 0.0)
+    return out
 
 
 def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:
