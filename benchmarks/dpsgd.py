@@ -3,6 +3,10 @@
 Usage (from the repository root)::
 
     python -m benchmarks.dpsgd [--quick] [--device cpu|cuda] [--out benchmarks/results_dpsgd.json]
+                               [--threads 1] [--runs 15] [--quiet-wait 120]
+
+A full run writes ``benchmarks/results_dpsgd.json``; ``--quick`` (11 timed steps, no waiting for
+a quiet machine) writes under ``benchmarks/_scratch/``.
 
 Contenders, each timed from the input batch to updated parameters:
 
