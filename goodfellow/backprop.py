@@ -34,7 +34,7 @@ from goodfellow._checks import (
     check_plain_mean,
     loss_reduction_of,
 )
-from goodfellow.layers.linear import LinearFactors, batched_outer, linear_factors, norm_from_squares
+from goodfellow.layers.linear import LinearFactors, batched_outer, norm_from_squares
 from goodfellow.reduction import batch_size_factor
 
 __all__ = [
@@ -47,13 +47,14 @@ __all__ = [
 
 
 def check_layer_lists(
-    activations: Sequence[Tensor], linear_grads: Sequence[Tensor]
+    activations: Sequence[Tensor], linear_grads: Sequence[Tensor], *, allow_empty: bool = False
 ) -> int:
     """Check that two per-layer lists describe one batch through one chain of linear layers.
 
     Args:
         activations: ``activations[l]`` of shape ``(n, d_l)``.
         linear_grads: ``linear_grads[l]`` of shape ``(n, d_{l+1})``.
+        allow_empty: Accept a batch of ``n = 0`` (a data-parallel rank's share may be empty).
 
     Returns:
         The batch size ``n``.
@@ -97,7 +98,7 @@ def check_layer_lists(
                 f"{g.dtype} on {g.device}; compute both in one dtype on one device."
             )
     n = activations[0].shape[0]
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError("the batch is empty (n = 0): per-example gradients need an example.")
     for layer, (a, g) in enumerate(zip(activations, linear_grads), start=1):
         if a.shape[0] != n or g.shape[0] != n:
@@ -299,12 +300,15 @@ def mlp_factors(
         ValueError: If the lists do not describe one batch through one chain of layers (see
             :func:`goodfellow.goodfellow_backprop`).
     """
-    # the same checks as goodfellow_backprop: one chain of (n, features) layers, one batch
-    check_layer_lists(activations, linear_grads)
-    factors = [
-        linear_factors(a, g, True, loss_reduction) for a, g in zip(activations, linear_grads)
-    ]
-    return factors
+    # the same checks as goodfellow_backprop: one chain of (n, features) layers, one batch;
+    # a batch may be empty here, as a data-parallel rank's share can be (the statistics refuse
+    # to average over no example unless other ranks hold some)
+    n = check_layer_lists(activations, linear_grads, allow_empty=True)
+    scale = batch_size_factor(loss_reduction, n)
+    return [
+        LinearFactors(a[:, None], g[:, None] * scale if scale != 1 else g[:, None], True)
+        for a, g in zip(activations, linear_grads)
+    ]  # one position each: (n, 1, d)
 
 
 def per_example_norms(

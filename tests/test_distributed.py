@@ -227,18 +227,11 @@ def statistics_per_rank(tmp_path_factory) -> list[dict]:
     return _launch("statistics", tmp_path_factory.mktemp("statistics"))
 
 
-# mlp_factors refuses an empty batch (check_layer_lists in goodfellow/backprop.py raises "the
-# batch is empty"), so a rank without examples cannot pass its factors; strict, so that the
-# marker must go once mlp_factors accepts n = 0 (as the statistics do with a group).
-EMPTY_MLP = pytest.mark.xfail(
-    strict=True, reason="mlp_factors refuses n = 0, which a rank with no examples must pass"
-)
 CASES = [
     pytest.param(
         split,
         source,
         name,
-        marks=[EMPTY_MLP] if (split, source) == ("empty", "mlp_factors") else [],
     )
     for split in SPLITS
     for source in SOURCES
