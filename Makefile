@@ -48,9 +48,10 @@ docs: $(VENV)/.installed-docs
 
 bench: $(VENV)/.installed-bench $(VENV)/.installed-docs
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
+	$(BIN)/python -m benchmarks.dpsgd $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check goodfellow tests benchmarks tutorials docs
+	$(BIN)/ruff check goodfellow tests benchmarks tutorials docs examples
 
 clean:
 	rm -rf docs/_build docs/tutorials .pytest_cache

@@ -11,12 +11,14 @@ example's own gradient, by four routes:
 * :mod:`goodfellow.statistics` and :mod:`goodfellow.transforms`: averages of transformed
   per-example gradients, E[T(g_i)] (clipping, variance, norms), and :mod:`goodfellow.cabs`;
 * :mod:`goodfellow.privacy`: DP-SGD's noisy clipped mean (:func:`goodfellow.private_mean`);
+* :mod:`goodfellow.distributed`: the gradient noise scale of a DDP model from its all-reduce;
 * :mod:`goodfellow.ekfac`: KFAC and EKFAC preconditioning built on the recorded quantities;
 * :mod:`goodfellow.gradiator`: a learned backward for black-box functions.
 """
 
 from goodfellow import backprop as _backprop
 from goodfellow import cabs as _cabs
+from goodfellow import distributed as _distributed
 from goodfellow import ekfac as _ekfac
 from goodfellow import gradiator as _gradiator
 from goodfellow import hooks as _hooks
@@ -29,6 +31,7 @@ from goodfellow import statistics as _statistics
 from goodfellow import transforms as _transforms
 from goodfellow.backprop import *  # noqa: F403
 from goodfellow.cabs import *  # noqa: F403
+from goodfellow.distributed import *  # noqa: F403
 from goodfellow.ekfac import *  # noqa: F403
 from goodfellow.gradiator import *  # noqa: F403
 from goodfellow.hooks import *  # noqa: F403
@@ -55,6 +58,7 @@ __all__ = [
         _statistics,
         _cabs,
         _privacy,
+        _distributed,
         _ekfac,
         _gradiator,
     )
