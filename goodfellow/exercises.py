@@ -884,3 +884,163 @@ def check_noise_prediction(predicted_error: Callable) -> bool:
         return f"Measured over {draws} draws: {measured:.3g}."
 
     return _verdict("8.3", run)
+
+
+# -- Tutorial 10 ---------------------------------------------------------------------------------
+
+
+def check_embedding_sq_norms(embedding_sq_norms: Callable) -> bool:
+    """Check exercise 10.1.
+
+    ``embedding_sq_norms(tokens, G, padding_idx)`` returns the squared norms ``(n,)`` of the
+    per-example gradients of an ``nn.Embedding``'s weight, from the ids ``(n, T)`` and the output
+    gradients ``(n, T, d)``; positions holding ``padding_idx`` (an id or None) contribute nothing.
+    """
+
+    def run() -> None:
+        vocabulary, n, T, d = 7, 5, 6, 3
+        tokens = torch.randint(0, vocabulary, (n, T), generator=_generator(100))
+        G = _randn(n, T, d, seed=101)
+        for padding_idx in (None, 2):
+            got = _call(embedding_sq_norms, tokens, G, padding_idx)
+            embedding = nn.Embedding(vocabulary, d, padding_idx=padding_idx).double()
+            expected = []
+            for i in range(n):  # each example's gradient by autograd, then its norm
+                (grad,) = torch.autograd.grad((embedding(tokens[i]) * G[i]).sum(), embedding.weight)
+                expected.append(grad.square().sum())
+            _compare(got, torch.stack(expected), f"your norms (padding_idx={padding_idx})")
+
+    return _verdict("10.1", run)
+
+
+def check_layernorm_grads(layernorm_grads: Callable) -> bool:
+    """Check exercise 10.2.
+
+    ``layernorm_grads(ln, x, G)`` returns the per-example gradients ``(weight, bias)``, each
+    ``(n, d)``, of an ``nn.LayerNorm(d)`` from its input and output gradient ``(n, T, d)``.
+    """
+
+    def run() -> None:
+        n, T, d = 4, 5, 6
+        ln = nn.LayerNorm(d, eps=1e-3).double()  # an epsilon of its own, not the default
+        with torch.no_grad():
+            ln.weight.copy_(_randn(d, seed=102))
+            ln.bias.copy_(_randn(d, seed=103))
+        x, G = _randn(n, T, d, seed=104), _randn(n, T, d, seed=105)
+        got = _call(layernorm_grads, ln, x, G)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise _WrongAnswerError("return two tensors: (weight gradients, bias gradients)")
+        weights, biases = [], []
+        for i in range(n):
+            gw, gb = torch.autograd.grad((ln(x[i]) * G[i]).sum(), [ln.weight, ln.bias])
+            weights.append(gw)
+            biases.append(gb)
+        _compare(got[0], torch.stack(weights), "your weight gradients")
+        _compare(got[1], torch.stack(biases), "your bias gradients")
+
+    return _verdict("10.2", run)
+
+
+def check_largest_gram_length(largest_gram_length: Callable) -> bool:
+    """Check exercise 10.3.
+
+    ``largest_gram_length(d_in, d_out)`` is the largest T for which the Gram form,
+    ``T² (d_in + d_out)`` per example, costs no more than forming the gradient,
+    ``T d_in d_out``: the rule ``goodfellow.gradient_norms`` applies to a Linear layer.
+    """
+
+    def run() -> None:
+        for d_in, d_out in ((128, 128), (128, 512), (512, 128), (128, 96), (3, 5), (1, 1)):
+            got = _call(largest_gram_length, d_in, d_out)
+            expected = max(
+                t for t in range(0, d_in * d_out + 1) if t * (d_in + d_out) <= d_in * d_out
+            )
+            if got != expected:
+                raise _WrongAnswerError(f"for d_in = {d_in}, d_out = {d_out} the answer is off")
+
+    return _verdict("10.3", run)
+
+
+# -- Tutorial 11 ---------------------------------------------------------------------------------
+
+
+def check_removal_shifts(removal_shifts: Callable) -> bool:
+    """Check exercise 11.1.
+
+    ``removal_shifts(grads, max_norm)`` returns, for per-example gradients ``grads`` (a dict of
+    ``(n, *shape)`` tensors), the norms ``(n,)`` of the change of the clipped sum when each
+    example in turn is removed.
+    """
+
+    def run() -> str:
+        grads = {"weight": _randn(6, 3, 4, seed=106), "bias": _randn(6, 3, seed=107)}
+        norms = torch.cat([g.flatten(1) for g in grads.values()], dim=1).norm(dim=1)
+        max_norm = norms.median().item()
+        got = _call(removal_shifts, grads, max_norm)
+        _compare(got, norms.clamp(max=max_norm), "your shifts", rtol=1e-6)
+        return "Removing one example moves the clipped sum by at most C."
+
+    return _verdict("11.1", run)
+
+
+def _opacus_accountants() -> Any:
+    try:
+        from opacus import accountants
+    except ImportError as error:  # pragma: no cover - the tutorial needs Opacus anyway
+        raise _WrongAnswerError("this check needs Opacus (pip install opacus)") from error
+    return accountants
+
+
+def check_update_noise(update_noise: Callable) -> bool:
+    """Check exercise 11.2.
+
+    ``update_noise(sample_rate)`` is the noise per entry of the update, ``σ C / (q N)``, with σ
+    chosen by Opacus' RDP accountant for ε = 2 at δ = 1e-5 over 15 epochs, N = 1440, C = 1.
+    """
+
+    def run() -> str:
+        accountants = _opacus_accountants()
+        noises = {}
+        for rate in (1 / 24, 1 / 6):
+            got = float(_call(update_noise, rate))
+            sigma = accountants.utils.get_noise_multiplier(
+                target_epsilon=2.0,
+                target_delta=1e-5,
+                sample_rate=rate,
+                steps=round(15 / rate),
+                accountant="rdp",
+            )
+            expected = sigma * 1.0 / (rate * 1440)
+            if not math.isclose(got, expected, rel_tol=1e-6):
+                raise _WrongAnswerError(f"for q = 1/{round(1 / rate)} the noise is off")
+            noises[rate] = expected
+        better = "1/6" if noises[1 / 6] < noises[1 / 24] else "1/24"
+        return f"The less noisy update comes with q = {better}."
+
+    return _verdict("11.2", run)
+
+
+def check_two_epsilons(two_epsilons: Callable) -> bool:
+    """Check exercise 11.3.
+
+    ``two_epsilons(sigma, sample_rate, steps)`` returns ``(ε of the RDP accountant, ε of the PRV
+    accountant)`` at δ = 1e-5 for the same history.
+    """
+
+    def run() -> None:
+        accountants = _opacus_accountants()
+        for sigma, rate, steps in ((1.0, 1 / 24, 360), (2.0, 1 / 6, 90)):
+            got = _call(two_epsilons, sigma, rate, steps)
+            if not isinstance(got, (tuple, list)) or len(got) != 2:
+                raise _WrongAnswerError("return two numbers: (RDP epsilon, PRV epsilon)")
+            for name, kind, value in (
+                ("RDP", accountants.RDPAccountant, got[0]),
+                ("PRV", accountants.PRVAccountant, got[1]),
+            ):
+                accountant = kind()
+                accountant.history = [(sigma, rate, steps)]
+                expected = accountant.get_epsilon(1e-5)
+                if not math.isclose(float(value), expected, rel_tol=1e-3):
+                    raise _WrongAnswerError(f"the {name} epsilon for sigma = {sigma} is off")
+
+    return _verdict("11.3", run)

@@ -117,6 +117,52 @@ def broyden(J, dx, df):
     return J + torch.outer(df - J @ dx, dx) / dx.dot(dx)
 
 
+def embedding_sq_norms(tokens, G, padding_idx):
+    n, T, d = G.shape
+    norms = []
+    for i in range(n):
+        rows = torch.zeros(int(tokens.max()) + 1, d, dtype=G.dtype)
+        for t in range(T):
+            if padding_idx is None or tokens[i, t] != padding_idx:
+                rows[tokens[i, t]] += G[i, t]
+        norms.append(rows.square().sum())
+    return torch.stack(norms)
+
+
+def layernorm_grads(ln, x, G, eps=None):
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    x_hat = (x - mean) / torch.sqrt(var + (ln.eps if eps is None else eps))
+    return (G * x_hat).sum(1), G.sum(1)
+
+
+def removal_shifts(grads, max_norm):
+    norms = torch.cat([g.flatten(1) for g in grads.values()], dim=1).norm(dim=1)
+    return norms.clamp(max=max_norm)
+
+
+def update_noise(sample_rate):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sigma = get_noise_multiplier(
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        sample_rate=sample_rate,
+        steps=round(15 / sample_rate),
+        accountant="rdp",
+    )
+    return sigma / (sample_rate * 1440)
+
+
+def two_epsilons(sigma, sample_rate, steps):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    rdp, prv = RDPAccountant(), PRVAccountant()
+    rdp.history = [(sigma, sample_rate, steps)]
+    prv.history = [(sigma, sample_rate, steps)]
+    return rdp.get_epsilon(1e-5), prv.get_epsilon(1e-5)
+
+
 RIGHT_AND_WRONG = {
     "parameter_count": (
         lambda: ex.check_parameter_count(parameter_count),
@@ -252,6 +298,30 @@ RIGHT_AND_WRONG = {
         lambda: ex.check_broyden_update(broyden),
         lambda: ex.check_broyden_update(lambda J, dx, df: J + torch.outer(df, dx)),
     ),
+    "embedding_sq_norms": (
+        lambda: ex.check_embedding_sq_norms(embedding_sq_norms),
+        lambda: ex.check_embedding_sq_norms(lambda t, G, p: embedding_sq_norms(t, G, None)),
+    ),
+    "layernorm_grads": (
+        lambda: ex.check_layernorm_grads(layernorm_grads),
+        lambda: ex.check_layernorm_grads(lambda ln, x, G: layernorm_grads(ln, x, G, eps=1e-5)),
+    ),
+    "largest_gram_length": (
+        lambda: ex.check_largest_gram_length(lambda d_in, d_out: d_in * d_out // (d_in + d_out)),
+        lambda: ex.check_largest_gram_length(lambda d_in, d_out: min(d_in, d_out) // 2),
+    ),
+    "removal_shifts": (
+        lambda: ex.check_removal_shifts(removal_shifts),
+        lambda: ex.check_removal_shifts(lambda grads, c: removal_shifts(grads, 1e9)),
+    ),
+    "update_noise": (
+        lambda: ex.check_update_noise(update_noise),
+        lambda: ex.check_update_noise(lambda q: update_noise(q) * q * 1440),
+    ),
+    "two_epsilons": (
+        lambda: ex.check_two_epsilons(two_epsilons),
+        lambda: ex.check_two_epsilons(lambda s, q, k: two_epsilons(s, q, k)[::-1]),
+    ),
     "noise_prediction": (
         lambda: ex.check_noise_prediction(lambda m, p, s, e, k: m**2 * p * s**2 / (2 * e**2 * k)),
         lambda: ex.check_noise_prediction(lambda m, p, s, e, k: m * p * s**2 / (2 * e**2 * k)),
@@ -311,7 +381,7 @@ def test_the_reproduced_bugs_check():
 def test_exercises_is_not_in_the_public_api():
     assert "exercises" not in goodfellow.__all__
     checks = {name for name in dir(ex) if name.startswith("check_")}
-    assert len(checks) >= 28
+    assert len(checks) >= 34
     assert not checks & set(goodfellow.__all__)
 
 
