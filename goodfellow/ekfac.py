@@ -591,6 +591,14 @@ class EKFAC(torch.optim.Optimizer):
         loss_reduction: How the loss is reduced over the batch, ``"mean"`` (torch's default)
             or ``"sum"``; sets the batch-size factor that turns recorded output gradients into
             per-example ones.
+        group: A ``torch.distributed`` process group over data-parallel workers: the batch
+            statistics :math:`A`, :math:`G` and :math:`S^*` of every step are averaged over
+            all ranks' examples (weighted by each rank's number of examples, as distributed
+            K-FAC does: Osawa et al. 2019, Pauloski et al. 2020), so every rank holds the same
+            preconditioner. The gradient is ``.grad`` as it is: wrap the model in
+            ``DistributedDataParallel``, whose all-reduce makes it the global one. Two
+            all-reduces per layer and step, of :math:`O(d_{in}^2 + d_{out}^2)` and
+            :math:`O(d_{in} d_{out})` numbers.
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, or ``lr`` or ``damping`` is not a
@@ -608,6 +616,7 @@ class EKFAC(torch.optim.Optimizer):
         decay: float = 0.95,
         mode: str = "ekfac",
         loss_reduction: str = "mean",
+        group: object = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -664,6 +673,7 @@ class EKFAC(torch.optim.Optimizer):
         self.model = model
         self.mode = mode
         self.loss_reduction = loss_reduction
+        self.group = group
         self.recorder = recorder
         """The :class:`goodfellow.PerExampleGradients` that records each batch."""
         self._layers = {name: module for name, module in linears}
@@ -903,6 +913,11 @@ class EKFAC(torch.optim.Optimizer):
         a, delta = record.gradients().kronecker_factors()
         a, delta = a.to(module.weight.dtype), delta.to(module.weight.dtype)  # autocast: back
         A_batch, G_batch = kfac_factors(a, delta)
+        n, positions = a.shape[0], math.prod(a.shape[1:-1])
+        if self.group is not None:  # the factors of the global batch: means over its examples
+            A_batch, G_batch = _mean_over_ranks(
+                [A_batch, G_batch], [n * positions, n], self.group
+            )
         _check_finite(A_batch, "input factor A", name, step)
         _check_finite(G_batch, "output-gradient factor G", name, step)
         new: dict[str, Tensor | int] = {"step": step + 1}
@@ -920,6 +935,8 @@ class EKFAC(torch.optim.Optimizer):
             scalings = kfac_scalings(basis)  # (d_out, d_in + 1)
         else:
             scalings_batch = ekfac_scalings(a, delta, basis)  # (d_out, d_in + 1)
+            if self.group is not None:
+                (scalings_batch,) = _mean_over_ranks([scalings_batch], [n], self.group)
             _check_finite(scalings_batch, "EKFAC scalings", name, step)
             if step % group["update_freq"] == 0:
                 scalings = scalings_batch
@@ -937,6 +954,24 @@ class EKFAC(torch.optim.Optimizer):
 
 
 _BASIS_KEYS = KroneckerEigenbasis._fields
+
+
+def _mean_over_ranks(means: list[Tensor], counts: list[int], group: object) -> list[Tensor]:
+    """Means over each rank's examples -> means over all ranks' examples, one all-reduce.
+
+    Each mean is weighted by the number of terms it averages on its rank, so that unequal
+    shares give the mean of the concatenated batch.
+    """
+    import torch.distributed as dist
+
+    like = means[0]
+    weights = torch.tensor(counts, dtype=like.dtype, device=like.device)
+    flat = torch.cat([*(m.reshape(-1) * c for m, c in zip(means, counts)), weights])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    totals = flat[-len(counts) :]
+    sizes = [m.numel() for m in means]
+    pieces = torch.split(flat[: -len(counts)], sizes)
+    return [p.reshape(m.shape) / t for p, m, t in zip(pieces, means, totals)]
 
 
 def _is_kronecker_layer(module: nn.Module) -> bool:
@@ -964,6 +999,8 @@ class KFAC(EKFAC):
         update_freq: Steps between two eigendecompositions of the factors.
         decay: Weight of the past in the running averages of :math:`A` and :math:`G`.
         loss_reduction: ``"mean"`` or ``"sum"``, as for :class:`EKFAC`.
+        group: A process group: factors averaged over data-parallel ranks, as for
+            :class:`EKFAC`.
     """
 
     def __init__(
@@ -974,5 +1011,6 @@ class KFAC(EKFAC):
         update_freq: int = 10,
         decay: float = 0.95,
         loss_reduction: str = "mean",
+        group: object = None,
     ) -> None:
-        super().__init__(model, lr, damping, update_freq, decay, "kfac", loss_reduction)
+        super().__init__(model, lr, damping, update_freq, decay, "kfac", loss_reduction, group)

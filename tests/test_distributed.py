@@ -175,6 +175,10 @@ def _worker(kind: str, rank: int, port: int, out: str) -> None:
             results = _statistics_worker(rank)
         elif kind == "cabs":
             results = _cabs_run(rank, dist.group.WORLD)
+        elif kind in ("ekfac", "kfac"):
+            results = _ekfac_run(kind, rank, dist.group.WORLD)
+        elif kind == "dpsgd":
+            results = _ddp_dpsgd_run(rank)
         else:
             results = _hook_worker(rank, kind)
         torch.save(results, out)
@@ -458,6 +462,69 @@ def test_cabs_on_two_ranks_follows_the_single_process_trajectory(tmp_path):
     assert len(set(expected["sizes"])) > 1  # the batch size does adapt in this run
     for results in _launch("cabs", tmp_path):
         assert results["sizes"] == expected["sizes"]
+        for a, e in zip(results["params"], expected["params"]):
+            torch.testing.assert_close(a, e, **F64)
+
+
+def _ekfac_run(mode: str, rank: int | None, group: object = None) -> dict:
+    """A few EKFAC/KFAC steps; on two ranks each holds half of every batch, under DDP."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    trained = model
+    if rank is not None:
+        trained = nn.parallel.DistributedDataParallel(model)
+    optimizer = gf.EKFAC(trained, lr=0.3, damping=1e-2, update_freq=2, decay=0.5, mode=mode,
+                         group=group)  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        part = slice(None) if rank is None else slice(4 * rank, 4 * rank + 4)
+        optimizer.zero_grad()
+        F.cross_entropy(trained(x[part]), y[part]).backward()  # mean: DDP averages the ranks
+        optimizer.step()
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("mode", ["ekfac", "kfac"])
+def test_ekfac_on_two_ranks_follows_the_single_process_trajectory(mode, tmp_path):
+    """Factors averaged over the ranks: the same preconditioner and steps as one process."""
+    expected = _ekfac_run(mode, None)
+    for results in _launch(mode, tmp_path):
+        for a, e in zip(results["params"], expected["params"]):
+            torch.testing.assert_close(a, e, **F64)
+
+
+def _ddp_dpsgd_run(rank: int | None) -> dict:
+    """DP-SGD steps (no noise) under DDP: norms recorded on each rank's share, the clipped mean
+    of the global batch from one all-reduce of the factored clipped sums."""
+    import torch.distributed as dist
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    trained = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    group = None if rank is None else dist.group.WORLD
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (9,), generator=g)
+        part = slice(None) if rank is None else [slice(0, 5), slice(5, 9)][rank]  # unequal
+        with gf.PerExampleGradients(trained, loss_reduction="sum") as pe:
+            if rank is None:
+                F.cross_entropy(trained(x[part]), y[part], reduction="sum").backward()
+            else:
+                with trained.no_sync():  # the per-example route needs no gradient all-reduce
+                    F.cross_entropy(trained(x[part]), y[part], reduction="sum").backward()
+        mean = gf.clipped_mean(gf.recorded_factors(pe), 0.5, group=group)
+        with torch.no_grad():
+            for p, key in zip(model.parameters(), mean):
+                p -= 0.5 * mean[key]
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_a_ddp_dpsgd_step_equals_the_single_process_clipped_mean(tmp_path):
+    expected = _ddp_dpsgd_run(None)
+    for results in _launch("dpsgd", tmp_path):
         for a, e in zip(results["params"], expected["params"]):
             torch.testing.assert_close(a, e, **F64)
 
