@@ -339,7 +339,7 @@ def test_lm_targets_are_judged_from_the_numbers():
     def record(method, median, config="tiny-lm/T64-n32"):
         return {
             "config": config, "method": method, "median_s": median, "allocator": "default",
-            "per_example_mb": 50.0, "peak_mem_mb": 2.0,
+            "per_example_mb": 50.0, "peak_mem_mb": 80.0 if method == "plain_backward" else 82.0,
         }
 
     records = [
@@ -356,9 +356,9 @@ def test_lm_targets_are_judged_from_the_numbers():
     assert rows[("lm: clipped_mean at most 1.3x plain_backward", "clipped_mean")]["met"] == 0
     ghost = rows[("lm: clipped_mean faster than Opacus ghost clipping", "clipped_mean")]
     assert ghost["met"] == 1 and ghost["worst"] == "1.48x"  # 2.0 / 1.35
-    memory = "lm: peak extra memory O(n), not O(nP): below 10% of the n*P gradients"
+    memory = "lm: peak memory above plain_backward's O(n), not O(nP): below 10% of n*P"
     norms_memory = rows[(memory, "norms_only")]
-    assert norms_memory["met"] == 1 and norms_memory["worst"] == "4.0%"  # 2 MB of 50 MB
+    assert norms_memory["met"] == 1 and norms_memory["worst"] == "4.0%"  # 82 - 80 MB of 50 MB
 
 
 def test_quick_run_never_overwrites_the_committed_results():
