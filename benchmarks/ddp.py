@@ -74,6 +74,7 @@ from benchmarks.run import _versions, device_name, wait_for_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
+DIGITS_EXAMPLES, DIGITS_PIXELS, DIGITS_CLASSES = 1797, 64, 10
 FULL_RUNS, QUICK_RUNS = 21, 11
 FULL_WARMUP, QUICK_WARMUP = 5, 3
 LEARNING_RATE = 0.05
@@ -144,16 +145,6 @@ class Problem:
         x = torch.tensor(digits.data, dtype=torch.float32)  # (1797, 64)
         x = (x - x.mean(0)) / (x.std(0) + 1e-6)
         y = torch.tensor(digits.target)  # (1797,)
-        if widths[0] != x.shape[1] or widths[-1] != 10:
-            raise ValueError(
-                f"--widths must start with 64 (digits' pixels) and end with 10 (classes), got "
-                f"{widths}."
-            )
-        if not 1 <= batch * WORLD_SIZE <= len(x):
-            raise ValueError(
-                f"--batch must be in [1, {len(x) // WORLD_SIZE}] (digits holds {len(x)} examples "
-                f"for {WORLD_SIZE} ranks), got {batch}."
-            )
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         chosen = order[: batch * WORLD_SIZE]
         self.inputs, self.targets = x[chosen], y[chosen]  # (2b, 64), (2b,): the global batch
@@ -547,6 +538,7 @@ def build_records(args: argparse.Namespace, ranks: dict) -> list[dict]:
                 "check_deviation": measured["check_deviation"],
                 "ranks_max_param_difference": measured["ranks_max_param_difference"],
                 "bytes_per_step": measured["bytes_per_step"],
+                "bytes_expected": expected_bytes(name, args.widths),
                 "bytes_ddp_builtin": measured["bytes_ddp_builtin"],
                 "bytes_python_collectives": measured["bytes_python_collectives"],
                 "python_collectives": measured["python_collectives"],
@@ -583,6 +575,9 @@ def summary(results: dict) -> str:
             f"  {r['method']:22s} {1e3 * r['median_s']:10.3f} {r['ratio_to_ddp_plain']:7.3f} "
             f"{r['bytes_per_step']:11d}"
         )
+    wrong = [r["method"] for r in results["records"] if r["bytes_per_step"] != r["bytes_expected"]]
+    if wrong:
+        lines.append(f"bytes per step differ from the documented communication: {wrong}")
     lines.append("targets:")
     for t in results["targets"]:
         verdict = "met" if t["met"] else "MISSED"
@@ -624,6 +619,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = QUICK_WARMUP if args.quick else FULL_WARMUP
     if args.runs < 1 or args.warmup < 0:
         parser.error(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}.")
+    widths = args.widths
+    if len(widths) < 2 or widths[0] != DIGITS_PIXELS or widths[-1] != DIGITS_CLASSES:
+        parser.error(
+            f"--widths must start with {DIGITS_PIXELS} (digits' pixels) and end with "
+            f"{DIGITS_CLASSES} (its classes), e.g. --widths 64 256 256 10; got {widths}."
+        )
+    if min(widths) < 1:
+        parser.error(f"--widths must be positive layer widths, got {widths}.")
+    largest = DIGITS_EXAMPLES // WORLD_SIZE
+    if not 1 <= args.batch <= largest:
+        parser.error(
+            f"--batch (examples per rank) must be in [1, {largest}]: digits holds "
+            f"{DIGITS_EXAMPLES} examples for {WORLD_SIZE} ranks; got {args.batch}."
+        )
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}.")
     if args.out is None:
         args.out = (
             REPO / "benchmarks" / "_scratch" / "results_ddp_quick.json"

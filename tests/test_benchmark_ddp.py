@@ -1,0 +1,114 @@
+"""Smoke test of the DDP benchmark: two gloo ranks run every method, the records hold their fields.
+
+No timing is asserted. The bytes per step are compared with the communication each method does,
+written out here from the model's widths: DDP's gradient all-reduce is P float32 numbers, the
+library's all-reduces are the sums the statistics need (see ``benchmarks/ddp.py``).
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import ddp
+
+REPO = Path(__file__).resolve().parent.parent
+WIDTHS = (64, 16, 10)
+BATCH = 8
+TIMEOUT_S = 240
+
+
+def _layers() -> list[tuple[int, int]]:
+    return list(zip(WIDTHS[:-1], WIDTHS[1:]))
+
+
+P = sum(d_out * d_in + d_out for d_in, d_out in _layers())  # weights and biases: 1210
+F32, F64 = 4, 8
+EXPECTED_BYTES = {
+    "ddp_plain": F32 * P,
+    # under no_sync: no gradient all-reduce; the clipped sums and the example count instead
+    "ddp_clipped_mean": F32 * (P + 1),
+    # DDP's gradient, then the sums with the count, then the squared sums
+    "ddp_variance": F32 * P + F32 * (P + 1) + F32 * P,
+    # the hook all-reduces DDP's gradient itself and adds two float64 scalars
+    "ddp_noise_scale_hook": F32 * P + 2 * F64,
+    # DDP's gradient; per layer A (bias column included) and G with their two counts, then the
+    # EKFAC scalings with one count
+    "ddp_ekfac": F32 * P
+    + F32 * sum((i + 1) ** 2 + o**2 + 2 + o * (i + 1) + 1 for i, o in _layers()),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp") / "results_ddp.json"
+    command = [
+        sys.executable, "-m", "benchmarks.ddp", "--quick", "--runs", "2", "--warmup", "1",
+        "--batch", str(BATCH), "--widths", *map(str, WIDTHS), "--out", str(out),
+        "--timeout", str(TIMEOUT_S - 30),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"python -m benchmarks.ddp --quick ran for more than {TIMEOUT_S} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "targets:" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_every_method_has_a_record_with_positive_times(results):
+    records = {r["method"]: r for r in results["records"]}
+    assert set(records) == set(EXPECTED_BYTES) == set(ddp.METHODS)
+    for name, record in records.items():
+        assert record["runs"] == 2 == len(record["times_s"]), name
+        assert all(t > 0 for t in record["times_s"]), name
+        assert record["min_s"] <= record["median_s"] <= record["max_s"], name
+        assert record["num_params"] == P
+        # checked against one process on the global batch, and the ranks stayed in step
+        assert record["check_deviation"] <= 1e-4, name
+        assert record["ranks_max_param_difference"] == 0.0, name
+    assert records["ddp_plain"]["ratio_to_ddp_plain"] == 1.0
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_BYTES))
+def test_the_bytes_per_step_follow_the_formula(results, method):
+    record = next(r for r in results["records"] if r["method"] == method)
+    assert record["bytes_per_step"] == EXPECTED_BYTES[method]
+    assert record["bytes_expected"] == EXPECTED_BYTES[method]
+    assert record["bytes_per_step"] == (
+        record["bytes_ddp_builtin"] + sum(size for _, size in record["python_collectives"])
+    )
+
+
+def test_the_targets_are_judged(results):
+    targets = {t["method"]: t for t in results["targets"]}
+    assert set(targets) == {"ddp_noise_scale_hook", "ddp_clipped_mean"}
+    by_method = {r["method"]: r for r in results["records"]}
+    for name, target in targets.items():
+        assert target["ratio"] == by_method[name]["ratio_to_ddp_plain"]
+        assert target["met"] == (target["ratio"] <= target["target"])
+    assert results["meta"]["world_size"] == 2
+    assert len(results["meta"]["load_average"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--widths", "10", "5"], r"--widths must start with 64"),
+        (["--widths", "64"], r"--widths must start with 64"),
+        (["--widths", "64", "0", "10"], r"positive layer widths"),
+        (["--batch", "0"], r"--batch \(examples per rank\) must be in \[1, 898\]"),
+        (["--batch", "899"], r"must be in \[1, 898\]"),
+        (["--runs", "0"], r"--runs must be >= 1"),
+        (["--timeout", "0"], r"--timeout must be a positive"),
+    ],
+)
+def test_bad_arguments_are_refused(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        ddp.parse_args(argv)
+    assert re.search(match, capsys.readouterr().err)
