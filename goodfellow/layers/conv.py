@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from goodfellow._checks import display_name
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
-from goodfellow.layers.linear import LinearFactors, _projected_discrepancy
+from goodfellow.layers.linear import LinearFactors, _compare_projections, _random_directions
 
 __all__ = ["ConvFactors", "ConvRule", "unfold_patches"]
 
@@ -56,7 +56,7 @@ def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
     Returns:
         Tensor of shape ``(n, L, C_in * K)``: ``L`` output positions in row-major order, and
         for each the input channels times kernel taps in the order of
-        ``module.weight.flatten(1)``.
+        ``module.weight.flatten(1)`` (a transposed view of a contiguous ``(n, C_in K, L)``).
     """
     d = len(module.kernel_size)
     padding = module._reversed_padding_repeated_twice
@@ -67,36 +67,69 @@ def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
         span = dil * (k - 1) + 1
         patches = patches.unfold(2 + axis, span, s)[..., ::dil]  # (..., L_axis, ..., k)
     n, c = patches.shape[:2]
-    # (n, C, L_1..L_d, k_1..k_d) -> (n, L_1..L_d, C, k_1..k_d) -> (n, L, C * K)
-    order = [0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d)]
+    # (n, C, L_1..L_d, k_1..k_d) -> (n, C, k_1..k_d, L_1..L_d) -> (n, C K, L): the copy reads
+    # the input along its last (contiguous) axis, several times faster than an (n, L, C K)
+    # copy; the result is the transposed view of it, so no second copy is made.
+    order = [0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d)]
     positions = math.prod(patches.shape[2 : 2 + d])
-    return patches.permute(order).reshape(n, positions, c * math.prod(module.kernel_size))
+    flat = patches.permute(order).reshape(n, c * math.prod(module.kernel_size), positions)
+    return flat.transpose(1, 2)  # (n, L, C K), a view
 
 
 class ConvFactors:
-    r"""One convolution's per-example gradients, kept as the linear factors of its groups.
+    r"""One convolution's per-example gradients, kept as its inputs and output gradients.
 
-    Attributes:
-        linear: :class:`goodfellow.LinearFactors` over ``n * groups`` rows: inputs
-            ``(n G, L, C_in/G * K)`` (unfolded patches), output gradients ``(n G, L, C_out/G)``.
-        groups: The number of groups ``G``.
-        weight_shape: ``(C_out, C_in/G, *kernel_size)``.
+    The linear factors of its groups (unfolded patches and output gradients, ``n * G`` rows)
+    are formed when a statistic needs them (per-example gradients, norms, KFAC); the weighted
+    sum :math:`\sum_i w_i g_i` needs no patches at all: it is the convolution's own weight
+    gradient for the output gradients scaled by ``w``.
+
+    Args:
+        calls: ``(input, grad_output)`` per call: ``(n, C_in, *spatial)`` and each example's
+            own output gradients ``(n, C_out, *out_spatial)``.
+        module: The convolution (its hyper-parameters; its weight's shape).
+        bias: Whether the bias is trained.
     """
 
-    def __init__(self, linear: LinearFactors, groups: int, weight_shape: torch.Size) -> None:
-        self.linear = linear
-        self.groups = groups
-        self.weight_shape = tuple(weight_shape)
+    def __init__(self, calls: list[tuple[Tensor, Tensor]], module: nn.Module, bias: bool) -> None:
+        self.calls = calls
+        self.module = module
+        self.bias = bias
+        self.groups = module.groups
+        self.weight_shape = tuple(module.weight.shape)
+        self._linear: LinearFactors | None = None
+
+    @property
+    def linear(self) -> LinearFactors:
+        """:class:`goodfellow.LinearFactors` over ``n * G`` rows, built once, as views.
+
+        Inputs ``(n G, L, C_in/G * K)`` (unfolded patches), output gradients
+        ``(n G, L, C_out/G)``; several calls laid end to end as positions.
+        """
+        if self._linear is None:
+            g, patches, deltas = self.groups, [], []
+            for x, delta in self.calls:
+                n = x.shape[0]
+                flat = unfold_patches(x, self.module).transpose(1, 2)  # (n, C_in K, L)
+                positions = flat.shape[2]
+                i, o = flat.shape[1] // g, self.weight_shape[0] // g  # explicit: n may be 0
+                patches.append(flat.reshape(n * g, i, positions).transpose(1, 2))  # (n g, L, i)
+                grad = delta.reshape(n * g, o, positions)  # (n g, o, L), a view
+                deltas.append(grad.transpose(1, 2))  # (n g, L, o)
+            A = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)
+            G = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+            self._linear = LinearFactors(A, G, self.bias)
+        return self._linear
 
     @property
     def names(self) -> tuple[str, ...]:
         """``("weight", "bias")`` or ``("weight",)``."""
-        return self.linear.names
+        return ("weight", "bias") if self.bias else ("weight",)
 
     @property
     def batch_size(self) -> int:
         """The number of examples ``n``."""
-        return self.linear.inputs.shape[0] // self.groups
+        return self.calls[0][0].shape[0]
 
     def per_example(self, out: list[Tensor | None] | None = None) -> list[Tensor]:
         """``[dW (n, *weight_shape), db (n, C_out)]``, written into ``out`` where given."""
@@ -114,24 +147,31 @@ class ConvFactors:
         return result
 
     def sq_norms(self) -> Tensor:
-        r""":math:`\|g_i\\|^2`: the groups' linear norms added, ``(n,)``."""
+        r""":math:`\|g_i\|^2`: the groups' linear norms added, ``(n,)``."""
         return self.linear.sq_norms().reshape(self.batch_size, self.groups).sum(dim=1)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
-        r""":math:`\sum_i w_i g_i`: ``einsum("n,ngto,ngti->goi")``, one product per group."""
-        n, g = self.batch_size, self.groups
-        A, G, has_bias = self.linear
-        A = A.reshape(n, g, *A.shape[1:])  # (n, g, t, i)
-        Gw = G.reshape(n, g, *G.shape[1:]) * weights[:, None, None, None]  # (n, g, t, o)
-        # (g, o, n t) @ (g, n t, i): the batch and positions are one contraction axis
-        weight = torch.bmm(
-            Gw.permute(1, 3, 0, 2).reshape(g, Gw.shape[3], -1),
-            A.permute(1, 0, 2, 3).reshape(g, -1, A.shape[3]),
-        )  # (g, o, i)
-        result = [weight.reshape(self.weight_shape)]
-        if has_bias:
-            result.append(Gw.sum(dim=(0, 2)).reshape(-1))  # (g o,)
-        return result
+        r""":math:`\sum_i w_i g_i`: the convolution's weight gradient for :math:`w_i G_i`.
+
+        Scaling example ``i``'s output gradient by :math:`w_i` and running the layer's own
+        weight-gradient kernel (``aten.convolution_backward``) on the padded input gives
+        :math:`\sum_i w_i \sum_t G_{i,t} A_{i,t}^\top` for every group at once, at the cost
+        of one ordinary backward of the layer, without unfolding.
+        """
+        module = self.module
+        d = len(module.kernel_size)
+        weight = torch.zeros(self.weight_shape, dtype=weights.dtype, device=weights.device)
+        bias = weight.new_zeros(self.weight_shape[0])
+        for x, delta in self.calls:
+            scaled = delta * weights.reshape(-1, *[1] * (delta.dim() - 1))  # w_i G_i
+            padding = module._reversed_padding_repeated_twice
+            padded = F.pad(x, padding, mode=_PAD_MODES[module.padding_mode]) if any(padding) else x
+            weight += torch.ops.aten.convolution_backward(
+                scaled, padded, weight, None, module.stride, [0] * d, module.dilation,
+                False, [0] * d, module.groups, [False, True, False],
+            )[1]  # fmt: skip
+            bias += scaled.flatten(2).sum(dim=(0, 2))  # (C_out,)
+        return [weight, bias] if self.bias else [weight]
 
     def square_sum(self) -> list[Tensor]:
         r""":math:`\sum_i g_i \odot g_i`, from the per-example gradients.
@@ -142,12 +182,36 @@ class ConvFactors:
         return [t.square().sum(dim=0) for t in self.per_example()]
 
     def sum_discrepancy(self, totals: list[Tensor | None], scale: int) -> list[float]:
-        """As :meth:`goodfellow.LinearFactors.sum_discrepancy`, the groups sharing directions."""
-        return _projected_discrepancy(self.linear, totals, scale, groups=self.groups)
+        """As :meth:`goodfellow.LinearFactors.sum_discrepancy`, the groups sharing directions.
+
+        The projection of the patches :math:`A u` is a convolution of the input with ``u``
+        as its kernel: no unfolding.
+        """
+        module, g = self.module, self.groups
+        c_in_group = self.weight_shape[1]
+        like = self.calls[0][1]
+        u, v = _random_directions(
+            c_in_group * math.prod(module.kernel_size), self.weight_shape[0] // g, like
+        )
+        d = len(module.kernel_size)
+        kernel = u.reshape(1, c_in_group, *module.kernel_size).repeat(g, *[1] * (1 + d))
+        conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+        gv, au = [], []
+        for x, delta in self.calls:
+            padding = module._reversed_padding_repeated_twice
+            padded = F.pad(x, padding, mode=_PAD_MODES[module.padding_mode]) if any(padding) else x
+            n = x.shape[0]
+            au.append(conv(padded, kernel, None, module.stride, 0, module.dilation, g).reshape(
+                n, g, -1))  # fmt: skip
+            gv.append(torch.einsum("ngot,o->ngt", delta.reshape(n, g, v.shape[0], -1), v))
+        return _compare_projections(
+            torch.cat(gv, dim=2), torch.cat(au, dim=2), u, v, totals, scale, g
+        )
 
     def to(self, dtype: torch.dtype) -> ConvFactors:
         """The same factors in another dtype."""
-        return ConvFactors(self.linear.to(dtype), self.groups, self.weight_shape)
+        calls = [(x.to(dtype), delta.to(dtype)) for x, delta in self.calls]
+        return ConvFactors(calls, self.module, self.bias)
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor] | None:
         """``(a, delta)`` of the unfolded layer for KFC (Grosse & Martens 2016).
@@ -183,26 +247,19 @@ class ConvRule(LayerRule):
     def gradients(
         self, module: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor]
     ) -> ConvFactors | MaterializedGradients:
-        """Unfold each call's input, lay the groups into the batch, and hand over to linear."""
-        weight, g = module.weight, module.groups
+        """Keep each call's input and output gradients; the groups' linear factors follow."""
+        weight = module.weight
         if len({d.dtype for d in grad_outputs}) > 1:  # calls inside and outside autocast
             grad_outputs = [d.to(weight.dtype) for d in grad_outputs]
-        patches, deltas = [], []
-        for x, delta in zip(inputs, grad_outputs):
-            A = unfold_patches(x.to(delta.dtype), module)  # (n, L, C_in K)
-            n, positions = A.shape[:2]
-            A = A.reshape(n, positions, g, -1).transpose(1, 2)  # (n, g, L, i)
-            G = delta.flatten(2).transpose(1, 2)  # (n, L, C_out)
-            G = G.reshape(n, positions, g, -1).transpose(1, 2)  # (n, g, L, o)
-            patches.append(A.reshape(n * g, positions, -1))  # (n g, L, i)
-            deltas.append(G.reshape(n * g, positions, -1))  # (n g, L, o)
-        A = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)  # calls as positions
-        G = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
         has_bias = module.bias is not None and module.bias.requires_grad
-        if not weight.requires_grad:
-            bias = G.sum(dim=1).reshape(-1, weight.shape[0])  # (n, C_out)
+        if not weight.requires_grad:  # a frozen weight with a trained bias: only sum_t G_t
+            bias = sum(delta.flatten(2).sum(dim=2) for delta in grad_outputs)  # (n, C_out)
             return MaterializedGradients([bias], ("bias",))
-        return ConvFactors(LinearFactors(A, G, has_bias), g, weight.shape)
+        return ConvFactors(
+            [(x.to(delta.dtype), delta) for x, delta in zip(inputs, grad_outputs)],
+            module,
+            has_bias,
+        )
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

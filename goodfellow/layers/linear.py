@@ -362,6 +362,14 @@ def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
     return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
 
 
+def _random_directions(d_in: int, d_out: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``u`` of size ``d_in`` and ``v`` of size ``d_out``, the same on every call."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    u = torch.randn(d_in, generator=generator, device=like.device, dtype=like.dtype)
+    v = torch.randn(d_out, generator=generator, device=like.device, dtype=like.dtype)
+    return u, v
+
+
 def _projected_discrepancy(
     layer: LinearFactors, totals: Sequence[Tensor | None], scale: int, groups: int
 ) -> list[float]:
@@ -371,11 +379,27 @@ def _projected_discrepancy(
     gradient is their ``(groups, d_out, d_in)`` stack.
     """
     A, G, _ = layer
-    generator = torch.Generator(device=A.device).manual_seed(0)
-    u = torch.randn(A.shape[-1], generator=generator, device=A.device, dtype=A.dtype)
-    v = torch.randn(G.shape[-1], generator=generator, device=A.device, dtype=A.dtype)
-    gv = G @ v  # (n, t)
-    au = A @ u  # (n, t)
+    u, v = _random_directions(A.shape[-1], G.shape[-1], A)
+    # as products with the transposed factors: no copy of a strided (unfolded) factor
+    gv = torch.matmul(v, G.transpose(-1, -2))  # (n, t)
+    au = torch.matmul(u, A.transpose(-1, -2))  # (n, t)
+    return _compare_projections(gv, au, u, v, totals, scale, groups)
+
+
+def _compare_projections(
+    gv: Tensor,
+    au: Tensor,
+    u: Tensor,
+    v: Tensor,
+    totals: Sequence[Tensor | None],
+    scale: int,
+    groups: int,
+) -> list[float]:
+    r"""Relative differences of the projected per-example sums from the projected totals.
+
+    :math:`\sum (G v)(A u)` against :math:`v^\top W u` and :math:`\sum G v` against
+    :math:`v^\top b`, the weight gradient read as ``(groups, d_out, d_in)``.
+    """
     predicted = [(gv * au).sum(), gv.sum()]  # weight, bias
     sizes = [(gv * au).abs().sum(), gv.abs().sum()]
     out = []
@@ -383,9 +407,9 @@ def _projected_discrepancy(
         if total is None:
             out.append(0.0)
             continue
-        blocks = total.reshape(groups, G.shape[-1], -1)  # (g, o, i) or (g, o, 1) for the bias
-        direction = u if k == 0 else torch.ones(1, dtype=A.dtype, device=A.device)
-        actual = torch.einsum("goi,o,i->", blocks.to(A.dtype), v, direction)
+        blocks = total.reshape(groups, v.shape[0], -1)  # (g, o, i) or (g, o, 1) for the bias
+        direction = u if k == 0 else u.new_ones(1)
+        actual = torch.einsum("goi,o,i->", blocks.to(u.dtype), v, direction)
         size = float(sizes[k] / scale + actual.abs())
         error = float((predicted[k] / scale - actual).abs())
         out.append(error / size if size > 0 else 0.0)
