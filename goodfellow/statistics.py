@@ -220,12 +220,20 @@ def _check_layers(layers: Sequence, allow_empty: bool) -> int:
 
 
 def _example_tensor(layer: object) -> Tensor:
-    """A tensor of the layer, for its dtype and device."""
+    """A tensor the layer holds, for its dtype and device (never one formed for the purpose)."""
     if isinstance(layer, LinearFactors):
         return layer.inputs
     if isinstance(layer, MaterializedGradients):
         return layer.tensors[0]
-    return _example_tensor(layer.linear) if hasattr(layer, "linear") else layer.per_example()[0]
+    for name in ("grad_outputs", "calls"):  # rules keep each example's output gradients
+        held = getattr(layer, name, None)
+        if isinstance(held, Tensor):
+            return held
+        if isinstance(held, (list, tuple)) and held:
+            first = held[0][-1] if isinstance(held[0], tuple) else held[0]
+            if isinstance(first, Tensor):
+                return first
+    return layer.per_example()[0]
 
 
 def _batch_size(source: object) -> int:

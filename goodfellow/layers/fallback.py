@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from goodfellow.layers.base import LayerRule, MaterializedGradients
 
@@ -144,8 +145,9 @@ def _per_example(
         return torch.sum(out * g_i.unsqueeze(bd))  # <f(x_i), G_i>
 
     fn = vmap(grad(inner), in_dims=(None, bd, *dims))
-    with torch.enable_grad(), warnings.catch_warnings():
-        # vmap runs fused attention kernels example by example; right, only slower
+    # The fused CPU attention kernels have no batching rule, so vmap would run them example by
+    # example; the math kernel batches (about 5x faster on attention) and gives the same values.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
         return fn(params, g.detach(), *[v.detach() if isinstance(v, Tensor) else v for v in flat])
 
