@@ -28,9 +28,10 @@ from the input batch to updated parameters:
 Protocol, as in :mod:`benchmarks.run`: every method's first step is checked against one
 process on the concatenated global batch (the naive per-example loop for the clipped mean and
 the variance, autograd's mean gradient for the plain steps, a single-process ``EKFAC``); then
-the methods are warmed up and timed round-robin, one step each, over and over, so that a change
-of the machine's load hits all of them alike. Both ranks start each step together (a barrier
-outside the timer); a step's time is the slower rank's. Times are medians.
+the methods are warmed up and timed round-robin, one step each, over and over (each round
+starting at the next method), so that a change of the machine's load hits all of them alike.
+Both ranks start each step together (a barrier outside the timer); a step's time is the slower
+rank's. Times are medians; the check's references and tolerances are those of :func:`check`.
 
 Bytes each rank sends per step: every ``torch.distributed`` collective issued from Python (the
 library's all-reduces and the noise-scale hook's) is counted by wrapping the functions of
@@ -275,35 +276,38 @@ def _relative_deviation(actual: list[Tensor], expected: list[Tensor]) -> float:
     return worst
 
 
-def reference_update(method: Method) -> list[Tensor]:
-    """The parameter change of one step of one process on the concatenated global batch.
+def reference(method: Method) -> list[Tensor]:
+    """What one step of one process on the concatenated global batch gives, per parameter.
 
-    In float64, so that the deviation the check reports is the float32 method's own.
+    For the SGD steps the gradient the step applies (``.grad`` after it: DDP's average, or the
+    clipped mean ``assign_grads`` wrote), in float64, so that the deviation the check reports
+    is the float32 method's own; comparing parameter changes instead would mostly measure the
+    float32 rounding of the parameters. For EKFAC the parameter change of a single-process
+    EKFAC step in float32 like the method: with damping 1e-3 the preconditioner amplifies
+    float32 round-off to ~1e-3 of a float64 step, which would hide what is checked here, that
+    the ranks' averaged factors give the single-process step.
     """
     problem = method.problem
-    net = problem.fresh_net().double()
-    inputs = problem.inputs.double()  # (2b, 64)
-    before = [p.detach().clone() for p in net.parameters()]
     if isinstance(method, Ekfac):
-        # float32 like the method: with damping 1e-3 the preconditioner amplifies float32
-        # round-off to ~1e-3 of a float64 step, which would hide what is checked here, that
-        # the ranks' averaged factors give the single-process step
-        net, inputs = net.float(), inputs.float()
+        net = problem.fresh_net()
+        before = [p.detach().clone() for p in net.parameters()]
         optimizer = gf.EKFAC(net, LEARNING_RATE, update_freq=EKFAC_UPDATE_FREQ)
-        F.cross_entropy(net(inputs), problem.targets).backward()
+        F.cross_entropy(net(problem.inputs), problem.targets).backward()
         optimizer.step()
         optimizer.remove_hooks()
-        return [p.detach() - b.float() for p, b in zip(net.parameters(), before)]
+        return [p.detach() - b for p, b in zip(net.parameters(), before)]
+    net = problem.fresh_net().double()
+    inputs = problem.inputs.double()  # (2b, 64)
     if isinstance(method, ClippedMean):
         per_example = gf.naive_per_example_grads(
             net, nn.CrossEntropyLoss(), inputs, problem.targets
         )  # [(2b, *p.shape), ...]
         norms = torch.cat([g.flatten(1) for g in per_example], dim=1).norm(dim=1)  # (2b,)
         weights = (MAX_NORM / norms).clamp(max=1.0) / len(norms)  # (2b,)
-        return [-LEARNING_RATE * torch.einsum("n,n...->...", weights, g) for g in per_example]
+        return [torch.einsum("n,n...->...", weights, g) for g in per_example]
     # equal shares: DDP's average of the ranks' mean gradients is the global mean gradient
     loss = F.cross_entropy(net(inputs), problem.targets)
-    return [-LEARNING_RATE * g for g in torch.autograd.grad(loss, list(net.parameters()))]
+    return list(torch.autograd.grad(loss, list(net.parameters())))
 
 
 def reference_variance(problem: Problem) -> list[Tensor]:
@@ -315,16 +319,22 @@ def reference_variance(problem: Problem) -> list[Tensor]:
     return [g.var(dim=0, unbiased=False) for g in per_example]
 
 
-def check(method: Method, tolerance: float = 1e-4) -> float:
+def check(method: Method) -> float:
     """Run the method's first step and compare it with one process on the global batch.
 
-    Float32 on both sides: 1e-4 relative to each parameter's largest entry.
+    Float32 against :func:`reference`, relative to each parameter's largest entry: 1e-5 for the
+    gradients (their float32 error is ~1e-7 here), 1e-4 for EKFAC's parameter change, which
+    also holds the float32 rounding of the parameters (|p| / |lr * step| times 6e-8).
     """
+    tolerance = 1e-4 if isinstance(method, Ekfac) else 1e-5
     before = [p.detach().clone() for p in method.net.parameters()]
     method.reset()
     method.step()
-    actual = [p.detach() - b for p, b in zip(method.net.parameters(), before)]
-    deviation = _relative_deviation(actual, reference_update(method))
+    if isinstance(method, Ekfac):
+        actual = [p.detach() - b for p, b in zip(method.net.parameters(), before)]
+    else:
+        actual = [p.grad for p in method.net.parameters()]
+    deviation = _relative_deviation(actual, reference(method))
     if isinstance(method, Variance):
         variance = method.variance
         variance = list(variance.values() if isinstance(variance, dict) else variance)
@@ -427,7 +437,10 @@ def run_rank(args: argparse.Namespace) -> None:
         gc.disable()
         try:
             for run in range(args.runs):
-                for k, method in enumerate(methods):
+                # each round starts at the next method, so none always follows the barrier of
+                # a new round or the same predecessor
+                for k in [(run + j) % len(methods) for j in range(len(methods))]:
+                    method = methods[k]
                     method.reset()
                     dist.barrier()  # both ranks start the step together
                     start = time.perf_counter()
