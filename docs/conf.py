@@ -550,25 +550,56 @@ napoleon_use_rtype = False
 napoleon_use_ivar = True
 
 
-def _resolve_reexports(app, env, node, contnode):
-    """Resolve ``goodfellow.NAME`` to the module that defines NAME.
+def _defining_target(target: str) -> str | None:
+    """Where the object ``target`` names is defined: ``module.qualname[.rest]``, or None.
 
-    The package re-exports every public name (``goodfellow.goodfellow_backprop``), while the API
-    page documents each name in its module (``goodfellow.backprop.goodfellow_backprop``).
-    Docstrings and pages may use either spelling.
+    ``target`` is a dotted path through the package's re-exports (``goodfellow.X``,
+    ``goodfellow.layers.X``, ``goodfellow.X.method``) or a bare public name (``LayerRule``), as
+    docstrings write them.
+    """
+    parts = target.split(".")
+    prefixed = parts[0] == "goodfellow"
+    while parts and parts[0] in ("goodfellow", "layers"):
+        parts = parts[1:]
+    if not parts:
+        return None
+    # Where the first name may live: the package, its layers, any module exporting it.
+    starts = [goodfellow, goodfellow.layers] + [
+        module
+        for name, module in sorted(sys.modules.items())
+        if name.startswith("goodfellow.") and parts[0] in getattr(module, "__all__", ())
+    ]
+    if not prefixed and not any(hasattr(start, parts[0]) for start in starts):
+        return None
+    for start in starts:
+        obj, found, used = start, None, 0
+        for index, part in enumerate(parts):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+            module = getattr(obj, "__module__", None)
+            qualname = getattr(obj, "__qualname__", None)
+            if module and qualname and module.startswith("goodfellow.") and "<" not in qualname:
+                found, used = f"{module}.{qualname}", index + 1
+        if found:
+            return ".".join([found, *parts[used:]])
+    return None
+
+
+def _resolve_reexports(app, env, node, contnode):
+    """Resolve a name written as the package re-exports it to the module that defines it.
+
+    The package re-exports every public name (``goodfellow.goodfellow_backprop``,
+    ``goodfellow.layers.LayerRule``), while the API page documents each name in its module
+    (``goodfellow.backprop.goodfellow_backprop``). Docstrings and pages may use either spelling,
+    or the bare public name.
     """
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
-    prefix = "goodfellow."
-    if not target.startswith(prefix):
+    new_target = _defining_target(target)
+    if new_target is None or new_target == target:
         return None
-    name, _, rest = target[len(prefix) :].partition(".")
-    obj = getattr(goodfellow, name, None)
-    module = getattr(obj, "__module__", None)
-    if name not in goodfellow.__all__ or not module or module == "goodfellow":
-        return None
-    new_target = f"{module}.{name}" + (f".{rest}" if rest else "")
     domain = env.get_domain("py")
     new_node = node.deepcopy()
     new_node["reftarget"] = new_target
