@@ -117,6 +117,21 @@ def broyden(J, dx, df):
     return J + torch.outer(df - J @ dx, dx) / dx.dot(dx)
 
 
+def conv1d_per_example(conv, x, grad_output):
+    # patches by hand: circular padding, then every output position's dilated window
+    pad = conv.padding[0]
+    padded = torch.cat([x[..., -pad:], x, x[..., :pad]], dim=-1)  # (n, C_in, L_in + 2 pad)
+    k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    L = grad_output.shape[-1]
+    n = len(x)
+    grads = torch.zeros(n, *conv.weight.shape, dtype=x.dtype)
+    for i in range(n):
+        for t in range(L):
+            window = padded[i, :, t * s : t * s + d * (k - 1) + 1 : d]  # (C_in, k)
+            grads[i] += grad_output[i, :, t, None, None] * window[None]
+    return grads
+
+
 def embedding_sq_norms(tokens, G, padding_idx):
     n, T, d = G.shape
     norms = []
@@ -298,6 +313,20 @@ RIGHT_AND_WRONG = {
         lambda: ex.check_broyden_update(broyden),
         lambda: ex.check_broyden_update(lambda J, dx, df: J + torch.outer(df, dx)),
     ),
+    "conv_per_example": (
+        lambda: ex.check_conv_per_example(conv1d_per_example),
+        lambda: ex.check_conv_per_example(
+            lambda conv, x, g: conv1d_per_example(conv, x, g).transpose(2, 3)
+        ),
+    ),
+    "depthwise_fraction": (
+        lambda: ex.check_depthwise_fraction(1 / 32),
+        lambda: ex.check_depthwise_fraction(1 / 9),
+    ),
+    "gram_limit": (
+        lambda: ex.check_gram_limit(128),
+        lambda: ex.check_gram_limit(256),
+    ),
     "embedding_sq_norms": (
         lambda: ex.check_embedding_sq_norms(embedding_sq_norms),
         lambda: ex.check_embedding_sq_norms(lambda t, G, p: embedding_sq_norms(t, G, None)),
@@ -381,7 +410,7 @@ def test_the_reproduced_bugs_check():
 def test_exercises_is_not_in_the_public_api():
     assert "exercises" not in goodfellow.__all__
     checks = {name for name in dir(ex) if name.startswith("check_")}
-    assert len(checks) >= 34
+    assert len(checks) >= 37
     assert not checks & set(goodfellow.__all__)
 
 
