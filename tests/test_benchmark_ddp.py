@@ -35,6 +35,7 @@ EXPECTED_BYTES = {
     "ddp_variance": F32 * P + F32 * (P + 1) + F32 * P,
     # the hook all-reduces DDP's gradient itself and adds two float64 scalars
     "ddp_noise_scale_hook": F32 * P + 2 * F64,
+    "ddp_torch_allreduce_hook": F32 * P,
     # DDP's gradient; per layer A (bias column included) and G with their two counts, then the
     # EKFAC scalings with one count
     "ddp_ekfac": F32 * P
@@ -92,6 +93,11 @@ def test_the_targets_are_judged(results):
     for name, target in targets.items():
         assert target["ratio"] == by_method[name]["ratio_to_ddp_plain"]
         assert target["met"] == (target["ratio"] <= target["target"])
+    medians = {name: record["median_s"] for name, record in by_method.items()}
+    diagnostics = results["diagnostics"]
+    assert diagnostics["ddp_noise_scale_hook / ddp_torch_allreduce_hook"] == (
+        medians["ddp_noise_scale_hook"] / medians["ddp_torch_allreduce_hook"]
+    )
     assert results["meta"]["world_size"] == 2
     assert len(results["meta"]["load_average"]) == 2
 
