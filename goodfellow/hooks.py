@@ -94,24 +94,46 @@ class LayerRecord:
         self.name = name
         self.module = module
         self.rule = rule
-        self.inputs: list[Tensor] = []
         self.grad_outputs: list[Tensor | None] = []
         self.output_shapes: list[torch.Size] = []
-        self.args: list[tuple] = []
-        self.kwargs: list[dict] = []
+        self._calls: list[_Call | weakref.ref] = []  # weak until the call's backward
+        self._output_kinds: list[tuple[torch.dtype, torch.device]] = []
+        self._n: int | None = None
         self.records_all_inputs = bool(getattr(rule, "records_all_inputs", False))
         self.batch_dim = _batch_dim(rule, module)
         self._owner = owner
 
+    def _call(self, c: int) -> _Call | None:
+        entry = self._calls[c]
+        return entry if isinstance(entry, _Call) else entry()
+
+    @property
+    def inputs(self) -> list[Tensor | None]:
+        """The input of each call (``None`` for a call whose graph was freed unused)."""
+        calls = [self._call(c) for c in range(len(self._calls))]
+        return [None if call is None else call.input for call in calls]
+
+    @property
+    def args(self) -> list[tuple | None]:
+        """Every positional argument of each call (rules that ask for them)."""
+        return [None if (call := self._call(c)) is None else call.args
+                for c in range(len(self._calls))]  # fmt: skip
+
+    @property
+    def kwargs(self) -> list[dict | None]:
+        """The keyword arguments of each call (rules that ask for them)."""
+        return [None if (call := self._call(c)) is None else call.kwargs
+                for c in range(len(self._calls))]  # fmt: skip
+
     @property
     def num_calls(self) -> int:
         """How many times the module ran in the current batch's forward."""
-        return len(self.inputs)
+        return len(self._calls)
 
     @property
     def batch_size(self) -> int | None:
         """The number of examples ``n`` of the current batch, ``None`` before any call."""
-        return self.inputs[0].shape[self.batch_dim] if self.inputs else None
+        return self._n
 
     @property
     def scale(self) -> int:
@@ -141,9 +163,11 @@ class LayerRecord:
         self._owner._require_backward()
         scale = self.scale
         deltas = []
-        for a, g, shape in zip(self.inputs, self.grad_outputs, self.output_shapes):
+        for (dtype, device), g, shape in zip(
+            self._output_kinds, self.grad_outputs, self.output_shapes
+        ):
             if g is None:
-                deltas.append(torch.zeros(shape, dtype=a.dtype, device=a.device))
+                deltas.append(torch.zeros(shape, dtype=dtype, device=device))
             else:
                 deltas.append(g * scale)  # shaped like the output
         return deltas
@@ -161,15 +185,16 @@ class LayerRecord:
         Returns:
             A layer-gradients object (see :mod:`goodfellow.layers.base`).
         """
-        scale = self.scale if self.inputs else 1
+        scale = self.scale if self._calls else 1
         inputs, deltas, calls = [], [], []
-        for c, (a, g) in enumerate(zip(self.inputs, self.grad_outputs)):
+        for c, g in enumerate(self.grad_outputs):
             if g is None:
                 continue  # this call's output did not reach the loss: it contributes zero
-            inputs.append(a if differentiable else a.detach())
+            call = self._call(c)  # kept strongly once its backward arrived
+            inputs.append(call.input if differentiable else call.input.detach())
             deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
             if self.records_all_inputs:
-                calls.append((self.args[c], self.kwargs[c]))
+                calls.append((call.args, call.kwargs))
         if not deltas:
             return self.rule.zeros(self.module, self._owner._batch_size)
         if self.records_all_inputs:
@@ -181,11 +206,11 @@ class LayerRecord:
 
     def clear(self) -> None:
         """Forget the current batch (new lists, so references to the old ones stay intact)."""
-        self.inputs = []
         self.grad_outputs = []
         self.output_shapes = []
-        self.args = []
-        self.kwargs = []
+        self._calls = []
+        self._output_kinds = []
+        self._n = None
 
     def __repr__(self) -> str:
         return (
@@ -500,11 +525,12 @@ class PerExampleGradients:
         """
         for name, record in self.layers.items():
             keep = self._forward_start.get(name, 0)
-            for calls in (record.inputs, record.grad_outputs, record.output_shapes):
+            for calls in (
+                record._calls, record.grad_outputs, record.output_shapes, record._output_kinds
+            ):
                 del calls[keep:]
-            if getattr(record, "records_all_inputs", False):
-                del record.args[keep:]
-                del record.kwargs[keep:]
+            if not record._calls:
+                record._n = None
         if not any(record.num_calls for record in self.layers.values()):
             self._batch_size = None
         self._forward_start = None
@@ -559,21 +585,24 @@ class PerExampleGradients:
                 "before a backward belong to one batch: run evaluation under "
                 "torch.no_grad(), or call clear() to discard forwards without a backward."
             )
-        call = len(record.inputs)
-        record.inputs.append(a)  # (n, ..., d_in)
+        call = record.num_calls
+        # The input is held by the hook on this call's output, so it lives as long as the
+        # output's graph: a forward nobody differentiates (an evaluation with gradients on)
+        # frees it with its graph instead of keeping it until the next backward.
+        pending = _Call(a, args, dict(kwargs)) if record.records_all_inputs else _Call(a)
+        record._calls.append(weakref.ref(pending))
+        record._n = n if record._n is None else record._n
         record.grad_outputs.append(None)
         record.output_shapes.append(output.shape)
-        if record.records_all_inputs:
-            record.args.append(args)
-            record.kwargs.append(dict(kwargs))
-        hook = self._gradient_hook_for(record, call, self._generation, output.shape)
+        record._output_kinds.append((output.dtype, output.device))
+        hook = self._gradient_hook_for(record, call, self._generation, output.shape, pending)
         self._tensor_handles.append(_hookable(output).register_hook(hook))
         for k, other in others:
             refuse = _refuse_other_output(record, k, self._generation, self)
             self._tensor_handles.append(other.register_hook(refuse))
 
     def _gradient_hook_for(
-        self, record: LayerRecord, call: int, generation: int, shape: torch.Size
+        self, record: LayerRecord, call: int, generation: int, shape: torch.Size, pending: _Call
     ) -> Callable[[Tensor], None]:
         """The tensor hook on one call's output: keep dL/dZ of the batch loss."""
 
@@ -606,6 +635,7 @@ class PerExampleGradients:
                 )
             grad_output = grad_output.reshape(shape)  # a no-op unless hooked on the 2-d base
             record.grad_outputs[call] = grad_output  # (n, ..., d_out), dL/dZ of the batch loss
+            record._calls[call] = pending  # the input is needed now: keep it
             self._backward_seen = True
             self._grads = None
 
@@ -773,6 +803,17 @@ class PerExampleGradients:
 
 
 _FALLBACK = FallbackRule()
+
+
+class _Call:
+    """What one call of a recorded module keeps for its rule: its input (and all arguments)."""
+
+    __slots__ = ("__weakref__", "args", "input", "kwargs")
+
+    def __init__(self, input: Tensor, args: tuple | None = None, kwargs: dict | None = None):
+        self.input = input
+        self.args = args
+        self.kwargs = kwargs
 
 
 def _inert_hook(*args: Any, **kwargs: Any) -> None:

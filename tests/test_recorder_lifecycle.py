@@ -194,3 +194,21 @@ def test_ordinary_models_pass_the_accounting_check_under_autocast_and_mean():
             out = model(x)
         nn.functional.mse_loss(out.float(), y).backward()
     assert set(pe.grads) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_evaluation_forwards_with_gradients_on_do_not_hold_their_inputs():
+    """Item 16: a forward nobody differentiates frees its input with its graph."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = EKFAC(model, lr=0.1)
+    for _ in range(50):
+        x = torch.randn(64, 3)
+        model(x)  # an evaluation without torch.no_grad(): the output is dropped
+    gc.collect()
+    record = optimizer.recorder.layers["0"]
+    assert record.num_calls == 50 and all(a is None for a in record.inputs)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    optimizer.clear()
+    nn.functional.mse_loss(model(x), y).backward()
+    assert record.inputs[0] is x  # kept once its backward arrived
+    optimizer.step()
+
