@@ -33,18 +33,35 @@ registered on the output tensor before an in-place operation receives the gradie
 to the value it had when the hook was registered: exactly
 :math:`\partial\mathcal{L}/\partial Z`.
 
-What is needed for the results to be per-example gradients: every Linear sees the batch on
-dimension 0, and nothing in the model mixes the examples of a batch (BatchNorm in training mode
-does, and is refused), and every recorded call sees as many examples as the model's own input
-(a position embedding looked up on ``arange(T)``, or a reshape of ``(n, T, d)`` to
-``(n * T, d)``, is refused). Parameters of a Linear used outside its own ``forward`` (for
-instance through ``F.linear(x, layer.weight)``) are not seen by the hooks, except inside
-``nn.MultiheadAttention``, whose rule claims ``out_proj``. Modules with trainable parameters and
-no rule of their own get the ``torch.func`` fallback rule (:mod:`goodfellow.layers.fallback`),
-for which the recorder keeps every call's arguments; a module returning a tuple is recorded
-through its first output, and a backward through its other outputs is refused.
-Activation checkpointing (``torch.utils.checkpoint``) reruns Linear layers inside the backward
-and is refused.
+What is needed for the results to be per-example gradients, and what is checked:
+
+* every recorded call sees the batch on its batch dimension, with as many examples as the
+  model's own input: a position embedding looked up on ``arange(T)`` and broadcast over the
+  batch, or a reshape of ``(n, T, d)`` to ``(n * T, d)``, is refused;
+* every use of a recorded parameter goes through its module: a parameter that receives more
+  gradient than its module's calls account for (``F.linear(x, layer.weight)`` beside the layer)
+  is refused when the results are read. ``nn.MultiheadAttention``'s rule claims ``out_proj``;
+* BatchNorm in training mode mixes the examples and is refused; activation checkpointing
+  (``torch.utils.checkpoint``) reruns layers inside the backward and is refused; a module
+  returning a tuple is recorded through its first output, and a backward through its other
+  outputs is refused.
+
+What cannot be detected, and stays the user's to ensure:
+
+* nothing else in the model or the loss mixes the examples of a batch (``h - h.mean(0)``,
+  ``F.batch_norm(training=True)``, a pairwise or contrastive loss): the hooks see only each
+  layer's own input and output gradient. :func:`goodfellow.check_per_example_gradients`
+  compares the recorder with ``torch.func`` on your model and batch and names the parameters
+  that disagree: run it once on a new model;
+* a sequence-first layout whose sequence length equals the batch size (``(T, n, d)`` with
+  ``T == n``) looks exactly like a batch-first one; so does a position embedding on
+  ``arange(T)`` when ``T == n``;
+* a custom layer handled by the ``torch.func`` fallback rule (:mod:`goodfellow.layers.fallback`)
+  is trusted to treat its examples independently.
+
+Modules with trainable parameters and no rule of their own get that fallback rule, for which
+the recorder keeps every call's arguments. A call's input is held by the hook on its output
+until the call's backward arrives, so a forward nobody differentiates frees it with its graph.
 """
 
 from __future__ import annotations
