@@ -8,7 +8,7 @@ Usage (from the repository root)::
 The parent process starts two ranks (``gloo`` on 127.0.0.1, a free port, one CPU thread each)
 and waits for them with a timeout; a rank that fails or hangs fails the benchmark. A process
 group timeout makes a rank whose partner died give up as well. A full run writes
-``benchmarks/results_ddp.json``; ``--quick`` (11 timed steps, no waiting for a quiet machine)
+``benchmarks/results_ddp.json``; ``--quick`` (31 timed steps, no waiting for a quiet machine)
 writes under ``benchmarks/_scratch/``.
 
 Every rank holds ``--batch`` examples of scikit-learn's digits (its own share of a global batch
@@ -79,7 +79,7 @@ from benchmarks.run import _versions, device_name, wait_for_quiet
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
 DIGITS_EXAMPLES, DIGITS_PIXELS, DIGITS_CLASSES = 1797, 64, 10
-FULL_RUNS, QUICK_RUNS = 21, 11
+FULL_RUNS, QUICK_RUNS = 101, 31  # steps of a few ms on a shared machine: many samples
 FULL_WARMUP, QUICK_WARMUP = 5, 3
 LEARNING_RATE = 0.05
 MAX_NORM = 1.0
@@ -659,7 +659,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.ddp", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="11 timed steps, no quiet wait")
+    parser.add_argument("--quick", action="store_true", help="31 timed steps, no quiet wait")
     parser.add_argument("--out", type=Path, default=None, help="where to write the results JSON")
     parser.add_argument("--runs", type=int, default=None, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first")
