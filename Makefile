@@ -49,6 +49,7 @@ docs: $(VENV)/.installed-docs
 bench: $(VENV)/.installed-bench $(VENV)/.installed-docs
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 	$(BIN)/python -m benchmarks.dpsgd $(if $(QUICK),--quick,)
+	$(BIN)/python -m benchmarks.ddp $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check goodfellow tests benchmarks tutorials docs examples

@@ -551,6 +551,7 @@ class EKFAC(torch.optim.Optimizer):
       after every backward, or use one larger batch;
     * a batch left over from a forward that raised, or from a backward not meant for a step:
       drop it with :meth:`clear`.
+
     Per layer and step ``k`` (counted from 0), with :math:`\beta` = ``decay``:
 
     1. running averages of the KFAC factors,
@@ -727,7 +728,7 @@ class EKFAC(torch.optim.Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by :meth:`state_dict` of an EKFAC (or KFAC) of the same model.
+        """Load a state saved by ``state_dict()`` of an EKFAC (or KFAC) of the same model.
 
         The state is checked against this optimizer before anything is loaded: its number of
         parameters, the mode (a KFAC state has no scalings), and the shape of every saved
@@ -735,7 +736,7 @@ class EKFAC(torch.optim.Optimizer):
         layer, and not at a later step with a ``KeyError`` or a size mismatch.
 
         Args:
-            state_dict: What :meth:`state_dict` returned.
+            state_dict: What ``state_dict()`` returned.
 
         Raises:
             TypeError: If ``state_dict`` is not a dict with ``"state"`` and ``"param_groups"``.

@@ -125,7 +125,7 @@ def private_mean(
     :math:`B` should be the expected batch size :math:`qN` under Poisson sampling, and feed
     :math:`(\sigma, q)` to a privacy accountant (e.g. Opacus' ``RDPAccountant``) once per step.
     A factored source is clipped by reweighting, as in :func:`goodfellow.clipped_mean`: no
-    per-example gradient is formed. The noise is drawn with :func:`torch.randn`, one tensor per
+    per-example gradient is formed. The noise is drawn with ``torch.randn``, one tensor per
     result in the result's order; it is not hardened against floating-point attacks on the
     Gaussian sampler (Mironov 2012): for a deployment, use a cryptographically secure generator
     as Opacus' ``secure_mode`` does.

@@ -14,7 +14,7 @@ a model or a loss that mixes the examples of a batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -145,21 +145,19 @@ class PerExampleGradientCheck:
     """What :func:`check_per_example_gradients` found.
 
     True in a boolean context exactly when every parameter agreed.
-
-    Attributes:
-        max_abs_errors: Per parameter name (as in ``model.named_parameters()``), the largest
-            absolute difference between the recorded and the ``torch.func`` per-example
-            gradients, over examples and entries.
-        disagreeing: The names of the parameters whose difference exceeds
-            ``atol + rtol * |reference|`` somewhere, in the order of the model's parameters.
-        rtol: The relative tolerance used.
-        atol: The absolute tolerance used.
     """
 
-    max_abs_errors: dict[str, float] = field(default_factory=dict)
-    disagreeing: list[str] = field(default_factory=list)
-    rtol: float = 0.0
-    atol: float = 0.0
+    #: Per parameter name (as in ``model.named_parameters()``), the largest absolute difference
+    #: between the recorded and the ``torch.func`` per-example gradients, over examples and
+    #: entries.
+    max_abs_errors: dict[str, float]
+    #: The names of the parameters whose difference exceeds ``atol + rtol * |reference|``
+    #: somewhere, in the order of the model's parameters.
+    disagreeing: list[str]
+    #: The relative tolerance used.
+    rtol: float
+    #: The absolute tolerance used.
+    atol: float
 
     @property
     def agrees(self) -> bool:

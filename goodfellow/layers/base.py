@@ -41,6 +41,7 @@ __all__ = [
     "register_rule",
     "registered_rules",
     "rule_for",
+    "sum_discrepancy",
 ]
 
 

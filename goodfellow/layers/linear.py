@@ -179,7 +179,7 @@ class LinearFactors(NamedTuple):
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The parameters covered: ``("weight", "bias")`` or ``("weight",)``."""
+        """Names of the parameters covered, ``("weight", "bias")`` or ``("weight",)``."""
         return ("weight", "bias") if self.bias else ("weight",)
 
     @property
@@ -202,15 +202,19 @@ class LinearFactors(NamedTuple):
         return result
 
     def sq_norms(self) -> Tensor:
-        r""":math:`\|g_i\|^2` over weight and bias, ``(n,)``; see :func:`_layer_sq_norms`."""
+        r""":math:`\|g_i\|^2` over weight and bias, ``(n,)``.
+
+        The Gram or the materialized form, whichever costs less; derived at
+        ``_layer_sq_norms`` in this module.
+        """
         return _layer_sq_norms(self)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
-        r""":math:`\sum_i w_i g_i`; see :func:`_layer_weighted_sum`."""
+        r""":math:`\sum_i w_i g_i`; one contraction, ``_layer_weighted_sum`` in this module."""
         return _layer_weighted_sum(self, weights)
 
     def square_sum(self) -> list[Tensor]:
-        r""":math:`\sum_i g_i \odot g_i`; see :func:`_layer_square_sum`."""
+        r""":math:`\sum_i g_i \odot g_i`; derived at ``_layer_square_sum`` in this module."""
         return _layer_square_sum(self)
 
     def sum_discrepancy(self, totals: Sequence[Tensor | None], scale: int) -> list[float]:
