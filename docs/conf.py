@@ -406,6 +406,68 @@ def _write_bench_numbers(records: list[dict]) -> None:
     (DOCS / "benchmark_numbers.generated.txt").write_text(text + "\n")
 
 
+def _write_extra_bench_tables() -> None:
+    """The DP-SGD step and the data-parallel step, from their own committed results files."""
+    import json
+
+    out = []
+    dpsgd_file = ROOT / "benchmarks" / "results_dpsgd.json"
+    if dpsgd_file.exists():
+        dpsgd = json.loads(dpsgd_file.read_text())
+        for config in dict.fromkeys(r["config"] for r in dpsgd["records"]):
+            rows = [r for r in dpsgd["records"] if r["config"] == config]
+            out += [
+                f".. list-table:: One DP-SGD step (clip, noise, SGD), {config}",
+                "   :header-rows: 1",
+                "",
+                "   * - method",
+                "     - median ms",
+                "     - what it runs",
+            ]
+            for r in rows:
+                out += [f"   * - ``{r['method']}``", f"     - {1e3 * r['median_s']:.1f}",
+                        f"     - {r.get('description', '')}"]  # fmt: skip
+            out.append("")
+        for target in dpsgd.get("targets", []):
+            verdict = "met" if target["met"] else "missed"
+            out.append(
+                f"* ``{target['config']}``: ``{target['goodfellow_method']}`` is "
+                f"{target['speedup']:.2f} times as fast as ``{target['fastest_opacus']}`` "
+                f"(target {target['required_speedup']}: {verdict})."
+            )
+        out.append("")
+    (DOCS / "benchmark_dpsgd.generated.txt").write_text("\n".join(out) + "\n")
+    out = []
+    ddp_file = ROOT / "benchmarks" / "results_ddp.json"
+    if ddp_file.exists():
+        ddp = json.loads(ddp_file.read_text())
+        config = ddp["records"][0]["config"]
+        out += [
+            f".. list-table:: One DDP step on 2 gloo ranks, {config}",
+            "   :header-rows: 1",
+            "",
+            "   * - method",
+            "     - median ms",
+            "     - / ddp_plain",
+            "     - bytes sent per rank",
+        ]
+        for r in ddp["records"]:
+            out += [f"   * - ``{r['method']}``", f"     - {1e3 * r['median_s']:.1f}",
+                    f"     - {r['ratio_to_ddp_plain']:.2f}", f"     - {r['bytes_per_step']:,}"]  # fmt: skip
+        out.append("")
+        for target in ddp.get("targets", []):
+            verdict = "met" if target["met"] else "missed"
+            out.append(
+                f"* ``{target['method']}``: {target['ratio']:.2f} times a plain DDP step "
+                f"(target {target['target']}: {verdict})."
+            )
+        out.append("")
+    (DOCS / "benchmark_ddp.generated.txt").write_text("\n".join(out) + "\n")
+
+
+_write_extra_bench_tables()
+
+
 def _write_bench_tables(records: list[dict]) -> None:
     """Per allocator setting, one table per configuration: narrow enough for a phone."""
     configs = list(dict.fromkeys(record["config"] for record in records))
