@@ -452,8 +452,12 @@ def _write_extra_bench_tables() -> None:
             "     - bytes sent per rank",
         ]
         for r in ddp["records"]:
-            out += [f"   * - ``{r['method']}``", f"     - {1e3 * r['median_s']:.1f}",
-                    f"     - {r['ratio_to_ddp_plain']:.2f}", f"     - {r['bytes_per_step']:,}"]  # fmt: skip
+            out += [
+                f"   * - ``{r['method']}``",
+                f"     - {1e3 * r['median_s']:.1f}",
+                f"     - {r['ratio_to_ddp_plain']:.2f}",
+                f"     - {r['bytes_per_step']:,}",
+            ]
         out.append("")
         for target in ddp.get("targets", []):
             verdict = "met" if target["met"] else "missed"
