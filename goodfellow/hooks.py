@@ -84,6 +84,12 @@ __all__ = ["LayerRecord", "PerExampleGradients"]
 
 _display = display_name
 
+CHECK_FIRST = 3
+"""The first batches after :meth:`PerExampleGradients.attach` whose parameters' gradients are all
+checked against their modules' recorded calls (see ``_check_accounted``)."""
+CHECK_EVERY = 10
+"""After those, every ``CHECK_EVERY``-th batch is checked."""
+
 
 class LayerRecord:
     r"""What one recorded module saw during the current batch: its inputs and output gradients.
@@ -317,6 +323,8 @@ class PerExampleGradients:
         self._model_batch_size: int | None = None  # of the model's forward running now, if any
         self._forward_start: dict[str, int] | None = None  # calls per record when it started
         self._totals: dict[str, Tensor] = {}  # the gradient autograd gave each parameter
+        self._params: dict[str, nn.Parameter] = {}
+        self._attached_at = 0
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
@@ -358,6 +366,7 @@ class PerExampleGradients:
             self._module_handles.append(params[p_name].register_hook(hook))
         # a recorder that nobody holds any more takes its hooks off the model
         self._finalizer = weakref.finalize(self, _remove_all, self._module_handles)
+        self._attached_at = self._generation
         self._attached = True
         self.clear()
         return self
@@ -453,6 +462,7 @@ class PerExampleGradients:
         # In the order of model.named_parameters(), which is the order users expect.
         order = {p_name: index for index, p_name in enumerate(owner_of.values())}
         self._owners = dict(sorted(owners.items(), key=lambda item: order[item[0]]))
+        self._params = dict(self.model.named_parameters())
         self.layers = layers
         self._batchnorms = batchnorms
 
@@ -509,6 +519,8 @@ class PerExampleGradients:
         ]
         if all(t is None for t in totals):
             return
+        if not self._accounting_due():
+            return
         if any(t is not None and t.device.type == "meta" for t in totals):
             return  # a shape-only run (device="meta") has no values to compare
         check = getattr(layer, "sum_discrepancy", None)
@@ -532,6 +544,15 @@ class PerExampleGradients:
                     "module, or register a rule for the module that uses the parameter "
                     "(goodfellow.layers.register_rule)."
                 )
+
+    def _accounting_due(self) -> bool:
+        """Whether this batch is checked: the first ``CHECK_FIRST``, then every ``CHECK_EVERY``-th.
+
+        A parameter used outside its module is a property of the model's code, seen from the
+        first batch on; checking every batch would cost a few small products per layer and step.
+        """
+        batch = self._generation - self._attached_at
+        return batch <= CHECK_FIRST or batch % CHECK_EVERY == 0
 
     def _drop_failed_forward(self) -> None:
         """Forget the calls of a model forward that raised before it returned.
@@ -757,7 +778,7 @@ class PerExampleGradients:
         differentiable = self._differentiable()
         if out is not None:
             _check_out(out, self._specs(), differentiable)
-        params = dict(self.model.named_parameters())
+        params = self._params
         grads: dict[str, Tensor] = {}
         with torch.set_grad_enabled(differentiable):
             for record in self.layers.values():
@@ -801,7 +822,7 @@ class PerExampleGradients:
 
     def _specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
         """Shape, dtype and device of each result for the current batch."""
-        params = dict(self.model.named_parameters())
+        params = self._params
         return {
             p_name: (
                 (self._batch_size, *params[p_name].shape),

@@ -212,3 +212,33 @@ def test_evaluation_forwards_with_gradients_on_do_not_hold_their_inputs():
     assert record.inputs[0] is x  # kept once its backward arrived
     optimizer.step()
 
+
+
+def test_the_accounting_check_runs_on_the_first_batches_and_then_every_tenth():
+    """The check costs a few small products per layer, so after the first batches it samples."""
+    from goodfellow import hooks
+
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    outside = {"on": False}
+
+    class Sometimes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            extra = x @ layer.weight.T if outside["on"] else 0.0
+            return self.layer(x) + extra
+
+    model = Sometimes()
+    pe = PerExampleGradients(model).attach()
+    for batch in range(1, 2 * hooks.CHECK_EVERY + 1):
+        outside["on"] = batch == hooks.CHECK_EVERY
+        model(torch.randn(4, 3, dtype=torch.float64)).square().sum().backward()
+        if batch == hooks.CHECK_EVERY:
+            with pytest.raises(ValueError, match="do not add up"):
+                _ = pe.grads
+        else:
+            _ = pe.grads
+    pe.detach()

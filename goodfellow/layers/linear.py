@@ -195,6 +195,12 @@ class LinearFactors(NamedTuple):
         """
         A, G, has_bias = self
         out = [None, None] if out is None else list(out)
+        if A.shape[1] == 1:  # one position: the broadcast product, not a bmm of inner size 1
+            A, G = A[:, 0], G[:, 0]  # (n, i), (n, o)
+            result = [batched_outer(G, A, out=out[0])]  # (n, o, i)
+            if has_bias:
+                result.append(G.clone() if out[1] is None else out[1].copy_(G))  # (n, o)
+            return result
         result = [batched_outer(G, A, out=out[0])]  # (n, o, i)
         if has_bias:
             bias = G.sum(dim=1)  # (n, o)
@@ -366,12 +372,20 @@ def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
     return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
 
 
+_DIRECTIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
 def _random_directions(d_in: int, d_out: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``u`` of size ``d_in`` and ``v`` of size ``d_out``, the same on every call."""
-    generator = torch.Generator(device=like.device).manual_seed(0)
-    u = torch.randn(d_in, generator=generator, device=like.device, dtype=like.dtype)
-    v = torch.randn(d_out, generator=generator, device=like.device, dtype=like.dtype)
-    return u, v
+    """``u`` of size ``d_in`` and ``v`` of size ``d_out``, the same on every call (cached)."""
+    key = (d_in, d_out, like.dtype, like.device)
+    if key not in _DIRECTIONS:
+        generator = torch.Generator(device=like.device).manual_seed(0)
+        u = torch.randn(d_in, generator=generator, device=like.device, dtype=like.dtype)
+        v = torch.randn(d_out, generator=generator, device=like.device, dtype=like.dtype)
+        if len(_DIRECTIONS) > 256:  # a long run over many shapes: start over
+            _DIRECTIONS.clear()
+        _DIRECTIONS[key] = (u, v)
+    return _DIRECTIONS[key]
 
 
 def _projected_discrepancy(
@@ -404,20 +418,23 @@ def _compare_projections(
     :math:`\sum (G v)(A u)` against :math:`v^\top W u` and :math:`\sum G v` against
     :math:`v^\top b`, the weight gradient read as ``(groups, d_out, d_in)``.
     """
-    predicted = [(gv * au).sum(), gv.sum()]  # weight, bias
-    sizes = [(gv * au).abs().sum(), gv.abs().sum()]
-    out = []
+    products = gv * au  # (n, t)
+    predicted = [products.sum(), gv.sum()]  # weight, bias
+    sizes = [products.abs().sum(), gv.abs().sum()]
+    errors, scales = [], []
     for k, total in enumerate(totals):
         if total is None:
-            out.append(0.0)
             continue
-        blocks = total.reshape(groups, v.shape[0], -1)  # (g, o, i) or (g, o, 1) for the bias
-        direction = u if k == 0 else u.new_ones(1)
-        actual = torch.einsum("goi,o,i->", blocks.to(u.dtype), v, direction)
-        size = float(sizes[k] / scale + actual.abs())
-        error = float((predicted[k] / scale - actual).abs())
-        out.append(error / size if size > 0 else 0.0)
-    return out
+        blocks = total.reshape(groups, v.shape[0], -1).to(u.dtype)  # (g, o, i), or (g, o, 1)
+        projected = torch.matmul(v, blocks)  # (g, i): v^T W per group
+        actual = (projected @ u).sum() if k == 0 else projected.sum()
+        errors.append((predicted[k] / scale - actual).abs())
+        scales.append(sizes[k] / scale + actual.abs())
+    if not errors:
+        return [0.0 for _ in totals]
+    ratios = (torch.stack(errors) / torch.stack(scales).clamp(min=torch.finfo(u.dtype).tiny))
+    it = iter(ratios.tolist())  # one transfer for all the layer's parameters
+    return [0.0 if total is None else next(it) for total in totals]
 
 
 def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:
