@@ -40,7 +40,9 @@ What is needed for the results to be per-example gradients, and what is checked:
   batch, or a reshape of ``(n, T, d)`` to ``(n * T, d)``, is refused;
 * every use of a recorded parameter goes through its module: a parameter that receives more
   gradient than its module's calls account for (``F.linear(x, layer.weight)`` beside the layer)
-  is refused when the results are read. ``nn.MultiheadAttention``'s rule claims ``out_proj``;
+  is refused when the results are read (checked on the first ``CHECK_FIRST`` batches after
+  :meth:`PerExampleGradients.attach` and every ``CHECK_EVERY``-th after, a few small products per
+  layer). ``nn.MultiheadAttention``'s rule claims ``out_proj``;
 * BatchNorm in training mode mixes the examples and is refused; activation checkpointing
   (``torch.utils.checkpoint``) reruns layers inside the backward and is refused; a module
   returning a tuple is recorded through its first output, and a backward through its other
