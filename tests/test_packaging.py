@@ -145,3 +145,36 @@ def test_python_examples_in_the_docs_run(page, capsys):
         exec(compile(block, f"{page} example", "exec"), {"__name__": "__docs_example__"})  # noqa: S102
     printed = capsys.readouterr().out
     assert "False" not in printed, f"an example in {page} printed a failed check:\n{printed}"
+
+
+def test_the_wheel_holds_every_subpackage_and_imports_outside_the_checkout(tmp_path):
+    """Users install a wheel, not the checkout: build one and import it from elsewhere."""
+    import subprocess
+    import sys
+
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels), str(ROOT)],
+        check=True, timeout=600,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("goodfellow-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+         str(wheel)],
+        check=True, timeout=600,
+    )  # fmt: skip
+    code = (
+        "import goodfellow, goodfellow.layers.conv, goodfellow.layers.fallback\n"
+        "import pathlib\n"
+        f"assert pathlib.Path(goodfellow.__file__).is_relative_to({str(target)!r})\n"
+        "print(len(goodfellow.__all__), sorted(t.__name__ for t in goodfellow.layers"
+        ".registered_rules())[:3])\n"
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == str(len(__import__("goodfellow").__all__))
