@@ -386,6 +386,8 @@ def _ms(value) -> str:
 
 def _write_bench_numbers(records: list[dict]) -> None:
     """Substitutions (|name|) for every measured number the Benchmarks prose quotes."""
+    import json
+
     big = "mnist-mlp/n512"
     numbers = {
         "big_config": big,
@@ -402,6 +404,16 @@ def _write_bench_numbers(records: list[dict]) -> None:
     numbers["fresh_faults"] = "n/a" if faults is None else f"{faults:,.0f}"
     per_example = _bench(records, big, "plain_backward", "default", "per_example_mb")
     numbers["big_mib"] = "n/a" if per_example is None else f"{per_example:.0f}"
+    meta = json.loads(BENCH_RESULTS.read_text()).get("meta", {}) if BENCH_RESULTS.exists() else {}
+    versions = meta.get("versions", {})
+    numbers["bench_machine"] = (
+        f"{meta.get('cpu_count', '?')} CPU cores ({meta.get('device_name', 'unknown processor')})"
+    )
+    numbers["bench_date"] = meta.get("date", "n/a")
+    numbers["bench_threads"] = str(meta.get("threads", "n/a"))
+    numbers["bench_torch"] = versions.get("torch", "n/a")
+    numbers["bench_opacus"] = versions.get("opacus", "n/a")
+    numbers["bench_backpack"] = versions.get("backpack-for-pytorch", "n/a")
     text = "\n".join(f".. |{key}| replace:: {value}" for key, value in numbers.items())
     (DOCS / "benchmark_numbers.generated.txt").write_text(text + "\n")
 
