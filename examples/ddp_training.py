@@ -115,6 +115,8 @@ def main() -> None:
             accuracy = float((net(x).argmax(1) == y).float().mean())
         tqdm.write(f"final loss {full_loss():.4f}  train accuracy {accuracy:.3f}")
         tqdm.write(f"ranks agree: {bool((spread - lowest).abs().max() == 0)}")
+    del noise, model  # DDP state goes before the group: gloo can abort at exit otherwise
+    dist.barrier()
     dist.destroy_process_group()
 
 

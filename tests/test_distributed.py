@@ -8,6 +8,7 @@ give, on every rank, the single-process result on the concatenated batch.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -182,6 +183,10 @@ def _worker(kind: str, rank: int, port: int, out: str) -> None:
         else:
             results = _hook_worker(rank, kind)
         torch.save(results, out)
+        # both ranks done with every collective before the group goes: gloo can abort at exit
+        # when one rank tears down while the other still holds DDP state
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -534,6 +534,7 @@ def _distributed_worker(rank: int, port: int, out: str) -> None:
             torch.manual_seed(100 + rank)  # the global generators differ between the ranks
             results[name] = call(source, kwargs, group=dist.group.WORLD)
         torch.save(results, out)
+        dist.barrier()  # both ranks done before the group goes (gloo can abort at exit)
     finally:
         dist.destroy_process_group()
 
