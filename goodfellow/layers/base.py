@@ -7,15 +7,14 @@ rule, which returns the layer's per-example gradients in whatever form is cheape
 a **layer-gradients** object. Every statistic of :mod:`goodfellow.statistics` is written once
 against the methods of such an object:
 
-=====================  ========================================================================
-``names``              the parameters it covers, relative to the module (``("weight", "bias")``)
-``batch_size``         the number of examples ``n``
-``per_example()``      one ``(n, *param.shape)`` tensor per name: :math:`g_i` itself
-``sq_norms()``         ``(n,)``: :math:`\|g_i\|^2` over the names, without materializing if it can
-``weighted_sum(w)``    one ``param.shape`` tensor per name: :math:`\sum_i w_i g_i`
-``square_sum()``       one ``param.shape`` tensor per name: :math:`\sum_i g_i \odot g_i`
-``kronecker_factors``  ``(a, delta)`` for KFAC/EKFAC (see :mod:`goodfellow.ekfac`), or ``None``
-=====================  ========================================================================
+* ``names``: the parameters it covers, relative to the module (``("weight", "bias")``);
+* ``batch_size``: the number of examples ``n``;
+* ``per_example()``: one ``(n, *param.shape)`` tensor per name, :math:`g_i` itself;
+* ``sq_norms()``: ``(n,)``, :math:`\|g_i\|^2` over the names, without materializing if it can;
+* ``weighted_sum(w)``: one ``param.shape`` tensor per name, :math:`\sum_i w_i g_i`;
+* ``square_sum()``: one ``param.shape`` tensor per name, :math:`\sum_i g_i \odot g_i`;
+* ``kronecker_factors()``: ``(a, delta)`` for KFAC/EKFAC (see :mod:`goodfellow.ekfac`), or
+  ``None``.
 
 :class:`MaterializedGradients` is the same interface over tensors that are already formed (the
 list of :func:`goodfellow.goodfellow_backprop`, the dict ``PerExampleGradients.grads``), so a
