@@ -12,7 +12,8 @@ example's own gradient, by four routes:
   per-example gradients, E[T(g_i)] (clipping, variance, norms), and :mod:`goodfellow.cabs`;
 * :mod:`goodfellow.privacy`: DP-SGD's noisy clipped mean (:func:`goodfellow.private_mean`);
 * :mod:`goodfellow.distributed`: the gradient noise scale of a DDP model from its all-reduce;
-* :mod:`goodfellow.ekfac`: KFAC and EKFAC preconditioning built on the recorded quantities;
+* :mod:`goodfellow.kronecker` and :mod:`goodfellow.ekfac`: KFAC and EKFAC, their formulas and the
+  optimizers built on the recorded quantities;
 * :mod:`goodfellow.gradiator`: a learned backward for black-box functions.
 """
 
@@ -22,6 +23,7 @@ from goodfellow import distributed as _distributed
 from goodfellow import ekfac as _ekfac
 from goodfellow import gradiator as _gradiator
 from goodfellow import hooks as _hooks
+from goodfellow import kronecker as _kronecker
 from goodfellow import layers as _layers
 from goodfellow import models as _models
 from goodfellow import privacy as _privacy
@@ -35,6 +37,7 @@ from goodfellow.distributed import *  # noqa: F403
 from goodfellow.ekfac import *  # noqa: F403
 from goodfellow.gradiator import *  # noqa: F403
 from goodfellow.hooks import *  # noqa: F403
+from goodfellow.kronecker import *  # noqa: F403
 from goodfellow.layers import *  # noqa: F403
 from goodfellow.models import *  # noqa: F403
 from goodfellow.privacy import *  # noqa: F403
@@ -59,6 +62,7 @@ __all__ = [
         _cabs,
         _privacy,
         _distributed,
+        _kronecker,
         _ekfac,
         _gradiator,
     )
