@@ -30,6 +30,7 @@ from goodfellow import privacy as _privacy
 from goodfellow import reduction as _reduction
 from goodfellow import reference as _reference
 from goodfellow import sampler as _sampler
+from goodfellow import sources as _sources
 from goodfellow import statistics as _statistics
 from goodfellow import transforms as _transforms
 from goodfellow.backprop import *  # noqa: F403
@@ -45,6 +46,7 @@ from goodfellow.privacy import *  # noqa: F403
 from goodfellow.reduction import *  # noqa: F403
 from goodfellow.reference import *  # noqa: F403
 from goodfellow.sampler import *  # noqa: F403
+from goodfellow.sources import *  # noqa: F403
 from goodfellow.statistics import *  # noqa: F403
 from goodfellow.transforms import *  # noqa: F403
 
@@ -60,6 +62,7 @@ __all__ = [
         _layers,
         _hooks,
         _transforms,
+        _sources,
         _statistics,
         _cabs,
         _sampler,

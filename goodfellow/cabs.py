@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from goodfellow._checks import is_integer, is_real, real_number
 from goodfellow.layers.linear import LinearFactors
-from goodfellow.statistics import _all_reduce, _layers, _trace_mean_total
+from goodfellow.sources import _layers
+from goodfellow.statistics import _all_reduce, _trace_mean_total
 from goodfellow.transforms import PerExampleGrads, assign_grads
 
 __all__ = ["CABS"]

@@ -6,8 +6,8 @@ its trace, the noise scale) takes a *source* of per-example gradients:
 * materialized: a list or dict of ``(n, *param.shape)`` tensors (what
   :func:`goodfellow.goodfellow_backprop` and ``PerExampleGradients.grads`` return);
 * factored: one layer's gradients as its rule keeps them (:class:`goodfellow.LinearFactors`
-  for a linear layer), or a list or dict of them (:func:`mlp_factors`,
-  :func:`recorded_factors`).
+  for a linear layer), or a list or dict of them (:func:`goodfellow.mlp_factors`,
+  :func:`goodfellow.recorded_factors`).
 
 Both give the same numbers; the factored form never forms an ``(n, d_out, d_in)`` tensor where
 its layer kind has a cheaper formula.
@@ -15,18 +15,19 @@ its layer kind has a cheaper formula.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goodfellow.layers.base import MaterializedGradients
-from goodfellow.layers.linear import LinearFactors, norm_from_squares
-from goodfellow.transforms import PerExampleGrads, _check_max_norm, _clip_factors, _unpack
-
-Source = object
-"""Per-example gradients, materialized or in a layer rule's form (see the module docstring)."""
+from goodfellow.layers.linear import norm_from_squares
+from goodfellow.sources import (  # noqa: F401  (recorded_factors: a statistic's source)
+    Source,
+    _batch_size,
+    _example_tensor,
+    _layers,
+    recorded_factors,
+)
+from goodfellow.transforms import PerExampleGrads, _check_max_norm, _clip_factors
 
 __all__ = [
     "clipped_mean",
@@ -37,208 +38,7 @@ __all__ = [
     "gradient_variance",
     "gradient_variance_trace",
     "noise_scale_parts",
-    "recorded_factors",
 ]
-
-
-def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
-    """The factored per-example gradients of every ``nn.Linear`` a recorder saw in its batch.
-
-    Reads ``recorder.layers`` of a :class:`goodfellow.PerExampleGradients` after the batch's
-    ``loss.backward()``: each layer's inputs and per-example output gradients (all calls of the
-    layer). Statistics computed from the result are dicts keyed like
-    ``model.named_parameters()`` (``"fc1.weight"``, ``"fc1.bias"``, ...), ready for
-    :func:`goodfellow.assign_grads`::
-
-        with PerExampleGradients(model, loss_reduction="mean") as pe:
-            F.cross_entropy(model(x), y).backward()
-        assign_grads(model, clipped_mean(recorded_factors(pe), max_norm=1.0))
-
-    Args:
-        recorder: A :class:`goodfellow.PerExampleGradients` that recorded a forward and a
-            backward.
-
-    Returns:
-        Module name to :class:`goodfellow.LinearFactors`, for every Linear with a trainable weight,
-        in the
-        order of ``model.named_modules()``. A frozen bias is left out of the layer's results.
-
-    Raises:
-        TypeError: If ``recorder`` has no ``layers`` dict of records.
-        ValueError: If a layer's weight is frozen while its bias is trained, or a weight is
-            shared by several Linear modules (use ``recorder.grads`` for those).
-        RuntimeError: If no forward and backward were recorded for the batch.
-    """
-    layers = getattr(recorder, "layers", None)
-    if not isinstance(layers, Mapping):
-        raise TypeError(
-            "recorder must be a goodfellow.PerExampleGradients that recorded a batch, got "
-            f"{type(recorder).__name__}."
-        )
-    if getattr(recorder, "batch_size", None) is None:
-        raise RuntimeError(
-            "the recorder holds no batch: run the forward and loss.backward() inside "
-            "`with PerExampleGradients(model) as pe:` first."
-        )
-    recorder._require_backward()
-    factors: dict[str, object] = {}
-    owner_of_weight: dict[int, str] = {}
-    for name, record in layers.items():
-        module = record.module
-        weight = getattr(module, "weight", None)
-        names = record.rule.parameter_names(module)
-        if not names:
-            continue  # frozen: nothing to report
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            if not weight.requires_grad:
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} has a frozen weight but a trainable bias, "
-                    "which the factored form does not cover; use recorder.grads."
-                )
-            if id(weight) in owner_of_weight:
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} shares its weight with "
-                    f"{owner_of_weight[id(weight)]!r}; the factored form keeps one layer per "
-                    "weight: use recorder.grads."
-                )
-            owner_of_weight[id(weight)] = name
-        layer = record.gradients()
-        dtype = next(module.parameters()).dtype
-        if _example_tensor(layer).dtype != dtype and hasattr(layer, "to"):
-            layer = layer.to(dtype)  # under autocast: statistics in the parameters' dtype
-        factors[name] = layer
-    if not factors:
-        raise ValueError("the recorder holds no layer with a trainable weight.")
-    return factors
-
-
-# --------------------------------------------------------------------------------------------
-# Sources: checked once here, then only the layer-gradients interface is used
-# --------------------------------------------------------------------------------------------
-
-
-def _is_layer(value: object) -> bool:
-    """Whether ``value`` is one layer's gradients in a rule's form (not a plain tensor)."""
-    return not isinstance(value, Tensor) and hasattr(value, "sq_norms")
-
-
-def _is_factored(source: object) -> bool:
-    if _is_layer(source):
-        return True
-    values = list(source.values()) if isinstance(source, Mapping) else source
-    if isinstance(values, (list, tuple)) and values:
-        kinds = {_is_layer(v) for v in values}
-        if kinds == {True, False}:
-            raise TypeError(
-                "mix of LinearFactors and other entries: pass either per-example gradients "
-                "or the factored form of every layer."
-            )
-        return kinds == {True}
-    return False
-
-
-class _Layout:
-    """How per-layer results are laid out for the caller: the container of the source."""
-
-    def __init__(self, source: object, layers: list, keys: list[str] | None) -> None:
-        self.tuple = isinstance(source, tuple) and not _is_layer(source)
-        self.keys = keys  # module names (dict of layers) or None
-        self.dict_of_tensors = isinstance(source, Mapping) and not _is_factored(source)
-        self.layers = layers
-
-    def pack(self, per_layer: list[list[Tensor]]) -> PerExampleGrads:
-        if self.dict_of_tensors:
-            return dict(zip(self.layers[0].names, per_layer[0]))
-        if self.keys is None:
-            flat = [t for layer in per_layer for t in layer]
-            return tuple(flat) if self.tuple else flat
-        out: dict[str, Tensor] = {}
-        for key, layer, results in zip(self.keys, self.layers, per_layer):
-            for suffix, t in zip(layer.names, results):
-                out[f"{key}.{suffix}" if key else suffix] = t  # "" is the root module
-        return out
-
-
-def _layers(source: object, allow_empty: bool = False) -> tuple[_Layout, list, int]:
-    """Check a source once; return its layout, its layers and the batch size ``n``."""
-    if _is_factored(source):
-        if _is_layer(source):
-            keys, layers = None, [source]
-        elif isinstance(source, Mapping):
-            keys, layers = list(source.keys()), list(source.values())
-        else:
-            keys, layers = None, list(source)
-        n = _check_layers(layers, allow_empty)
-    else:
-        tensor_keys, tensors, n = _unpack(source, allow_empty)  # type: ignore[arg-type]
-        names = tensor_keys if tensor_keys is not None else [str(k) for k in range(len(tensors))]
-        keys, layers = None, [MaterializedGradients(tensors, names)]
-    return _Layout(source, layers, keys), layers, n
-
-
-def _check_layers(layers: Sequence, allow_empty: bool) -> int:
-    """The checks of factored sources: LinearFactors built by hand, and one batch overall."""
-    for k, layer in enumerate(layers):
-        if not isinstance(layer, LinearFactors):
-            continue  # built by a rule from recorded tensors
-        for name, t in (("inputs", layer.inputs), ("grad_outputs", layer.grad_outputs)):
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
-                raise TypeError(
-                    f"layer {k}: LinearFactors.{name} must be a floating-point torch.Tensor, "
-                    f"got {kind}; build the factors with linear_factors."
-                )
-        A, G, _ = layer
-        if A.dim() != 3 or G.dim() != 3 or A.shape[:2] != G.shape[:2]:
-            raise ValueError(
-                f"layer {k}: LinearFactors need inputs (n, T, d_in) and grad_outputs "
-                f"(n, T, d_out), got {tuple(A.shape)} and {tuple(G.shape)}; build them with "
-                "linear_factors."
-            )
-        if A.dtype != G.dtype or A.device != G.device:
-            raise ValueError(
-                f"layer {k}: LinearFactors.inputs are {A.dtype} on {A.device} but grad_outputs "
-                f"are {G.dtype} on {G.device}; use one dtype and device."
-            )
-    n = layers[0].batch_size
-    like = _example_tensor(layers[0])
-    for k, layer in enumerate(layers):
-        if layer.batch_size != n:
-            raise ValueError(
-                f"layer {k} holds {layer.batch_size} examples but layer 0 holds {n}: all layers "
-                "must come from one batch."
-            )
-        t = _example_tensor(layer)
-        if t.dtype != like.dtype or t.device != like.device:
-            raise ValueError(
-                f"layer {k} is {t.dtype} on {t.device} but layer 0 is {like.dtype} on "
-                f"{like.device}; all layers must share one dtype and device."
-            )
-    if n == 0 and not allow_empty:
-        raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
-    return n
-
-
-def _example_tensor(layer: object) -> Tensor:
-    """A tensor the layer holds, for its dtype and device (never one formed for the purpose)."""
-    if isinstance(layer, LinearFactors):
-        return layer.inputs
-    if isinstance(layer, MaterializedGradients):
-        return layer.tensors[0]
-    for name in ("grad_outputs", "calls"):  # rules keep each example's output gradients
-        held = getattr(layer, name, None)
-        if isinstance(held, Tensor):
-            return held
-        if isinstance(held, (list, tuple)) and held:
-            first = held[0][-1] if isinstance(held[0], tuple) else held[0]
-            if isinstance(first, Tensor):
-                return first
-    return layer.per_example()[0]
-
-
-def _batch_size(source: object) -> int:
-    """The number of examples of a checked source."""
-    return _layers(source)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +98,7 @@ def gradient_norms(source: Source) -> Tensor:
     Args:
         source: Per-example gradients (list, tuple or dict of ``(n, *param.shape)`` tensors),
             or their factored form: a :class:`goodfellow.LinearFactors`, a list of them (e.g. from
-            :func:`mlp_factors`) or a dict of them.
+            :func:`goodfellow.mlp_factors`) or a dict of them.
 
     Returns:
         Tensor of shape ``(n,)``; differentiable if the source is (derivative 0 at a zero
