@@ -480,20 +480,17 @@ def methods_for(config: Config, names: list[str] | None = None) -> list[str]:
     ]
 
 
-def _backward(problem: Problem, model: nn.Module, loss: Tensor) -> None:
-    """``loss.backward()``; for a language model only as far as the layer outputs.
+def _backward(recorder: gf.PerExampleGradients, loss: Tensor) -> None:
+    """``recorder.backward(loss)``: the backward only as far as the recorded layers' outputs.
 
     The recorder needs dL/dZ at every layer's output, not the summed weight gradients a plain
-    ``loss.backward()`` also computes (one extra matrix product per ``nn.Linear``, the largest
-    part of the backward of a transformer). ``backward(inputs=...)`` with the two embedding
-    tables, the parameters at the bottom of the graph, still sends the gradient through every
-    layer (so every output's hook fires) but skips every other weight-gradient product; the
-    embeddings' own ``.grad`` costs one ``index_add`` each.
+    ``loss.backward()`` also computes (one extra weight-gradient product per layer, the largest
+    part of the backward of a CNN or a transformer), which every per-example method then
+    recomputes in its own form: :meth:`goodfellow.PerExampleGradients.backward` skips them
+    (on the batches whose sums it checks, the first three and every tenth, it computes them
+    too). ``torch.func`` computes no summed gradient either.
     """
-    if problem.config.is_lm:
-        loss.backward(inputs=[model.tokens.weight, model.positions.weight])
-    else:
-        loss.backward()
+    recorder.backward(loss)
 
 
 def _buffers(problem: Problem) -> list[Tensor]:
@@ -708,7 +705,7 @@ class Hooks(Method):
 
     def step(self) -> None:
         p = self.problem
-        _backward(p, self.model, p.loss_fn(self.model(p.inputs), p.targets))
+        _backward(self.recorder, p.loss_fn(self.model(p.inputs), p.targets))
         self.recorder.grads  # noqa: B018 - materializes the per-example gradients
 
     def reset(self) -> None:
@@ -732,7 +729,7 @@ class _Factored(Method):
     def recorded_factors(self) -> dict:
         """Forward, ``loss.backward()`` under the recorder, and its factors per layer."""
         p = self.problem
-        _backward(p, self.model, p.loss_fn(self.model(p.inputs), p.targets))
+        _backward(self.recorder, p.loss_fn(self.model(p.inputs), p.targets))
         return gf.recorded_factors(self.recorder)
 
     def reset(self) -> None:

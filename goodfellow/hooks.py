@@ -74,6 +74,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
@@ -636,7 +637,10 @@ class PerExampleGradients:
         record.output_shapes.append(output.shape)
         record._output_kinds.append((output.dtype, output.device))
         hook = self._gradient_hook_for(record, call, self._generation, output.shape, pending)
-        self._tensor_handles.append(_hookable(output).register_hook(hook))
+        hooked = _hookable(output)
+        if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph
+            hooked.grad_fn.metadata.setdefault(_RECORDED_OUTPUTS, set()).add(hooked.output_nr)
+        self._tensor_handles.append(hooked.register_hook(hook))
         for k, other in others:
             refuse = _refuse_other_output(record, k, self._generation, self)
             self._tensor_handles.append(other.register_hook(refuse))
@@ -680,6 +684,52 @@ class PerExampleGradients:
             self._grads = None
 
         return gradient_hook
+
+    # ------------------------------------------------------------------ a backward of its own
+
+    def backward(self, loss: Tensor) -> None:
+        r"""Backpropagate ``loss`` only as far as the recorded layers' outputs.
+
+        The per-example route needs :math:`\partial\mathcal L/\partial Z` at every recorded
+        call and nothing else: ``loss.backward()`` also forms every parameter's summed
+        gradient, one more weight-gradient product per layer (for a convolution or a Linear on
+        ``(n, T, d)`` the largest part of the backward), which a statistic built from the
+        records (:func:`goodfellow.clipped_mean`, :func:`goodfellow.gradient_norms`,
+        :attr:`grads`) then recomputes per example. This runs
+        ``torch.autograd.grad(loss, outputs)`` to the outputs' autograd edges instead, so the
+        hooks see exactly what ``loss.backward()`` would give them, and **no parameter's**
+        ``.grad`` **is written** (put the statistic there with :func:`goodfellow.assign_grads`).
+
+        On the batches whose sums are checked against autograd's (the first ``CHECK_FIRST``
+        after :meth:`attach`, then every ``CHECK_EVERY``-th; see ``_check_accounted``) the
+        recorded parameters are differentiated as well, so that a parameter also used outside
+        its module is still refused; their gradients are discarded, ``.grad`` stays untouched.
+
+        Args:
+            loss: The scalar batch loss of the forwards recorded since the last backward.
+
+        Raises:
+            TypeError: If ``loss`` is not a tensor.
+            ValueError: If ``loss`` is not a scalar, or does not require grad.
+            RuntimeError: If no forward of this batch was recorded.
+        """
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}.")
+        if loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError(
+                f"loss must be a scalar that requires grad, got shape {tuple(loss.shape)} with "
+                f"requires_grad={loss.requires_grad}; reduce it over the batch (sum or mean, "
+                "as loss_reduction says) before the backward."
+            )
+        edges = _recorded_edges(loss)
+        if not edges:
+            raise RuntimeError(
+                "no recorded layer output is waiting for its gradient in this loss's graph: run "
+                "the model's forward while the recorder is attached before pe.backward(loss), "
+                "once per forward."
+            )
+        checked = [self._params[p] for p in self._owners] if self._accounting_due() else []
+        torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
 
     # ------------------------------------------------------------------ results
 
@@ -938,6 +988,27 @@ def _refuse_other_output(
             )
 
     return hook
+
+
+_RECORDED_OUTPUTS = "goodfellow recorded outputs"
+"""Key of an autograd node's ``metadata``: the outputs of it whose gradient a recorder hooks."""
+
+
+def _recorded_edges(loss: Tensor) -> list[GradientEdge]:
+    """The autograd edges of every recorded output the loss's graph reaches.
+
+    The forward hook marks each hooked output's node (``node.metadata``) instead of keeping a
+    reference to it, which would keep the graph of a forward nobody differentiates alive.
+    """
+    edges, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        edges += [GradientEdge(node, nr) for nr in node.metadata.get(_RECORDED_OUTPUTS, ())]
+        stack.extend(child for child, _ in node.next_functions)
+    return edges
 
 
 def _is_functorch(tensor: Tensor) -> bool:
