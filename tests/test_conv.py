@@ -27,7 +27,9 @@ from goodfellow import (
     recorded_factors,
     torch_func_per_example_grads,
 )
+from goodfellow.layers import conv as conv_rule
 from goodfellow.layers.conv import unfold_patches
+from goodfellow.layers.routes import forced
 from tests.conftest import TOLERANCES
 
 F64 = TOLERANCES[torch.float64]
@@ -86,6 +88,18 @@ CASES = [
              kwargs={"groups": 2, "padding": "same"}),  # fmt: skip
 ]
 REDUCTIONS = ["sum", "mean"]
+ROUTES = ["unfold", "unfold-one-example-per-chunk", "grouped"]
+
+
+@pytest.fixture(params=ROUTES)
+def route(request, monkeypatch):
+    """Each exact route of a conv's per-example weight gradient, forced (see layers.routes)."""
+    name = request.param
+    if name == "unfold-one-example-per-chunk":
+        monkeypatch.setattr(conv_rule, "_CHUNK_BYTES", 1)
+        name = "unfold"
+    with forced(name):
+        yield request.param
 
 
 def loss_fn(reduction):
@@ -106,7 +120,7 @@ def record(model, x, y, reduction) -> PerExampleGradients:
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
-def test_conv_matches_torch_func(case, reduction):
+def test_conv_matches_torch_func(case, reduction, route):
     model, x, y = case.make()
     pe = record(model, x, y, reduction)
     want = reference(model, x, y, reduction)
@@ -133,7 +147,7 @@ def test_unfold_reproduces_the_convolution(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_factored_statistics_equal_the_materialized_ones(case):
+def test_factored_statistics_equal_the_materialized_ones(case, route):
     model, x, y = case.make()
     pe = record(model, x, y, "mean")
     factored, materialized = recorded_factors(pe), pe.grads
@@ -210,7 +224,7 @@ def test_frozen_conv_weight_with_trained_bias():
     torch.testing.assert_close(pe.grads["0.bias"], want["0.bias"], **F64)
 
 
-def test_conv_called_twice_adds_both_calls():
+def test_conv_called_twice_adds_both_calls(route):
     conv = nn.Conv2d(2, 2, 3, padding=1).double()
 
     class Twice(nn.Module):

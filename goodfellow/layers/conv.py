@@ -39,11 +39,23 @@ from torch import Tensor, nn
 from goodfellow._checks import display_name
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
 from goodfellow.layers.linear import LinearFactors, _compare_projections, _random_directions
+from goodfellow.layers.routes import fastest
 
-__all__ = ["ConvFactors", "ConvRule", "unfold_patches"]
+__all__ = ["ConvFactors", "ConvRule", "pad_like", "unfold_patches"]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
               "circular": "circular"}  # fmt: skip
+_CHUNK_BYTES = 8 * 2**20
+"""Unfolded patches are formed for this many bytes of examples at a time: a buffer that stays
+in cache and is reused, instead of ``K`` copies of the whole input in fresh memory."""
+
+
+def pad_like(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
+    """The input padded exactly as the module pads it (any ``padding_mode``, ``"same"`` too)."""
+    padding = module._reversed_padding_repeated_twice
+    if not any(padding):
+        return inputs
+    return F.pad(inputs, padding, mode=_PAD_MODES[module.padding_mode])
 
 
 def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
@@ -59,10 +71,7 @@ def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
         ``module.weight.flatten(1)`` (a transposed view of a contiguous ``(n, C_in K, L)``).
     """
     d = len(module.kernel_size)
-    padding = module._reversed_padding_repeated_twice
-    if any(padding):
-        inputs = F.pad(inputs, padding, mode=_PAD_MODES[module.padding_mode])
-    patches = inputs  # (n, C, *padded)
+    patches = pad_like(inputs, module)  # (n, C, *padded)
     for axis, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
         span = dil * (k - 1) + 1
         patches = patches.unfold(2 + axis, span, s)[..., ::dil]  # (..., L_axis, ..., k)
@@ -79,10 +88,18 @@ def unfold_patches(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
 class ConvFactors:
     r"""One convolution's per-example gradients, kept as its inputs and output gradients.
 
-    The linear factors of its groups (unfolded patches and output gradients, ``n * G`` rows)
-    are formed when a statistic needs them (per-example gradients, norms, KFAC); the weighted
-    sum :math:`\sum_i w_i g_i` needs no patches at all: it is the convolution's own weight
-    gradient for the output gradients scaled by ``w``.
+    Nothing is unfolded until a statistic asks. The per-example weight gradient of one call
+    has two exact routes, timed once per shape by :func:`goodfellow.layers.routes.fastest`:
+    the linear rule on unfolded patches, formed a few examples at a time (``_CHUNK_BYTES``),
+    or the layer's own weight-gradient kernel with every example as a group of its own
+    (``groups = n G``: example ``i``'s output gradients convolved with example ``i``'s input
+    only). The weighted sum :math:`\sum_i w_i g_i` needs neither: it is the convolution's
+    ordinary weight gradient for the output gradients scaled by ``w``.
+
+    Memory: the norms take, per layer, whichever of the Gram route and the materialized one
+    costs less (as the linear rule does); a layer whose norms were materialized keeps its
+    per-example gradients (``n`` times its parameters) for as long as this object lives, so
+    that the weighted sum of a clipped mean reuses them instead of a second pass over the input.
 
     Args:
         calls: ``(input, grad_output)`` per call: ``(n, C_in, *spatial)`` and each example's
@@ -98,28 +115,43 @@ class ConvFactors:
         self.groups = module.groups
         self.weight_shape = tuple(module.weight.shape)
         self._linear: LinearFactors | None = None
+        self._formed: list[Tensor] | None = None  # per-example gradients sq_norms formed
+
+    def _linear_rows(self, start: int, stop: int) -> LinearFactors:
+        """The groups' linear factors of examples ``start:stop``, ``(stop - start) G`` rows.
+
+        Inputs ``(rows, L, C_in/G * K)`` (unfolded patches), output gradients
+        ``(rows, L, C_out/G)``; several calls laid end to end as positions.
+        """
+        g, patches, deltas = self.groups, [], []
+        for x, delta in self.calls:
+            n = stop - start
+            flat = unfold_patches(x[start:stop], self.module).transpose(1, 2)  # (n, C_in K, L)
+            positions = flat.shape[2]
+            i, o = flat.shape[1] // g, self.weight_shape[0] // g  # explicit: n may be 0
+            patches.append(flat.reshape(n * g, i, positions).transpose(1, 2))  # (n g, L, i)
+            grad = delta[start:stop].reshape(n * g, o, positions)  # (n g, o, L), a view
+            deltas.append(grad.transpose(1, 2))  # (n g, L, o)
+        A = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)
+        G = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+        return LinearFactors(A, G, self.bias)
 
     @property
     def linear(self) -> LinearFactors:
-        """:class:`goodfellow.LinearFactors` over ``n * G`` rows, built once, as views.
-
-        Inputs ``(n G, L, C_in/G * K)`` (unfolded patches), output gradients
-        ``(n G, L, C_out/G)``; several calls laid end to end as positions.
-        """
+        """:class:`goodfellow.LinearFactors` over all ``n * G`` rows, built once (KFAC's input)."""
         if self._linear is None:
-            g, patches, deltas = self.groups, [], []
-            for x, delta in self.calls:
-                n = x.shape[0]
-                flat = unfold_patches(x, self.module).transpose(1, 2)  # (n, C_in K, L)
-                positions = flat.shape[2]
-                i, o = flat.shape[1] // g, self.weight_shape[0] // g  # explicit: n may be 0
-                patches.append(flat.reshape(n * g, i, positions).transpose(1, 2))  # (n g, L, i)
-                grad = delta.reshape(n * g, o, positions)  # (n g, o, L), a view
-                deltas.append(grad.transpose(1, 2))  # (n g, L, o)
-            A = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)
-            G = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
-            self._linear = LinearFactors(A, G, self.bias)
+            self._linear = self._linear_rows(0, self.batch_size)
         return self._linear
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Example ranges whose unfolded patches fill about ``_CHUNK_BYTES``."""
+        n = self.batch_size
+        per_example = sum(
+            math.prod(x.shape[1:]) * math.prod(self.module.kernel_size) * x.element_size()
+            for x, _ in self.calls
+        )  # at least the patches of every output position (stride 1: about that many)
+        step = max(1, _CHUNK_BYTES // max(per_example, 1))
+        return [(start, min(start + step, n)) for start in range(0, n, step)]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -131,24 +163,74 @@ class ConvFactors:
         """The number of examples ``n``."""
         return self.calls[0][0].shape[0]
 
+    def _call_weight(self, x: Tensor, delta: Tensor, out: Tensor | None = None) -> Tensor:
+        """One call's per-example weight gradients ``(n, *weight_shape)``, by the faster route."""
+        module = self.module
+        key = ("conv weight", tuple(x.shape), tuple(delta.shape), self.weight_shape,
+               module.stride, module.dilation, self.groups, x.dtype, x.device)  # fmt: skip
+        routes = {
+            "unfold": lambda: self._unfolded_weight(x, delta, out),
+            "grouped": lambda: self._grouped_weight(x, delta, out),
+        }
+        return fastest(key, routes, x.device)
+
+    def _unfolded_weight(self, x: Tensor, delta: Tensor, out: Tensor | None) -> Tensor:
+        r""":math:`\sum_t G_t A_t^\top` per example and group, a chunk of examples at a time."""
+        n, g = x.shape[0], self.groups
+        result = delta.new_empty((n, *self.weight_shape)) if out is None else out
+        rows = result.view(n * g, self.weight_shape[0] // g, -1)  # (n g, o, i)
+        single = ConvFactors([(x, delta)], self.module, bias=False)
+        for start, stop in single._chunks():
+            A, G, _ = single._linear_rows(start, stop)  # (c g, L, i), (c g, L, o)
+            torch.bmm(G.transpose(1, 2), A, out=rows[start * g : stop * g])  # (c g, o, i)
+        return result
+
+    def _grouped_weight(self, x: Tensor, delta: Tensor, out: Tensor | None) -> Tensor:
+        """The layer's weight-gradient kernel with the ``n`` examples as ``n G`` groups."""
+        module, n = self.module, x.shape[0]
+        if n == 0:
+            return delta.new_zeros((0, *self.weight_shape)) if out is None else out
+        padded = pad_like(x, module)  # (n, C_in, *padded)
+        d = len(module.kernel_size)
+        c_out = self.weight_shape[0]
+        shape_only = delta.new_empty((n * c_out, *self.weight_shape[1:]))  # never read
+        weight = torch.ops.aten.convolution_backward(
+            delta.reshape(1, n * c_out, *delta.shape[2:]),
+            padded.reshape(1, n * padded.shape[1], *padded.shape[2:]),
+            shape_only, None, module.stride, [0] * d, module.dilation, False, [0] * d,
+            n * self.groups, [False, True, False],
+        )[1].view(n, *self.weight_shape)  # fmt: skip
+        return weight if out is None else out.copy_(weight)
+
     def per_example(self, out: list[Tensor | None] | None = None) -> list[Tensor]:
         """``[dW (n, *weight_shape), db (n, C_out)]``, written into ``out`` where given."""
-        n, g = self.batch_size, self.groups
-        c_out = self.weight_shape[0]
-        views = None
-        if out is not None:  # contiguous (n, C_out, ...) buffers are (n G, C_out/G, ...) views
-            views = [None if b is None else b.view(n * g, c_out // g, -1) for b in out]
-            if len(views) > 1 and views[1] is not None:
-                views[1] = views[1].view(n * g, c_out // g)
-        weight, *bias = self.linear.per_example(views)  # (n G, o, i), (n G, o)
-        result = [weight.reshape(n, *self.weight_shape)]
-        if bias:
-            result.append(bias[0].reshape(n, c_out))
+        out = [None, None] if out is None else list(out) + [None]
+        (x, delta), *more = self.calls
+        weight = self._call_weight(x, delta, out[0])
+        for x, delta in more:  # a layer applied again: the calls' gradients add up
+            weight = weight + self._call_weight(x, delta) if out[0] is None else weight.add_(
+                self._call_weight(x, delta))  # fmt: skip
+        result = [weight]
+        if self.bias:
+            bias = sum(delta.flatten(2).sum(dim=2) for _, delta in self.calls)  # (n, C_out)
+            result.append(bias if out[1] is None else out[1].copy_(bias))
         return result
 
     def sq_norms(self) -> Tensor:
-        r""":math:`\|g_i\|^2`: the groups' linear norms added, ``(n,)``."""
-        return self.linear.sq_norms().reshape(self.batch_size, self.groups).sum(dim=1)
+        r""":math:`\|g_i\|^2`, ``(n,)``.
+
+        Where the linear rule would take the Gram route (``_layer_sq_norms``: few positions
+        for the weight's size), the groups' Gram norms, a chunk of examples at a time;
+        otherwise the squared entries of the per-example gradients, one layer at a time.
+        """
+        n, g = self.batch_size, self.groups
+        positions = sum(math.prod(delta.shape[2:]) for _, delta in self.calls)
+        d_out, d_in = self.weight_shape[0] // g, math.prod(self.weight_shape[1:])
+        if positions * (d_in + d_out) <= d_in * d_out:
+            chunks = [self._linear_rows(start, stop).sq_norms() for start, stop in self._chunks()]
+            return torch.cat(chunks).reshape(n, g).sum(dim=1)
+        self._formed = self.per_example()  # kept: the weighted sum that follows reuses them
+        return sum(torch.linalg.vector_norm(t.flatten(1), dim=1).square() for t in self._formed)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`: the convolution's weight gradient for :math:`w_i G_i`.
@@ -156,19 +238,21 @@ class ConvFactors:
         Scaling example ``i``'s output gradient by :math:`w_i` and running the layer's own
         weight-gradient kernel (``aten.convolution_backward``) on the padded input gives
         :math:`\sum_i w_i \sum_t G_{i,t} A_{i,t}^\top` for every group at once, at the cost
-        of one ordinary backward of the layer, without unfolding.
+        of one ordinary backward of the layer, without unfolding. If :meth:`sq_norms` formed
+        the per-example gradients (its materialized route), they are reused instead: one
+        ``(n,) @ (n, P_layer)`` product, no second pass over the input.
         """
+        if self._formed is not None:
+            return [torch.tensordot(weights.to(t.dtype), t, dims=1) for t in self._formed]
         module = self.module
         d = len(module.kernel_size)
         weight = torch.zeros(self.weight_shape, dtype=weights.dtype, device=weights.device)
         bias = weight.new_zeros(self.weight_shape[0])
         for x, delta in self.calls:
             scaled = delta * weights.reshape(-1, *[1] * (delta.dim() - 1))  # w_i G_i
-            padding = module._reversed_padding_repeated_twice
-            padded = F.pad(x, padding, mode=_PAD_MODES[module.padding_mode]) if any(padding) else x
             weight += torch.ops.aten.convolution_backward(
-                scaled, padded, weight, None, module.stride, [0] * d, module.dilation,
-                False, [0] * d, module.groups, [False, True, False],
+                scaled, pad_like(x, module), weight, None, module.stride, [0] * d,
+                module.dilation, False, [0] * d, module.groups, [False, True, False],
             )[1]  # fmt: skip
             bias += scaled.flatten(2).sum(dim=(0, 2))  # (C_out,)
         return [weight, bias] if self.bias else [weight]
@@ -198,11 +282,10 @@ class ConvFactors:
         conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
         gv, au = [], []
         for x, delta in self.calls:
-            padding = module._reversed_padding_repeated_twice
-            padded = F.pad(x, padding, mode=_PAD_MODES[module.padding_mode]) if any(padding) else x
             n = x.shape[0]
-            au.append(conv(padded, kernel, None, module.stride, 0, module.dilation, g).reshape(
-                n, g, -1))  # fmt: skip
+            projected = conv(pad_like(x, module), kernel, None, module.stride, 0,
+                             module.dilation, g)  # fmt: skip
+            au.append(projected.reshape(n, g, -1))
             gv.append(torch.einsum("ngot,o->ngt", delta.reshape(n, g, v.shape[0], -1), v))
         return _compare_projections(
             torch.cat(gv, dim=2), torch.cat(au, dim=2), u, v, totals, scale, g

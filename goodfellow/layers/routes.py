@@ -1,0 +1,80 @@
+"""Equivalent computations, timed once per shape: the faster one runs from then on.
+
+Some quantities have several exact formulas whose speed depends on the shapes and the
+hardware more than any operation count predicts. A convolution's per-example weight gradient,
+for instance, is either the unfolded patches times the output gradients (one batched matrix
+product, after copying every input value ``K`` times) or the layer's own weight-gradient kernel
+run with the examples as groups (no copy, but a kernel tuned for few large groups). On two
+CPU cores the first is 3x faster for a 1-channel 28x28 input and the second 1.7x faster for
+16 channels at 14x14; on a GPU the answer differs again.
+
+So, as ``torch.backends.cudnn.benchmark`` does for convolution algorithms, :func:`fastest`
+runs every route the first time a shape is seen (each twice, timing the second run, so that
+first-call costs such as allocating or building a kernel do not decide), remembers the winner
+for that shape, and runs only the winner afterwards. The routes compute the same numbers up to
+rounding (the order of the sums differs); each is tested on its own through :func:`forced`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+__all__ = ["chosen", "fastest", "forced"]
+
+T = TypeVar("T")
+
+_CHOSEN: dict[Hashable, str] = {}
+_FORCED: list[str] = []
+
+
+def fastest(key: Hashable, routes: Mapping[str, Callable[[], T]], device: torch.device) -> T:
+    """Run the route that was fastest for ``key``; time them all the first time.
+
+    Args:
+        key: Everything the speed depends on (shapes, hyper-parameters, dtype, device).
+        routes: Name -> a function computing the result; all give the same result.
+        device: Where the work runs (a CUDA device is synchronized around each timing).
+
+    Returns:
+        The result of the chosen route (of the last one timed, on the first call).
+    """
+    if _FORCED and _FORCED[-1] in routes:
+        return routes[_FORCED[-1]]()
+    name = _CHOSEN.get(key)
+    if name is not None:
+        return routes[name]()
+    timings: dict[str, float] = {}
+    for name, route in routes.items():
+        route()  # the first run pays allocations and kernel set-up
+        _synchronize(device)
+        start = time.perf_counter()
+        result = route()
+        _synchronize(device)
+        timings[name] = time.perf_counter() - start
+    _CHOSEN[key] = min(timings, key=timings.__getitem__)
+    return result
+
+
+def chosen() -> dict[Hashable, str]:
+    """The route chosen for each key seen so far (a copy)."""
+    return dict(_CHOSEN)
+
+
+@contextmanager
+def forced(name: str) -> Iterator[None]:
+    """Run route ``name`` wherever it is one of the candidates, without timing (for tests)."""
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

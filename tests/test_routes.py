@@ -1,0 +1,50 @@
+"""goodfellow.layers.routes: equivalent computations timed once per key, the faster kept."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from goodfellow.layers import routes
+
+
+def _route(calls: list[str], name: str, seconds: float):
+    def run():
+        calls.append(name)
+        time.sleep(seconds)
+        return name
+
+    return run
+
+
+def test_every_route_is_timed_once_then_only_the_fastest_runs(monkeypatch):
+    monkeypatch.setattr(routes, "_CHOSEN", {})
+    calls: list[str] = []
+    candidates = {"slow": _route(calls, "slow", 0.02), "fast": _route(calls, "fast", 0.0)}
+    first = routes.fastest("key", candidates, torch.device("cpu"))
+    assert calls == ["slow", "slow", "fast", "fast"]  # each warmed up, then timed
+    assert first == "fast"  # the result of the last route timed
+    assert routes.chosen() == {"key": "fast"}
+    calls.clear()
+    assert [routes.fastest("key", candidates, torch.device("cpu")) for _ in range(3)] == [
+        "fast"
+    ] * 3
+    assert calls == ["fast"] * 3
+    routes.fastest("other key", candidates, torch.device("cpu"))
+    assert set(routes.chosen()) == {"key", "other key"}  # one choice per key
+
+
+def test_forced_runs_that_route_without_timing_and_nests(monkeypatch):
+    monkeypatch.setattr(routes, "_CHOSEN", {})
+    calls: list[str] = []
+    candidates = {"a": _route(calls, "a", 0.0), "b": _route(calls, "b", 0.0)}
+    with routes.forced("b"):
+        assert routes.fastest("key", candidates, torch.device("cpu")) == "b"
+        with routes.forced("a"):
+            assert routes.fastest("key", candidates, torch.device("cpu")) == "a"
+        with routes.forced("not a candidate"):  # ignored where it is not offered
+            routes.fastest("key", candidates, torch.device("cpu"))
+        assert routes.fastest("key", candidates, torch.device("cpu")) == "b"
+    assert calls[:2] == ["b", "a"]
+    assert "key" in routes.chosen()  # the unoffered name fell through to timing
