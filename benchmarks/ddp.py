@@ -116,9 +116,10 @@ def expected_bytes(method: str, widths: list[int], element_size: int = 4) -> int
 
     ``clipped_mean`` and ``gradient_variance`` all-reduce their sums and the example count in
     one call (P + 1 numbers), the variance a second call of P squared sums; the noise-scale
-    hook adds two float64 scalars to DDP's P gradients; distributed EKFAC all-reduces, per
-    layer, A ((d_in + 1)^2 with the bias column), G (d_out^2) and their two example counts, then
-    the EKFAC scalings (d_out (d_in + 1)) and one count.
+    hook appends two scalars, in the gradient's dtype, to the last bucket of DDP's P
+    gradients; distributed EKFAC all-reduces, per layer, A ((d_in + 1)^2 with the bias
+    column), G (d_out^2) and their two example counts, then the EKFAC scalings
+    (d_out (d_in + 1)) and one count.
     """
     p = num_params(widths)
     ddp = p * element_size
@@ -129,7 +130,7 @@ def expected_bytes(method: str, widths: list[int], element_size: int = 4) -> int
     if method == "ddp_variance":
         return ddp + (p + 1) * element_size + p * element_size
     if method == "ddp_noise_scale_hook":
-        return ddp + 2 * 8
+        return ddp + 2 * element_size
     if method == "ddp_torch_allreduce_hook":
         return ddp
     if method == "ddp_ekfac":

@@ -61,9 +61,11 @@ class NoiseScaleHook:
     Registers a DDP communication hook (``ddp_model.register_comm_hook``) that, for every
     gradient bucket, takes the squared norm of the rank's local gradient before the all-reduce
     and of the averaged gradient after it; DDP's gradient itself is unchanged (the same average
-    as DDP's default hook). At the last bucket of a backward it sends one extra all-reduce of
-    two numbers, :math:`\|g_r\|^2` and :math:`1/b_r`, and updates the estimates of the module
-    docstring. Nothing else crosses the network and nothing waits on the host.
+    as DDP's default hook). The two numbers the estimates need from every rank,
+    :math:`\|g_r\|^2` and :math:`1/b_r`, are appended to the last bucket's all-reduce (a
+    float16 or bfloat16 bucket sends them in an all-reduce of their own, in float64), and the
+    estimates of the module docstring are updated when it completes. Nothing else crosses the
+    network and nothing waits on the host.
 
     Each step's estimates :math:`S_t` and :math:`|G|^2_t` are smoothed by exponential moving
     averages, :math:`m_t = \beta m_{t-1} + (1-\beta) x_t`, divided by :math:`1 - \beta^t` (as
@@ -153,26 +155,42 @@ class NoiseScaleHook:
             )
         buffer = bucket.buffer()  # (bucket numel,) this rank's mean gradient
         self._local.append(torch.linalg.vector_norm(buffer, dtype=torch.float64).square())
-        buffer.div_(self.world_size)  # DDP's default: the all-reduced sum is the rank average
-        work = dist.all_reduce(buffer, group=self.group, async_op=True)
-        averaged = work.get_future().then(lambda fut: fut.value()[0])
-        self._reduced.append(
-            averaged.then(lambda fut: torch.linalg.vector_norm(fut.value(), dtype=torch.float64))
-        )
         if not bucket.is_last():
-            return averaged
-        scalars = torch.stack([sum(self._local), buffer.new_tensor(1.0 / self._batch_size,
-                                                                  dtype=torch.float64)])  # (2,)
-        extra = dist.all_reduce(scalars, group=self.group, async_op=True).get_future()
-        reduced, self._local, self._reduced = self._reduced, [], []
-        done = torch.futures.collect_all([*reduced, extra])
+            buffer.div_(self.world_size)  # DDP's default: the all-reduced sum is the rank average
+            work = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+            self._reduced.append(work)
+            return work.then(lambda fut: fut.value()[0])
+        scalars = torch.stack([sum(self._local), torch.tensor(1.0 / self._batch_size,
+                                                              dtype=torch.float64)])  # (2,)
+        earlier, self._local, self._reduced = self._reduced, [], []
+        numel = buffer.numel()
+        if torch.finfo(buffer.dtype).bits >= 32:
+            # The two numbers ride in the last bucket's all-reduce, in its dtype (float32:
+            # a relative rounding of 6e-8, that of the gradient entries themselves): one
+            # collective per bucket, exactly as many as without the hook.
+            packed = torch.cat([buffer.div_(self.world_size), scalars.to(buffer.dtype)])
+            work = dist.all_reduce(packed, group=self.group, async_op=True).get_future()
+            sent = [work]
+        else:  # half precision would round them too coarsely: a float64 all-reduce of their own
+            buffer.div_(self.world_size)
+            work = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+            extra = dist.all_reduce(scalars, group=self.group, async_op=True).get_future()
+            sent = [work, extra]
+        done = torch.futures.collect_all([*earlier, *sent])
 
         def finish(fut: torch.futures.Future) -> Tensor:
-            parts = fut.value()
-            squared_mean = sum(p.value().square() for p in parts[:-1])  # |g_bar|^2
-            local_sum, inverse_sizes = parts[-1].value()[0]  # sum_r |g_r|^2, H
-            self._update(local_sum, inverse_sizes, squared_mean)
-            return averaged.value()
+            parts = [part.value()[0] for part in fut.value()]
+            if len(sent) == 1:
+                averaged, summed = parts[-1][:numel], parts[-1][numel:].double()
+                others = parts[:-1]
+            else:
+                averaged, summed, others = parts[-2], parts[-1], parts[:-2]
+            squared_mean = sum(  # |g_bar|^2 over all buckets
+                torch.linalg.vector_norm(t, dtype=torch.float64).square()
+                for t in [*others, averaged]
+            )
+            self._update(summed[0], summed[1], squared_mean)  # sum_r |g_r|^2, H
+            return averaged
 
         return done.then(finish)
 

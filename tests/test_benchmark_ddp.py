@@ -26,15 +26,15 @@ def _layers() -> list[tuple[int, int]]:
 
 
 P = sum(d_out * d_in + d_out for d_in, d_out in _layers())  # weights and biases: 1210
-F32, F64 = 4, 8
+F32 = 4
 EXPECTED_BYTES = {
     "ddp_plain": F32 * P,
     # under no_sync: no gradient all-reduce; the clipped sums and the example count instead
     "ddp_clipped_mean": F32 * (P + 1),
     # DDP's gradient, then the sums with the count, then the squared sums
     "ddp_variance": F32 * P + F32 * (P + 1) + F32 * P,
-    # the hook all-reduces DDP's gradient itself and adds two float64 scalars
-    "ddp_noise_scale_hook": F32 * P + 2 * F64,
+    # the hook all-reduces DDP's gradient itself, two scalars appended to its last bucket
+    "ddp_noise_scale_hook": F32 * P + 2 * F32,
     "ddp_torch_allreduce_hook": F32 * P,
     # DDP's gradient; per layer A (bias column included) and G with their two counts, then the
     # EKFAC scalings with one count

@@ -274,7 +274,13 @@ def test_the_single_process_reference_is_not_one_share_alone():
 # The noise scale from DDP's all-reduce (goodfellow.distributed.NoiseScaleHook)
 # --------------------------------------------------------------------------------------------
 
-HOOK_SHARES = {"hook equal": (4, 4), "hook unequal": (5, 3)}
+HOOK_SHARES = {"hook equal": (4, 4), "hook unequal": (5, 3), "hook float32": (4, 4),
+               "hook float16": (5, 3)}  # fmt: skip
+HOOK_DTYPES = {"hook float32": torch.float32, "hook float16": torch.float16}
+# float32 buckets carry the two scalars in float32; float16 ones send them apart, in float64,
+# but the gradient itself is rounded to float16
+HOOK_TOLERANCES = {torch.float64: F64, torch.float32: {"rtol": 1e-5, "atol": 1e-9},
+                   torch.float16: {"rtol": 2e-2, "atol": 1e-4}}  # fmt: skip
 HOOK_STEPS = 4
 DECAY = 0.5
 
@@ -285,8 +291,9 @@ def _hook_worker(rank: int, kind: str) -> dict:
     from goodfellow.distributed import NoiseScaleHook
 
     sizes = HOOK_SHARES[kind]
+    dtype = HOOK_DTYPES.get(kind, torch.float64)
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
     # a tiny bucket cap puts each parameter in a bucket of its own: several hook calls a step
     model = DistributedDataParallel(net, bucket_cap_mb=1e-5)
     hook = NoiseScaleHook(model, batch_size=sizes[rank], decay=DECAY)
@@ -294,7 +301,7 @@ def _hook_worker(rank: int, kind: str) -> dict:
     record = {"local": [], "averaged": [], "last_parts": [], "parts": [], "noise_scale": []}
     for step in range(HOOK_STEPS):
         g = torch.Generator().manual_seed(10 + step)
-        x = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64)
+        x = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64).to(dtype)
         y = torch.randint(0, 3, (sum(sizes),), generator=g)
         mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         # the rank's own mean gradient, computed without DDP: the reference's input
@@ -345,21 +352,22 @@ def _bad_hook_arguments(rank: int) -> dict:
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> float:
-    return float(sum(t.square().sum() for t in tensors))
+    return float(sum(t.double().square().sum() for t in tensors))
 
 
 @pytest.mark.parametrize("kind", HOOK_SHARES)
 def test_the_noise_scale_hook_follows_its_formula(kind, tmp_path):
     per_rank = _launch(kind, tmp_path)
     sizes = HOOK_SHARES[kind]
+    tolerance = HOOK_TOLERANCES[HOOK_DTYPES.get(kind, torch.float64)]
     w = WORLD_SIZE
     averages = torch.zeros(2, dtype=torch.float64)
     for step in range(HOOK_STEPS):
         local = [results["local"][step] for results in per_rank]
-        mean = [sum(ts) / w for ts in zip(*local)]  # DDP's average of the ranks' gradients
+        mean = [sum(t.double() for t in ts) / w for ts in zip(*local)]  # DDP's average
         for results in per_rank:  # the hook leaves DDP's gradient as it is
             for a, e in zip(results["averaged"][step], mean):
-                torch.testing.assert_close(a, e, **F64)
+                torch.testing.assert_close(a.double(), e, **tolerance)
         small = [_squared_norm(ts) for ts in local]
         big = _squared_norm(mean)
         if sizes[0] == sizes[1]:  # McCandlish et al., appendix A, as printed
@@ -377,11 +385,12 @@ def test_the_noise_scale_hook_follows_its_formula(kind, tmp_path):
         debiased = averages / (1 - DECAY ** (step + 1))
         for results in per_rank:
             last = torch.tensor(results["last_parts"][step], dtype=torch.float64)
-            torch.testing.assert_close(last, parts, **F64)
+            torch.testing.assert_close(last, parts, **tolerance)
             smoothed = torch.tensor(results["parts"][step], dtype=torch.float64)
-            torch.testing.assert_close(smoothed, debiased, **F64)
+            torch.testing.assert_close(smoothed, debiased, **tolerance)
             expected = float(debiased[0] / debiased[1])
-            assert results["noise_scale"][step] == pytest.approx(expected, rel=1e-10)
+            relative = 1e-10 if tolerance is F64 else 10 * tolerance["rtol"]
+            assert results["noise_scale"][step] == pytest.approx(expected, rel=relative)
     assert [results["steps"] for results in per_rank] == [HOOK_STEPS] * w
     if kind == "hook equal":  # bad arguments, checked once
         for name, (_, error, match) in BAD_HOOK_ARGUMENTS.items():
