@@ -125,9 +125,9 @@ class NoiseScaleHook:
             )
         self.steps = 0
         """Backward passes seen (all-reduces of the whole gradient)."""
-        self._averages: Tensor | None = None  # (2,): running S and |G|^2, not yet debiased
-        self._last: Tensor | None = None  # (2,): this step's S and |G|^2
-        self._local: list[Tensor] = []  # this step's per-bucket local squared norms
+        self._averages: tuple[float, float] | None = None  # running S, |G|^2 (not debiased)
+        self._last: tuple[float, float] | None = None  # this step's S and |G|^2
+        self._local: list[float] = []  # this step's per-bucket local squared norms
         self._reduced: list[torch.futures.Future] = []  # futures of the reduced squared norms
         ddp_model.register_comm_hook(None, self._hook)
 
@@ -154,55 +154,50 @@ class NoiseScaleHook:
                 "before the backward."
             )
         buffer = bucket.buffer()  # (bucket numel,) this rank's mean gradient
-        self._local.append(torch.linalg.vector_norm(buffer, dtype=torch.float64).square())
+        self._local.append(_squared_norm(buffer))
+        buffer.div_(self.world_size)  # DDP's default: the all-reduced sum is the rank average
         if not bucket.is_last():
-            buffer.div_(self.world_size)  # DDP's default: the all-reduced sum is the rank average
             work = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
             self._reduced.append(work)
             return work.then(lambda fut: fut.value()[0])
-        scalars = torch.stack([sum(self._local), torch.tensor(1.0 / self._batch_size,
-                                                              dtype=torch.float64)])  # (2,)
+        scalars = [sum(self._local), 1.0 / self._batch_size]  # |g_r|^2, 1/b_r
         earlier, self._local, self._reduced = self._reduced, [], []
         numel = buffer.numel()
         if torch.finfo(buffer.dtype).bits >= 32:
             # The two numbers ride in the last bucket's all-reduce, in its dtype (float32:
             # a relative rounding of 6e-8, that of the gradient entries themselves): one
             # collective per bucket, exactly as many as without the hook.
-            packed = torch.cat([buffer.div_(self.world_size), scalars.to(buffer.dtype)])
-            work = dist.all_reduce(packed, group=self.group, async_op=True).get_future()
-            sent = [work]
+            packed = torch.cat([buffer, buffer.new_tensor(scalars)])  # (numel + 2,)
+            sent = [dist.all_reduce(packed, group=self.group, async_op=True).get_future()]
         else:  # half precision would round them too coarsely: a float64 all-reduce of their own
-            buffer.div_(self.world_size)
-            work = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
-            extra = dist.all_reduce(scalars, group=self.group, async_op=True).get_future()
-            sent = [work, extra]
-        done = torch.futures.collect_all([*earlier, *sent])
+            extra = torch.tensor(scalars, dtype=torch.float64)
+            sent = [dist.all_reduce(t, group=self.group, async_op=True).get_future()
+                    for t in (buffer, extra)]  # fmt: skip
+        waiting = [*earlier, *sent]
+        done = waiting[0] if len(waiting) == 1 else torch.futures.collect_all(waiting)
 
         def finish(fut: torch.futures.Future) -> Tensor:
-            parts = [part.value()[0] for part in fut.value()]
+            parts = [part.value()[0] for part in fut.value()] if len(waiting) > 1 else fut.value()
             if len(sent) == 1:
-                averaged, summed = parts[-1][:numel], parts[-1][numel:].double()
-                others = parts[:-1]
+                averaged, summed, others = parts[-1][:numel], parts[-1][numel:], parts[:-1]
             else:
                 averaged, summed, others = parts[-2], parts[-1], parts[:-2]
-            squared_mean = sum(  # |g_bar|^2 over all buckets
-                torch.linalg.vector_norm(t, dtype=torch.float64).square()
-                for t in [*others, averaged]
-            )
-            self._update(summed[0], summed[1], squared_mean)  # sum_r |g_r|^2, H
+            squared_mean = sum(_squared_norm(t) for t in [*others, averaged])  # |g_bar|^2
+            local_sum, inverse_sizes = summed.tolist()  # sum_r |g_r|^2, H
+            self._update(local_sum, inverse_sizes, squared_mean)
             return averaged
 
         return done.then(finish)
 
-    def _update(self, local_sum: Tensor, inverse_sizes: Tensor, squared_mean: Tensor) -> None:
+    def _update(self, local_sum: float, inverse_sizes: float, squared_mean: float) -> None:
+        """Both estimates of this step and their moving averages (Python floats, float64)."""
         w = self.world_size
         trace = w * (local_sum - w * squared_mean) / (inverse_sizes * (w - 1))
         squared_norm = squared_mean - inverse_sizes / w**2 * trace
-        last = torch.stack([trace, squared_norm])  # (2,)
-        self._last = last
-        if self._averages is None:
-            self._averages = torch.zeros_like(last)
-        self._averages.mul_(self.decay).add_(last, alpha=1 - self.decay)
+        self._last = (trace, squared_norm)
+        beta = self.decay
+        previous = self._averages or (0.0, 0.0)
+        self._averages = tuple(beta * m + (1 - beta) * x for m, x in zip(previous, self._last))
         self.steps += 1
 
     # ------------------------------------------------------------------ results
@@ -210,18 +205,14 @@ class NoiseScaleHook:
     @property
     def last_parts(self) -> tuple[float, float]:
         r"""The last step's unbiased ``(S, |G|^2)``, not smoothed (``nan`` before a step)."""
-        if self._last is None:
-            return math.nan, math.nan
-        trace, squared_norm = self._last.tolist()
-        return trace, squared_norm
+        return self._last if self._last is not None else (math.nan, math.nan)
 
     @property
     def parts(self) -> tuple[float, float]:
         r"""The moving averages of ``(S, |G|^2)``, debiased (``nan`` before a step)."""
         if self._averages is None:
             return math.nan, math.nan
-        debiased = self._averages / (1 - self.decay**self.steps)  # (2,)
-        trace, squared_norm = debiased.tolist()
+        trace, squared_norm = (m / (1 - self.decay**self.steps) for m in self._averages)
         return trace, squared_norm
 
     @property
@@ -233,3 +224,8 @@ class NoiseScaleHook:
         """
         trace, squared_norm = self.parts
         return trace / squared_norm if squared_norm != 0 else math.inf
+
+
+def _squared_norm(t: Tensor) -> float:
+    """The squared norm of a flat tensor, accumulated in float64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
