@@ -29,6 +29,7 @@ The results are ``(n, C)``-sized, as small as the parameters, so they are materi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -41,14 +42,12 @@ _KINDS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm1d, nn.Instance
           nn.InstanceNorm3d)  # fmt: skip
 
 
-def _standardize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over ``dims``, with the biased variance."""
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps)
-
-
 def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
     r"""The module's :math:`\hat x` for input ``x``: its output before the affine parameters.
+
+    Computed by the same fused kernel as the module's forward, called without weight and bias
+    (``native_layer_norm``, ``F.rms_norm``, ``F.group_norm``, ``F.instance_norm``): the same
+    numbers, at the cost of one normalization, not of separate mean and variance passes.
 
     Args:
         module: A LayerNorm, RMSNorm, GroupNorm or InstanceNorm.
@@ -57,22 +56,20 @@ def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
     Returns:
         Tensor shaped like ``x``.
     """
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-        if isinstance(module, nn.LayerNorm):
-            return _standardize(x, dims, module.eps)
-        eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
-        return x * torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
+    if isinstance(module, nn.LayerNorm):  # (F.layer_norm without weight takes a slower path)
+        return torch.native_layer_norm(x, module.normalized_shape, None, None, module.eps)[0]
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
     if isinstance(module, nn.GroupNorm):
-        n = x.shape[0]
-        grouped = x.reshape(n, module.num_groups, -1)  # (n, groups, C / groups * positions)
-        return _standardize(grouped, (2,), module.eps).reshape(x.shape)
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
     use_running = not module.training and module.track_running_stats
-    if use_running:  # eval mode with running statistics: a fixed affine map per channel
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = module.running_mean.reshape(shape)
-        return (x - mean) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
-    return _standardize(x, tuple(range(2, x.dim())), module.eps)
+    return F.instance_norm(
+        x,
+        module.running_mean if use_running else None,
+        module.running_var if use_running else None,
+        use_input_stats=not use_running,
+        eps=module.eps,
+    )
 
 
 class NormRule(LayerRule):
