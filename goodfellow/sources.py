@@ -88,7 +88,8 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
                 )
             owner_of_weight[id(weight)] = name
         layer = record.gradients()
-        dtype = next(module.parameters()).dtype
+        own = next((p for p in module._parameters.values() if p is not None), None)
+        dtype = (own if own is not None else next(module.parameters())).dtype
         if _example_tensor(layer).dtype != dtype and hasattr(layer, "to"):
             layer = layer.to(dtype)  # under autocast: statistics in the parameters' dtype
         factors[name] = layer
@@ -210,6 +211,9 @@ def _example_tensor(layer: object) -> Tensor:
         return layer.inputs
     if isinstance(layer, MaterializedGradients):
         return layer.tensors[0]
+    blocks = getattr(layer, "blocks", None)  # attention: linear blocks
+    if isinstance(blocks, list) and blocks and isinstance(blocks[0][0], LinearFactors):
+        return blocks[0][0].inputs
     for name in ("grad_outputs", "calls"):  # rules keep each example's output gradients
         held = getattr(layer, name, None)
         if isinstance(held, Tensor):

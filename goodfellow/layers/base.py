@@ -157,9 +157,12 @@ class LayerRule:
 
     def parameter_names(self, module: nn.Module) -> tuple[str, ...]:
         """The module's own trainable parameters this rule computes gradients for."""
+        # what named_parameters(recurse=False) yields, without its walk over the submodules
+        # (asked for every layer at every step)
         return tuple(
-            p_name for p_name, p in module.named_parameters(recurse=False) if p.requires_grad
-        )
+            p_name for p_name, p in module._parameters.items()
+            if p is not None and p.requires_grad
+        )  # fmt: skip
 
     def gradients(
         self, module: nn.Module, inputs: list[Tensor], grad_outputs: list[Tensor]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from goodfellow._checks import display_name, overlap
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
+from goodfellow.layers.routes import fastest
 from goodfellow.reduction import batch_size_factor
 
 
@@ -338,6 +339,11 @@ def linear_factors(
 
 
 
+_CHUNK_BYTES = 8 * 2**20
+"""Materialized norms form the per-example gradients of this many bytes of examples at a
+time: a buffer's worth, not ``n`` times the layer."""
+
+
 def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     r"""Squared norms :math:`\|g_i\|^2` of one layer's per-example gradients, ``(n,)``.
 
@@ -345,22 +351,47 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     (A_t \cdot A_s)`: the two Gram matrices over positions, multiplied entrywise and summed,
     ``einsum("nts,nts->n", G G^T, A A^T)``. For one position it is
     :math:`\|G\|^2 \|A\|^2`. The Gram route costs :math:`T^2 (d_{in} + d_{out})` per example,
-    the materialized one :math:`T d_{in} d_{out}`; the cheaper one is taken.
+    the materialized one (form :math:`\sum_t G_t A_t^\top`, square, add up)
+    :math:`T d_{in} d_{out}`. Where one count is less than a quarter of the other that route is
+    taken; in between, where the speed of small batched products decides more than the count,
+    both are timed once per shape (:func:`goodfellow.layers.routes.fastest`).
     """
     A, G, has_bias = layer
     n, positions, d_in = A.shape
     d_out = G.shape[2]
     if positions == 1:
         return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
-    if positions * (d_in + d_out) <= d_in * d_out:
-        gram_G = torch.bmm(G, G.transpose(1, 2))  # (n, t, t)
-        gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, t)
-        weight = (gram_G * gram_A).sum(dim=(1, 2))  # (n,)
+    gram, materialized = positions * (d_in + d_out), d_in * d_out
+    routes = {"gram": lambda: _gram_sq_norms(A, G), "materialized": lambda: _formed_sq_norms(A, G)}
+    if 4 * gram <= materialized:
+        weight = routes["gram"]()
+    elif 4 * materialized <= gram:
+        weight = routes["materialized"]()
     else:
-        weight = batched_outer(G, A).square().sum(dim=(1, 2))  # (n, o, i) -> (n,)
+        key = ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
+        weight = fastest(key, routes, A.device)
     if has_bias:
         weight = weight + G.sum(dim=1).square().sum(dim=1)  # (n,)
     return weight
+
+
+def _gram_sq_norms(A: Tensor, G: Tensor) -> Tensor:
+    """``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``."""
+    n = A.shape[0]
+    gram_G = torch.bmm(G, G.transpose(1, 2)).view(n, 1, -1)  # (n, 1, t s)
+    gram_A = torch.bmm(A, A.transpose(1, 2)).view(n, -1, 1)  # (n, t s, 1)
+    return torch.bmm(gram_G, gram_A).view(n)  # a batched dot: no (n, t, s) product formed
+
+
+def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
+    r"""The squared entries of :math:`\sum_t G_t A_t^\top`, a chunk of examples at a time."""
+    n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
+    step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
+    chunks = [
+        torch.linalg.vector_norm(batched_outer(G[s : s + step], A[s : s + step]).flatten(1), dim=1)
+        for s in range(0, n, step)
+    ]  # (chunk, o, i) each, squared and summed per example
+    return torch.cat(chunks).square() if chunks else A.new_zeros(0)
 
 
 def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
