@@ -107,6 +107,29 @@ def _mha_cross(layer, x):
     return layer(x, memory, memory, need_weights=False)[0]
 
 
+def _mha_cross_same_dim(layer, x):
+    memory = x.flip(1)[:, :3] * 2  # another tensor of the same width: three in_proj blocks
+    return layer(x, memory, memory, need_weights=False)[0]
+
+
+def _mha_kdim(layer, x):
+    key = torch.tanh(x[..., :3])  # (n, T, 3)
+    value = x[..., :5] * 0.5  # (n, T, 5)
+    return layer(x, key, value, need_weights=False)[0]
+
+
+def _mha_float_padding(layer, x):
+    padding = torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype)
+    padding[:, -1] = -2.0  # a float key_padding_mask is added to the scores
+    return layer(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+def _mha_is_causal(layer, x):
+    t = x.shape[1]
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    return layer(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+
+
 def _frozen(module, *names):
     for name in names:
         module.get_parameter(name).requires_grad_(False)
@@ -157,6 +180,19 @@ CASES = [
     Case("mha-frozen-in-proj", lambda: Pool(
         _frozen(nn.MultiheadAttention(D, 2, batch_first=True), "in_proj_weight"),
         prepare=_mha_first), floats(N, T, D)),  # fmt: skip
+    Case("mha-cross-same-dim", lambda: Pool(nn.MultiheadAttention(D, 2, batch_first=True),
+                                            prepare=_mha_cross_same_dim), floats(N, T, D)),
+    Case("mha-kdim-vdim", lambda: Pool(nn.MultiheadAttention(D, 3, batch_first=True, kdim=3,
+                                                             vdim=5), prepare=_mha_kdim),
+         floats(N, T, D)),  # fmt: skip
+    Case("mha-no-bias-float-padding", lambda: Pool(
+        nn.MultiheadAttention(D, 2, bias=False, batch_first=True), prepare=_mha_float_padding),
+        floats(N, T, D)),  # fmt: skip
+    Case("mha-is-causal", lambda: Pool(nn.MultiheadAttention(D, 2, batch_first=True),
+                                       prepare=_mha_is_causal), floats(N, T, D)),  # fmt: skip
+    Case("mha-dropout-eval", lambda: Pool(
+        nn.MultiheadAttention(D, 2, dropout=0.5, batch_first=True).eval(), prepare=_mha_first),
+        floats(N, T, D)),  # fmt: skip
     Case("fallback-custom-layer", lambda: Pool(Scaled()), floats(N, T, D)),
     Case("fallback-two-calls", lambda: Pool(Scaled(), prepare=lambda m, x: m(torch.tanh(m(x)))),
          floats(N, T, D)),  # fmt: skip
@@ -331,4 +367,39 @@ def test_three_dimensional_attention_mask_is_refused():
     with PerExampleGradients(model) as pe:
         model(torch.randn(N, T, D)).backward()
     with pytest.raises(ValueError, match=r"3-d attn_mask.*\(L, S\)"):
+        _ = pe.grads
+
+
+FACTORED_MHA = [
+    "mha-batch-first", "mha-seq-first", "mha-cross-same-dim", "mha-kdim-vdim",
+    "mha-no-bias-float-padding", "mha-is-causal", "mha-dropout-eval", "tiny-lm",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FACTORED_MHA)
+def test_attention_takes_the_factored_route_and_agrees_with_vmap(name):
+    from goodfellow.layers.attention import AttentionGradients
+    from goodfellow.layers.fallback import FallbackRule
+
+    case = next(c for c in CASES if c.name == name)
+    model, pe, expected = setup(case, "sum")
+    record = next(r for r in pe.layers.values() if isinstance(r.module, nn.MultiheadAttention))
+    layer = record.gradients()
+    assert isinstance(layer, AttentionGradients)
+    calls = list(zip(record.args, record.kwargs))
+    vmapped = FallbackRule.gradients(
+        record.rule, record.module, record.inputs, record.per_example_grad_outputs, calls
+    )
+    assert layer.names == vmapped.names
+    for got, want in zip(layer.per_example(), vmapped.per_example()):
+        torch.testing.assert_close(got, want, **F64)
+    torch.testing.assert_close(layer.sq_norms(), vmapped.sq_norms(), **F64)
+
+
+def test_attention_with_dropout_in_training_mode_is_refused():
+    model = Pool(nn.MultiheadAttention(D, 2, dropout=0.1, batch_first=True), prepare=_mha_first)
+    model = model.double()
+    with PerExampleGradients(model) as pe:
+        model(floats(N, T, D)()).square().sum().backward()
+    with pytest.raises(ValueError, match=r"dropout=0.1 in training mode.*Train it with dropout=0"):
         _ = pe.grads
