@@ -10,9 +10,10 @@ a quiet machine) writes under ``benchmarks/_scratch/``.
 
 Contenders, each timed from the input batch to updated parameters:
 
-* ``goodfellow_hooks``: ``PerExampleGradients`` attached to the model, ``loss.backward()``, then
-  ``private_mean(recorded_factors(pe), C, sigma, B)``, ``assign_grads`` and ``optimizer.step()``:
-  the factored route of tutorial 11, no per-example gradient formed;
+* ``goodfellow_hooks``: ``PerExampleGradients`` attached to the model, ``pe.backward(loss)``
+  (the backward to the recorded outputs only: no summed weight gradient, which the update
+  replaces), then ``private_mean(recorded_factors(pe), C, sigma, B)``, ``assign_grads`` and
+  ``optimizer.step()``: the factored route of tutorial 11, no ``n * P`` tensor formed;
 * ``goodfellow_mlp_factors`` (MLPs only): ``goodfellow.MLP``, ``autograd.grad`` to the layer outputs
   only (no weight gradients), ``private_mean(mlp_factors(...))``, the same step;
 * ``opacus_hooks``: ``PrivacyEngine.make_private`` in its default mode (hooks store
@@ -177,7 +178,9 @@ class Method:
 
 class GoodfellowHooks(Method):
     name = "goodfellow_hooks"
-    description = "PerExampleGradients + private_mean(recorded_factors) + assign_grads + SGD"
+    description = (
+        "PerExampleGradients, pe.backward(loss), private_mean(recorded_factors), assign_grads, SGD"
+    )
 
     def __init__(self, problem: Problem, noise_multiplier: float) -> None:
         super().__init__(problem, noise_multiplier)
@@ -196,7 +199,7 @@ class GoodfellowHooks(Method):
 
     def step(self) -> None:
         p = self.problem
-        F.cross_entropy(self.model(p.inputs), p.targets).backward()
+        self.recorder.backward(F.cross_entropy(self.model(p.inputs), p.targets))
         update = private_mean(
             gf.recorded_factors(self.recorder),
             p.max_norm,

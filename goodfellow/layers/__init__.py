@@ -16,10 +16,15 @@ exactly one rule:
   :class:`~goodfellow.layers.norm.NormRule`, :math:`\sum_t G \odot \hat x` and
   :math:`\sum_t G`.
 - ``nn.MultiheadAttention``: :class:`~goodfellow.layers.attention.MultiheadAttentionRule`, all
-  its parameters, ``out_proj``'s included (``out_proj`` is not recorded on its own).
+  its parameters, ``out_proj``'s included (``out_proj`` is not recorded on its own): its
+  projections as linear blocks, the attention core recomputed on the batch.
 - Any other module with trainable parameters of its own (a custom layer, a bare
   ``nn.Parameter``): :class:`~goodfellow.layers.fallback.FallbackRule`, ``torch.func`` of that
   module alone, for its own parameters.
+
+Where two exact computations compete (a convolution's unfolded patches or its own kernel with
+the examples as groups; Gram or materialized norms near their crossover),
+:func:`~goodfellow.layers.routes.fastest` times both once per shape and keeps the faster.
 
 BatchNorm with trainable parameters or in training mode is refused (it mixes the examples).
 A layer of your own gets a faster rule than the fallback by subclassing
