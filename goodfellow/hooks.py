@@ -18,6 +18,11 @@ its own rows, so with :math:`\delta_{c,i,t} = \partial L_i / \partial Z_{c,i,t}`
 Stacking all calls along the position axis turns the double sum into one batched outer product,
 :func:`goodfellow.batched_outer` (the same code :func:`goodfellow.goodfellow_backprop` uses).
 
+The hooks need :math:`\partial\mathcal{L}/\partial Z` and nothing else, so
+:meth:`PerExampleGradients.backward` can replace ``loss.backward()``: it differentiates only as
+far as the recorded outputs and skips the summed weight gradients, which the per-example route
+recomputes in its own form (the Goodfellow trick's ``autograd.grad(loss, Zs)``, for any model).
+
 The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
 :math:`\mathcal{L}`. For ``loss_reduction="sum"`` (:math:`\mathcal{L} = \sum_i L_i`) that is already
 :math:`\delta_i`; for ``"mean"`` (:math:`\mathcal{L} = \frac1n \sum_i L_i`) it is
