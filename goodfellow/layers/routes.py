@@ -20,19 +20,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any
 
 import torch
 
 __all__ = ["chosen", "fastest", "forced"]
 
-T = TypeVar("T")
-
 _CHOSEN: dict[Hashable, str] = {}
 _FORCED: list[str] = []
 
 
-def fastest(key: Hashable, routes: Mapping[str, Callable[[], T]], device: torch.device) -> T:
+def fastest(key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torch.device) -> Any:
     """Run the route that was fastest for ``key``; time them all the first time.
 
     Args:
