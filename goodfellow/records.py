@@ -1,0 +1,195 @@
+r"""What the recorder keeps of one module during a batch: a record per module, an entry per call.
+
+:class:`goodfellow.PerExampleGradients` (:mod:`goodfellow.hooks`) owns one
+:class:`LayerRecord` per module that a layer rule claims. Its forward hook appends, for every
+call of the module, the call's input (held by a ``_Call`` that the hook on the call's output
+keeps alive, so that a forward nobody differentiates frees it with its graph) and a slot for
+the output gradient, which the tensor hook fills during the backward. After the backward the
+record hands both to its rule (:mod:`goodfellow.layers`), scaled by the batch-size factor, and
+gets the module's per-example gradients in the rule's form. The record knows no formula.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from goodfellow._checks import describe
+from goodfellow.layers.base import LayerRule
+from goodfellow.reduction import batch_size_factor
+
+if TYPE_CHECKING:
+    from goodfellow.hooks import PerExampleGradients
+
+__all__ = ["LayerRecord"]
+
+
+class LayerRecord:
+    r"""What one recorded module saw during the current batch: its inputs and output gradients.
+
+    One record per module with a layer rule (``nn.Linear``, the convolutions, ...) lives in
+    :attr:`goodfellow.PerExampleGradients.layers` for as long as the recorder exists; its lists
+    are emptied when a new batch starts. Entry ``c`` of both lists belongs to the ``c``-th call
+    of the module in the forward (a module applied twice has two).
+
+    Attributes:
+        name: The module's qualified name, as in ``model.named_modules()`` (``""`` for the root).
+        module: The module itself.
+        rule: The :class:`goodfellow.layers.LayerRule` that turns the record into gradients.
+        inputs: One tensor per call, the layer's input :math:`a`, e.g. ``(n, ..., d_in)`` for a
+            Linear and ``(n, C_in, *spatial)`` for a convolution.
+        grad_outputs: One entry per call, :math:`\partial \mathcal{L} / \partial Z` of the
+            *batch* loss exactly as autograd passed it, shaped like the output; not multiplied
+            by the batch-size factor. ``None`` until the backward reaches that call (and for a call
+            whose output does not reach the loss).
+    """
+
+    def __init__(
+        self, name: str, module: nn.Module, rule: LayerRule, owner: PerExampleGradients
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.rule = rule
+        self.grad_outputs: list[Tensor | None] = []
+        self.output_shapes: list[torch.Size] = []
+        self._calls: list[_Call | weakref.ref] = []  # weak until the call's backward
+        self._output_kinds: list[tuple[torch.dtype, torch.device]] = []
+        self._n: int | None = None
+        self.records_all_inputs = bool(getattr(rule, "records_all_inputs", False))
+        self.batch_dim = _batch_dim(rule, module)
+        self._owner = owner
+
+    def _call(self, c: int) -> _Call | None:
+        entry = self._calls[c]
+        return entry if isinstance(entry, _Call) else entry()
+
+    @property
+    def inputs(self) -> list[Tensor | None]:
+        """The input of each call (``None`` for a call whose graph was freed unused)."""
+        calls = [self._call(c) for c in range(len(self._calls))]
+        return [None if call is None else call.input for call in calls]
+
+    @property
+    def args(self) -> list[tuple | None]:
+        """Every positional argument of each call (rules that ask for them)."""
+        return [None if (call := self._call(c)) is None else call.args
+                for c in range(len(self._calls))]  # fmt: skip
+
+    @property
+    def kwargs(self) -> list[dict | None]:
+        """The keyword arguments of each call (rules that ask for them)."""
+        return [None if (call := self._call(c)) is None else call.kwargs
+                for c in range(len(self._calls))]  # fmt: skip
+
+    @property
+    def num_calls(self) -> int:
+        """How many times the module ran in the current batch's forward."""
+        return len(self._calls)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The number of examples ``n`` of the current batch, ``None`` before any call."""
+        return self._n
+
+    @property
+    def scale(self) -> int:
+        """The batch-size factor, ``1`` for ``"sum"`` and ``n`` for ``"mean"``.
+
+        Raises:
+            RuntimeError: If the module has not run in the current batch.
+        """
+        if self.batch_size is None:
+            raise RuntimeError(
+                f"{describe(self.name, self.module)} has not run in the current batch: run the "
+                "model's forward while the recorder is attached."
+            )
+        return batch_size_factor(self._owner.loss_reduction, self.batch_size)
+
+    @property
+    def per_example_grad_outputs(self) -> list[Tensor]:
+        r"""Each example's own output gradients :math:`\delta = \partial L_i / \partial Z_i`.
+
+        ``grad_outputs`` multiplied by :attr:`scale`, one tensor per call of shape
+        ``(n, ..., d_out)``. A call whose output did not reach the loss has zero gradient.
+        Computed on every access (a cheap ``(n, ..., d_out)`` product).
+
+        Raises:
+            RuntimeError: If no ``loss.backward()`` has been recorded since the last forward.
+        """
+        self._owner._require_backward()
+        scale = self.scale
+        deltas = []
+        for (dtype, device), g, shape in zip(
+            self._output_kinds, self.grad_outputs, self.output_shapes
+        ):
+            if g is None:
+                deltas.append(torch.zeros(shape, dtype=dtype, device=device))
+            else:
+                deltas.append(g * scale)  # shaped like the output
+        return deltas
+
+    def gradients(self, differentiable: bool = False) -> object:
+        """This module's per-example gradients for the batch, as its rule keeps them.
+
+        Calls whose output did not reach the loss are left out; a module none of whose calls
+        did gets zeros.
+
+        Args:
+            differentiable: Keep the recorded inputs attached to their graph (for a
+                backward that ran with ``create_graph=True``).
+
+        Returns:
+            A layer-gradients object (see :mod:`goodfellow.layers.base`).
+        """
+        scale = self.scale if self._calls else 1
+        inputs, deltas, calls = [], [], []
+        for c, g in enumerate(self.grad_outputs):
+            if g is None:
+                continue  # this call's output did not reach the loss: it contributes zero
+            call = self._call(c)  # kept strongly once its backward arrived
+            inputs.append(call.input if differentiable else call.input.detach())
+            deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
+            if self.records_all_inputs:
+                calls.append((call.args, call.kwargs))
+        if not deltas:
+            return self.rule.zeros(self.module, self._owner._batch_size)
+        if self.records_all_inputs:
+            layer = self.rule.gradients(self.module, inputs, deltas, calls=calls)
+        else:
+            layer = self.rule.gradients(self.module, inputs, deltas)
+        self._owner._check_accounted(self, layer, scale)
+        return layer
+
+    def clear(self) -> None:
+        """Forget the current batch (new lists, so references to the old ones stay intact)."""
+        self.grad_outputs = []
+        self.output_shapes = []
+        self._calls = []
+        self._output_kinds = []
+        self._n = None
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerRecord(name={self.name!r}, module={self.module!r}, "
+            f"num_calls={self.num_calls}, batch_size={self.batch_size})"
+        )
+
+
+class _Call:
+    """What one call of a recorded module keeps for its rule: its input (and all arguments)."""
+
+    __slots__ = ("__weakref__", "args", "input", "kwargs")
+
+    def __init__(self, input: Tensor, args: tuple | None = None, kwargs: dict | None = None):
+        self.input = input
+        self.args = args
+        self.kwargs = kwargs
+
+
+def _batch_dim(rule: LayerRule, module: nn.Module) -> int:
+    """The dimension of a call's input and output that indexes the examples (0 unless told)."""
+    batch_dim = getattr(rule, "batch_dim", None)
+    return batch_dim(module) if callable(batch_dim) else 0
