@@ -125,10 +125,12 @@ def private_mean(
     :math:`B` should be the expected batch size :math:`qN` under Poisson sampling, and feed
     :math:`(\sigma, q)` to a privacy accountant (e.g. Opacus' ``RDPAccountant``) once per step.
     A factored source is clipped by reweighting, as in :func:`goodfellow.clipped_mean`: no
-    per-example gradient is formed. The noise is drawn with ``torch.randn``, one tensor per
-    result in the result's order; it is not hardened against floating-point attacks on the
-    Gaussian sampler (Mironov 2012): for a deployment, use a cryptographically secure generator
-    as Opacus' ``secure_mode`` does.
+    ``n * P`` tensor of per-example gradients is formed (a layer whose norms are cheaper from
+    its formed per-example gradients, a convolution or a Linear at many positions, forms its
+    own, ``n`` times that layer's parameters, as that function says). The noise is drawn with
+    ``torch.randn``, one tensor per result in the result's order; it is not hardened against
+    floating-point attacks on the Gaussian sampler (Mironov 2012): for a deployment, use a
+    cryptographically secure generator as Opacus' ``secure_mode`` does.
 
     Args:
         source: The batch's per-example gradients, as for :func:`goodfellow.clipped_mean`: a

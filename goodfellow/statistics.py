@@ -159,8 +159,10 @@ def clipped_mean(
     Clipping multiplies each example's gradient by a scalar, so the clipped mean is the
     weighted sum :math:`\sum_i w_i g_i` with :math:`w_i = \min(1, C/\|g_i\|)/n`. In factored
     form that is one contraction per layer, ``einsum("n,nto,nti->oi", w, G, A)``: the rows of
-    :math:`G` are rescaled before the usual batch-gradient product, and no per-example tensor
-    is formed (the norms come from :func:`gradient_norms`). Abadi et al. 2016,
+    :math:`G` are rescaled before the usual batch-gradient product, and no ``n * P`` tensor
+    is formed (the norms come from :func:`gradient_norms`, layer by layer: where a layer's
+    norms are cheaper from its formed per-example gradients than from the Gram form, a
+    convolution keeps those, ``n`` times its parameters, for its weighted sum). Abadi et al. 2016,
     arXiv:1607.00133; the noise DP-SGD adds afterwards is not part of this function.
 
     Args:
