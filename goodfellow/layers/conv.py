@@ -208,8 +208,7 @@ class ConvFactors:
         (x, delta), *more = self.calls
         weight = self._call_weight(x, delta, out[0])
         for x, delta in more:  # a layer applied again: the calls' gradients add up
-            weight = weight + self._call_weight(x, delta) if out[0] is None else weight.add_(
-                self._call_weight(x, delta))  # fmt: skip
+            weight.add_(self._call_weight(x, delta))  # into a fresh tensor, or into out[0]
         result = [weight]
         if self.bias:
             bias = sum(delta.flatten(2).sum(dim=2) for _, delta in self.calls)  # (n, C_out)
