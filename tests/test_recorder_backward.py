@@ -37,13 +37,7 @@ def _conv_case(case):
 
 
 def _transformer_case(case):
-    torch.manual_seed(0)
-    model = case.make().double()
-    x = case.inputs()
-    with torch.no_grad():
-        width = model(x).shape[-1]
-    y = torch.randn(x.shape[0], width, dtype=torch.float64)
-    loss_fn = nn.MSELoss(reduction="sum")
+    model, x, y, loss_fn = test_transformers.make(case, "sum")
     return model, x, lambda out: loss_fn(out, y), loss_fn, y
 
 

@@ -214,14 +214,19 @@ def _running(module):
     return module.eval()
 
 
-def setup(case: Case, reduction: str):
+def make(case: Case, reduction: str):
+    """The case's model in float64, its inputs, regression targets and the loss."""
     torch.manual_seed(0)
     model = case.make().double()
     x = case.inputs()
     with torch.no_grad():
         width = model(x).shape[-1]
     y = torch.randn(x.shape[0], width, dtype=torch.float64)
-    loss_fn = nn.MSELoss(reduction=reduction)
+    return model, x, y, nn.MSELoss(reduction=reduction)
+
+
+def setup(case: Case, reduction: str):
+    model, x, y, loss_fn = make(case, reduction)
     with PerExampleGradients(model, loss_reduction=reduction) as pe:
         loss_fn(model(x), y).backward()
     names = [name for name, p in model.named_parameters() if p.requires_grad]
