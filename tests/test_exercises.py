@@ -4,7 +4,11 @@ loops, autograd, formulas), the wrong ones are the mistakes students make."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,6 +416,40 @@ def test_exercises_is_not_in_the_public_api():
     checks = {name for name in dir(ex) if name.startswith("check_")}
     assert len(checks) >= 37
     assert not checks & set(goodfellow.__all__)
+
+
+def test_the_package_re_exports_each_check_of_its_modules_once():
+    """``from goodfellow.exercises import check_x`` finds every check, whichever module holds it."""
+    defined = {}
+    for module_info in pkgutil.iter_modules(ex.__path__):
+        module = importlib.import_module(f"{ex.__name__}.{module_info.name}")
+        for name, value in vars(module).items():
+            if name.startswith("check_") and value.__module__ == module.__name__:
+                assert name not in defined, f"{name} defined in {defined.get(name)} and {module}"
+                defined[name] = module.__name__
+                assert getattr(ex, name) is value, f"goodfellow.exercises.{name} is not {module}'s"
+    assert set(ex.__all__) == set(defined), set(ex.__all__) ^ set(defined)
+
+
+TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("[0-9][0-9]_*.ipynb"))
+IMPORTED_CHECK = re.compile(r"from goodfellow\.exercises import (check_\w+)")
+
+
+@pytest.mark.parametrize("notebook", TUTORIALS, ids=[path.stem for path in TUTORIALS])
+def test_each_tutorial_finds_its_checks_in_a_module_that_names_it(notebook):
+    imported = IMPORTED_CHECK.findall(notebook.read_text())
+    assert imported, f"{notebook.name} imports no check"
+    for name in imported:
+        assert name in ex.__all__, f"{notebook.name} imports {name}, which the package lacks"
+        module = importlib.import_module(getattr(ex, name).__module__)
+        assert notebook.stem in module.__doc__, f"{module.__name__} does not name {notebook.stem}"
+
+
+def test_every_check_is_used_by_a_tutorial():
+    used = set()
+    for notebook in TUTORIALS:
+        used |= set(IMPORTED_CHECK.findall(notebook.read_text()))
+    assert set(ex.__all__) <= used, f"no tutorial runs {sorted(set(ex.__all__) - used)}"
 
 
 def test_an_answer_of_the_wrong_kind_is_reported_not_raised(capsys):
