@@ -30,13 +30,8 @@ The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
 :func:`goodfellow.batch_size_factor`). Multiplying by :math:`n` unconditionally, as many EKFAC
 codes do, is right for a mean and wrong by a factor :math:`n` for a sum.
 
-Why tensor hooks and not module backward hooks: the legacy ``register_backward_hook`` reports
-the gradients of whatever autograd node ran last inside the module (for a Linear on a 3-d input,
-a reshape), and ``register_full_backward_hook`` wraps the output in a custom function whose
-result cannot be modified in place, so ``nn.ReLU(inplace=True)`` after a Linear raises. A hook
-registered on the output tensor before an in-place operation receives the gradient with respect
-to the value it had when the hook was registered: exactly
-:math:`\partial\mathcal{L}/\partial Z`.
+Why tensor hooks and not module backward hooks is told in ``goodfellow._hooking``, which holds
+the hook plumbing.
 
 What is needed for the results to be per-example gradients, and what is checked:
 
@@ -79,19 +74,29 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
-from goodfellow._checks import aliased_buffer, describe, display_module, display_name
+from goodfellow._checks import aliased_buffer, describe, display_module
+from goodfellow._hooking import (
+    RECORDED_OUTPUTS,
+    ModuleHook,
+    _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
+    _make_inert,  # noqa: F401  (same)
+    hookable,
+    in_backward,
+    is_functorch,
+    recorded_edges,
+    refuse_other_output,
+    remove_all,
+    split_output,
+)
 from goodfellow.layers.base import rule_for, sum_discrepancy
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.records import LayerRecord, _Call
 from goodfellow.reduction import batch_size_factor
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
-
-_display = display_name
 
 CHECK_FIRST = 3
 """The first batches after :meth:`PerExampleGradients.attach` whose parameters' gradients are all
@@ -208,22 +213,22 @@ class PerExampleGradients:
         self._inspect_model()
         model = self.model
         self._module_handles.append(
-            model.register_forward_pre_hook(_ModuleHook(self, "_on_model_forward"))
+            model.register_forward_pre_hook(ModuleHook(self, "_on_model_forward"))
         )
         self._module_handles.append(
-            model.register_forward_hook(_ModuleHook(self, "_after_model_forward"))
+            model.register_forward_hook(ModuleHook(self, "_after_model_forward"))
         )
         for name, record in self.layers.items():
             handle = record.module.register_forward_hook(
-                _ModuleHook(self, "_on_layer_forward", name), with_kwargs=True
+                ModuleHook(self, "_on_layer_forward", name), with_kwargs=True
             )
             self._module_handles.append(handle)
         params = dict(model.named_parameters())
         for p_name in self._owners:
-            hook = _ModuleHook(self, "_on_parameter_gradient", p_name)
+            hook = ModuleHook(self, "_on_parameter_gradient", p_name)
             self._module_handles.append(params[p_name].register_hook(hook))
         # a recorder that nobody holds any more takes its hooks off the model
-        self._finalizer = weakref.finalize(self, _remove_all, self._module_handles)
+        self._finalizer = weakref.finalize(self, remove_all, self._module_handles)
         self._attached_at = self._generation
         self._attached = True
         self.clear()
@@ -336,7 +341,7 @@ class PerExampleGradients:
         ``T`` or ``n * T`` examples.
         """
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if not torch.is_grad_enabled() or (first is not None and _is_functorch(first)):
+        if not torch.is_grad_enabled() or (first is not None and is_functorch(first)):
             return
         if self._forward_start is not None:
             self._drop_failed_forward()
@@ -352,7 +357,7 @@ class PerExampleGradients:
     def _after_model_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         """Forward hook of the model: calls of a submodule run on its own are not checked."""
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is None or not _is_functorch(first):
+        if first is None or not is_functorch(first):
             self._model_batch_size = None
             self._forward_start = None
 
@@ -436,12 +441,12 @@ class PerExampleGradients:
     ) -> None:
         """The forward hook of one recorded module: keep its input, hook its output's gradient."""
         record = self.layers[name]
-        output, others = _split_output(record, output)
+        output, others = split_output(record, output)
         if not isinstance(output, Tensor):
             return  # a module returning no tensor: nothing to hook
-        if not (torch.is_grad_enabled() and output.requires_grad) or _is_functorch(output):
+        if not (torch.is_grad_enabled() and output.requires_grad) or is_functorch(output):
             return  # no backward of ours can come through this call
-        if _in_backward():
+        if in_backward():
             raise ValueError(
                 f"{describe(record.name, module)} ran during the backward, "
                 "as it does "
@@ -492,12 +497,12 @@ class PerExampleGradients:
         record.output_shapes.append(output.shape)
         record._output_kinds.append((output.dtype, output.device))
         hook = self._gradient_hook_for(record, call, self._generation, output.shape, pending)
-        hooked = _hookable(output)
+        hooked = hookable(output)
         if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph
-            hooked.grad_fn.metadata.setdefault(_RECORDED_OUTPUTS, set()).add(hooked.output_nr)
+            hooked.grad_fn.metadata.setdefault(RECORDED_OUTPUTS, set()).add(hooked.output_nr)
         self._tensor_handles.append(hooked.register_hook(hook))
         for k, other in others:
-            refuse = _refuse_other_output(record, k, self._generation, self)
+            refuse = refuse_other_output(record, k, self._generation, self)
             self._tensor_handles.append(other.register_hook(refuse))
 
     def _gradient_hook_for(
@@ -576,7 +581,7 @@ class PerExampleGradients:
                 f"requires_grad={loss.requires_grad}; reduce it over the batch (sum or mean, "
                 "as loss_reduction says) before the backward."
             )
-        edges = _recorded_edges(loss)
+        edges = recorded_edges(loss)
         if not edges:
             raise RuntimeError(
                 "no recorded layer output is waiting for its gradient in this loss's graph: run "
@@ -748,137 +753,6 @@ class PerExampleGradients:
 
 
 _FALLBACK = FallbackRule()
-
-
-def _inert_hook(*args: Any, **kwargs: Any) -> None:
-    """What a recorder's hook becomes in a copy or a pickle of the model: nothing."""
-
-
-class _ModuleHook:
-    __torch_unserializable__ = True  # torch.save of a parameter: say nothing, save no hook
-
-    """A module hook that calls a method of its recorder through a weak reference.
-
-    The model does not keep the recorder alive (a recorder nobody holds any more is collected
-    and its hooks removed), and a ``copy.deepcopy`` or ``torch.save`` of the model gets a hook
-    that does nothing instead of one that feeds, or pickles, the original recorder.
-    """
-
-    def __init__(self, owner: PerExampleGradients, method: str, *bound: Any) -> None:
-        self._owner = weakref.ref(owner)
-        self._method = method
-        self._bound = bound
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owner = self._owner()
-        if owner is None:
-            return None
-        return getattr(owner, self._method)(*self._bound, *args, **kwargs)
-
-    def __reduce__(self) -> tuple:
-        return (_make_inert, ())
-
-    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
-        return _inert_hook
-
-
-def _make_inert() -> Callable[..., None]:
-    return _inert_hook
-
-
-def _remove_all(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-def _split_output(record: LayerRecord, output: object) -> tuple[object, list[tuple[int, Tensor]]]:
-    """The output whose gradient is recorded, and the other outputs that might need a gradient.
-
-    A module returning a tuple (``nn.MultiheadAttention``: the attention output and its
-    weights) is recorded through its first element; the others get a hook that refuses a
-    backward through them.
-    """
-    if not isinstance(output, tuple):
-        return output, []
-    if not output:
-        return None, []
-    others = [
-        (k, t)
-        for k, t in enumerate(output[1:], start=1)
-        if isinstance(t, Tensor) and t.requires_grad and not _is_functorch(t)
-    ]
-    return output[0], others
-
-
-def _refuse_other_output(
-    record: LayerRecord, index: int, generation: int, owner: PerExampleGradients
-) -> Callable[[Tensor], None]:
-    """A tensor hook on output ``index > 0`` of a tuple: its gradient would be missing."""
-
-    def hook(grad: Tensor) -> None:
-        if owner._attached and generation == owner._generation:
-            raise ValueError(
-                f"output {index} of {describe(record.name, record.module)} "
-                "reaches the loss, but PerExampleGradients records only the gradient of its "
-                "first output, so the per-example gradients would miss that path. For "
-                "nn.MultiheadAttention pass need_weights=False (or use the weights under "
-                "torch.no_grad())."
-            )
-
-    return hook
-
-
-_RECORDED_OUTPUTS = "goodfellow recorded outputs"
-"""Key of an autograd node's ``metadata``: the outputs of it whose gradient a recorder hooks."""
-
-
-def _recorded_edges(loss: Tensor) -> list[GradientEdge]:
-    """The autograd edges of every recorded output the loss's graph reaches.
-
-    The forward hook marks each hooked output's node (``node.metadata``) instead of keeping a
-    reference to it, which would keep the graph of a forward nobody differentiates alive.
-    """
-    edges, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        edges += [GradientEdge(node, nr) for nr in node.metadata.get(_RECORDED_OUTPUTS, ())]
-        stack.extend(child for child, _ in node.next_functions)
-    return edges
-
-
-def _is_functorch(tensor: Tensor) -> bool:
-    """Whether a tensor lives inside a ``torch.func`` transform (``vmap``, ``grad``)."""
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(is_wrapped is not None and is_wrapped(tensor))
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass on this thread right now.
-
-    Uses the graph-task id that ``torch.utils.checkpoint`` itself reads (``-1`` outside a
-    backward).
-    """
-    current_task = getattr(torch._C, "_current_graph_task_id", None)
-    return current_task is not None and current_task() != -1
-
-
-def _hookable(output: Tensor) -> Tensor:
-    r"""The tensor whose gradient hook survives in-place operations on a Linear's output.
-
-    For inputs with extra dimensions ``nn.Linear`` returns a *view* of a 2-d
-    ``(n * ..., d_out)`` result. A hook on such a view is silently dropped when the view is
-    later modified in place (``nn.ReLU(inplace=True)``: the view's autograd node is replaced and
-    the hook never fires), while a hook on the 2-d base stays on the node that computed it and
-    receives
-    :math:`\partial\mathcal{L}/\partial Z` as it was before the in-place operation.
-    """
-    base = output._base if output._is_view() else None
-    if base is not None and base.numel() == output.numel() and output.is_contiguous():
-        return base  # (n * ..., d_out), same memory as output
-    return output
 
 
 def _refuse_uninitialized(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
