@@ -7,10 +7,11 @@ written here once, with a message that says what is wrong and how to fix it.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -130,6 +131,95 @@ def aliased_buffer(buffers: Sequence[Tensor], others: Sequence[Tensor] = ()) -> 
             else:
                 other_end = max(other_end, end)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers passed as out= to PerExampleGradients.compute_grads (and kept by reuse_buffers=True)
+
+
+def check_out_buffers(
+    out: Mapping[str, Tensor],
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
+    differentiable: bool,
+) -> None:
+    """Validate a workspace passed as ``out=`` against the results it must hold."""
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"out must be a dict from parameter name to tensor, got {type(out).__name__}."
+        )
+    if differentiable:
+        raise ValueError(
+            "out= cannot be used when the backward ran with create_graph=True: writing into "
+            "a buffer is not differentiable; call compute_grads() without out=."
+        )
+    if set(out) != set(specs):
+        missing, extra = sorted(set(specs) - set(out)), sorted(set(out) - set(specs))
+        raise ValueError(
+            f"out must have exactly the keys of grads; missing {missing}, unexpected {extra}."
+        )
+    for p_name, (shape, dtype, device) in specs.items():
+        buffer = out[p_name]
+        if not isinstance(buffer, Tensor):
+            raise TypeError(f"out[{p_name!r}] must be a tensor, got {type(buffer).__name__}.")
+        if tuple(buffer.shape) != shape or buffer.dtype != dtype or buffer.device != device:
+            raise ValueError(
+                f"out[{p_name!r}] must be a {dtype} tensor of shape {shape} on {device}, got "
+                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}."
+            )
+        if not buffer.is_contiguous():
+            raise ValueError(f"out[{p_name!r}] must be contiguous.")
+    names = list(specs)
+    aliased = aliased_buffer([out[p_name] for p_name in names])
+    if aliased is not None:  # one buffer for two results: the first would be overwritten
+        raise ValueError(
+            f"out[{names[aliased]!r}] shares memory with another entry of out; every "
+            "parameter needs a buffer of its own."
+        )
+
+
+def buffers_fit(
+    workspace: Mapping[str, Tensor],
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
+) -> bool:
+    """Whether a kept workspace can hold this batch's results."""
+    return set(workspace) == set(specs) and all(
+        tuple(workspace[p_name].shape) == shape
+        and workspace[p_name].dtype == dtype
+        and workspace[p_name].device == device
+        for p_name, (shape, dtype, device) in specs.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules PerExampleGradients cannot record
+
+
+def refuse_uninitialized(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
+    """A lazy module's parameters have no shape before its first forward."""
+    for p_name, param in own.items():
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{display_module(name)} ({type(module).__name__}) has the uninitialized "
+                f"parameter {p_name!r}; run one forward of the lazy model before recording."
+            )
+
+
+def refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
+    """BatchNorm in training mode mixes the examples of a batch: refuse it."""
+    trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+    if module.training or trainable:
+        why = (
+            "in training mode it normalizes with statistics of the whole batch, so every "
+            "example's output depends on every other example and per-example gradients are "
+            "undefined"
+            if module.training
+            else "its parameters are trainable and PerExampleGradients records only nn.Linear"
+        )
+        raise ValueError(
+            f"{display_module(name)} ({type(module).__name__}) cannot be recorded: {why}. "
+            "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
+            "eval mode with frozen parameters."
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
-from goodfellow._checks import aliased_buffer, describe, display_module
+from goodfellow._checks import (
+    buffers_fit,
+    check_out_buffers,
+    describe,
+    display_module,
+    refuse_training_batchnorm,
+    refuse_uninitialized,
+)
 from goodfellow._hooking import (
     RECORDED_OUTPUTS,
     ModuleHook,
@@ -284,7 +291,7 @@ class PerExampleGradients:
             own = dict(module.named_parameters(recurse=False))
             if isinstance(module, _BatchNorm):
                 batchnorms.append((name, module))
-                _refuse_training_batchnorm(name, module)
+                refuse_training_batchnorm(name, module)
             rule = rule_for(module)
             if rule is None and not isinstance(module, _BatchNorm):
                 if any(p.requires_grad for p in own.values()):
@@ -293,7 +300,7 @@ class PerExampleGradients:
                 if getattr(rule, "claims_submodules", False):
                     claimed.append(name)
                 rule.check(name, module)
-                _refuse_uninitialized(name, module, own)
+                refuse_uninitialized(name, module, own)
                 kept = self.layers.get(name)  # keep records others hold across re-attaching
                 fits = kept is not None and kept.module is module
                 layers[name] = kept if fits else LayerRecord(name, module, rule, self)
@@ -347,7 +354,7 @@ class PerExampleGradients:
             self._drop_failed_forward()
         self._forward_start = {name: r.num_calls for name, r in self.layers.items()}
         for name, batchnorm in self._batchnorms:
-            _refuse_training_batchnorm(name, batchnorm)
+            refuse_training_batchnorm(name, batchnorm)
         root = self.layers.get("")
         dim = root.batch_dim if root is not None and root.module is self.model else 0
         self._model_batch_size = (
@@ -647,7 +654,7 @@ class PerExampleGradients:
         if self._grads is None:
             out = None
             if self.reuse_buffers and self._workspace is not None:
-                if not self._differentiable() and _fits(self._workspace, self._specs()):
+                if not self._differentiable() and buffers_fit(self._workspace, self._specs()):
                     out = self._workspace
             grads = self.compute_grads(out=out)
             if self.reuse_buffers and not self._differentiable():
@@ -689,7 +696,7 @@ class PerExampleGradients:
         self._require_backward()
         differentiable = self._differentiable()
         if out is not None:
-            _check_out(out, self._specs(), differentiable)
+            check_out_buffers(out, self._specs(), differentiable)
         params = self._params
         grads: dict[str, Tensor] = {}
         with torch.set_grad_enabled(differentiable):
@@ -753,84 +760,3 @@ class PerExampleGradients:
 
 
 _FALLBACK = FallbackRule()
-
-
-def _refuse_uninitialized(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
-    """A lazy module's parameters have no shape before its first forward."""
-    for p_name, param in own.items():
-        if isinstance(param, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"{display_module(name)} ({type(module).__name__}) has the uninitialized "
-                f"parameter {p_name!r}; run one forward of the lazy model before recording."
-            )
-
-
-def _refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
-    """BatchNorm in training mode mixes the examples of a batch: refuse it."""
-    trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-    if module.training or trainable:
-        why = (
-            "in training mode it normalizes with statistics of the whole batch, so every "
-            "example's output depends on every other example and per-example gradients are "
-            "undefined"
-            if module.training
-            else "its parameters are trainable and PerExampleGradients records only nn.Linear"
-        )
-        raise ValueError(
-            f"{display_module(name)} ({type(module).__name__}) cannot be recorded: {why}. "
-            "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
-            "eval mode with frozen parameters."
-        )
-
-
-def _check_out(
-    out: Mapping[str, Tensor],
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
-    differentiable: bool,
-) -> None:
-    """Validate a workspace passed as ``out=`` against the results it must hold."""
-    if not isinstance(out, Mapping):
-        raise TypeError(
-            f"out must be a dict from parameter name to tensor, got {type(out).__name__}."
-        )
-    if differentiable:
-        raise ValueError(
-            "out= cannot be used when the backward ran with create_graph=True: writing into "
-            "a buffer is not differentiable; call compute_grads() without out=."
-        )
-    if set(out) != set(specs):
-        missing, extra = sorted(set(specs) - set(out)), sorted(set(out) - set(specs))
-        raise ValueError(
-            f"out must have exactly the keys of grads; missing {missing}, unexpected {extra}."
-        )
-    for p_name, (shape, dtype, device) in specs.items():
-        buffer = out[p_name]
-        if not isinstance(buffer, Tensor):
-            raise TypeError(f"out[{p_name!r}] must be a tensor, got {type(buffer).__name__}.")
-        if tuple(buffer.shape) != shape or buffer.dtype != dtype or buffer.device != device:
-            raise ValueError(
-                f"out[{p_name!r}] must be a {dtype} tensor of shape {shape} on {device}, got "
-                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}."
-            )
-        if not buffer.is_contiguous():
-            raise ValueError(f"out[{p_name!r}] must be contiguous.")
-    names = list(specs)
-    aliased = aliased_buffer([out[p_name] for p_name in names])
-    if aliased is not None:  # one buffer for two results: the first would be overwritten
-        raise ValueError(
-            f"out[{names[aliased]!r}] shares memory with another entry of out; every "
-            "parameter needs a buffer of its own."
-        )
-
-
-def _fits(
-    workspace: Mapping[str, Tensor],
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
-) -> bool:
-    """Whether a kept workspace can hold this batch's results."""
-    return set(workspace) == set(specs) and all(
-        tuple(workspace[p_name].shape) == shape
-        and workspace[p_name].dtype == dtype
-        and workspace[p_name].device == device
-        for p_name, (shape, dtype, device) in specs.items()
-    )
