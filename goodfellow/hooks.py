@@ -77,6 +77,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind)
+from goodfellow._accounting import (
+    CHECK_EVERY,  # noqa: F401  (read as goodfellow.hooks.CHECK_EVERY, like the docstrings say)
+    CHECK_FIRST,  # noqa: F401  (same)
+    accounting_due,
+)
 from goodfellow._checks import (
     buffers_fit,
     check_out_buffers,
@@ -98,18 +103,12 @@ from goodfellow._hooking import (
     remove_all,
     split_output,
 )
-from goodfellow.layers.base import rule_for, sum_discrepancy
+from goodfellow.layers.base import rule_for
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.records import LayerRecord, _Call
 from goodfellow.reduction import batch_size_factor
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
-
-CHECK_FIRST = 3
-"""The first batches after :meth:`PerExampleGradients.attach` whose parameters' gradients are all
-checked against their modules' recorded calls (see ``_check_accounted``)."""
-CHECK_EVERY = 10
-"""After those, every ``CHECK_EVERY``-th batch is checked."""
 
 
 class PerExampleGradients:
@@ -373,57 +372,6 @@ class PerExampleGradients:
         if self._attached and p_name not in self._totals:
             self._totals[p_name] = grad
 
-    def _check_accounted(self, record: LayerRecord, layer: object, scale: int) -> None:
-        """Refuse per-example gradients that do not add up to what autograd gave the parameter.
-
-        The recorded calls of a module account for its parameters' whole gradient unless a
-        parameter is also used outside the module's forward (``F.linear(x, layer.weight)``):
-        then the recorder would silently return part of each example's gradient.
-        """
-        names = list(getattr(layer, "names", ()))
-        full = [self._param_names.get((record.name, suffix)) for suffix in names]
-        # shared (tied) parameters add up over their owners: checked as a whole elsewhere
-        totals = [
-            self._totals.get(p) if p is not None and len(self._owners.get(p, ())) == 1 else None
-            for p in full
-        ]
-        if all(t is None for t in totals):
-            return
-        if not self._accounting_due():
-            return
-        if any(t is not None and t.device.type == "meta" for t in totals):
-            return  # a shape-only run (device="meta") has no values to compare
-        check = getattr(layer, "sum_discrepancy", None)
-        with torch.no_grad():
-            errors = check(totals, scale) if check is not None else sum_discrepancy(
-                layer, totals, scale
-            )
-        # the least precise dtype involved sets the tolerance (bfloat16 under autocast)
-        dtypes = {t.dtype for t in totals if t is not None}
-        dtypes |= {g.dtype for g in record.grad_outputs if g is not None}
-        eps = max(torch.finfo(dtype).eps for dtype in dtypes)
-        tolerance = 1e-6 if eps < 1e-10 else 1e-3 if eps < 1e-5 else 5e-2
-        for p_name, error in zip(full, errors):
-            if error > tolerance:
-                raise ValueError(
-                    f"the per-example gradients of {p_name!r} do not add up to the gradient "
-                    f"autograd gave it (relative difference {error:.2g}): the parameter is also "
-                    f"used outside the forward of {describe(record.name, record.module)}, for "
-                    "instance through F.linear(x, layer.weight) or by another module, and the "
-                    "recorder sees only the module's own calls. Compute every use through the "
-                    "module, or register a rule for the module that uses the parameter "
-                    "(goodfellow.layers.register_rule)."
-                )
-
-    def _accounting_due(self) -> bool:
-        """Whether this batch is checked: the first ``CHECK_FIRST``, then every ``CHECK_EVERY``-th.
-
-        A parameter used outside its module is a property of the model's code, seen from the
-        first batch on; checking every batch would cost a few small products per layer and step.
-        """
-        batch = self._generation - self._attached_at
-        return batch <= CHECK_FIRST or batch % CHECK_EVERY == 0
-
     def _drop_failed_forward(self) -> None:
         """Forget the calls of a model forward that raised before it returned.
 
@@ -568,7 +516,7 @@ class PerExampleGradients:
         ``.grad`` **is written** (put the statistic there with :func:`goodfellow.assign_grads`).
 
         On the batches whose sums are checked against autograd's (the first ``CHECK_FIRST``
-        after :meth:`attach`, then every ``CHECK_EVERY``-th; see ``_check_accounted``) the
+        after :meth:`attach`, then every ``CHECK_EVERY``-th; see ``goodfellow._accounting``) the
         recorded parameters are differentiated as well, so that a parameter also used outside
         its module is still refused; their gradients are discarded, ``.grad`` stays untouched.
 
@@ -595,7 +543,7 @@ class PerExampleGradients:
                 "the model's forward while the recorder is attached before pe.backward(loss), "
                 "once per forward."
             )
-        checked = [self._params[p] for p in self._owners] if self._accounting_due() else []
+        checked = [self._params[p] for p in self._owners] if accounting_due(self) else []
         torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
 
     # ------------------------------------------------------------------ results

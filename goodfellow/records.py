@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from goodfellow._accounting import check_accounted
 from goodfellow._checks import describe
 from goodfellow.layers.base import LayerRule
 from goodfellow.reduction import batch_size_factor
@@ -160,7 +161,7 @@ class LayerRecord:
             layer = self.rule.gradients(self.module, inputs, deltas, calls=calls)
         else:
             layer = self.rule.gradients(self.module, inputs, deltas)
-        self._owner._check_accounted(self, layer, scale)
+        check_accounted(self._owner, self, layer, scale)
         return layer
 
     def clear(self) -> None:
