@@ -164,10 +164,18 @@ def test_the_wheel_holds_every_subpackage_and_imports_outside_the_checkout(tmp_p
          str(wheel)],
         check=True, timeout=600,
     )  # fmt: skip
+    # every package of the checkout, so that one left out of pyproject's list fails here
+    packages = sorted(
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "goodfellow").rglob("__init__.py")
+    )
+    assert {"goodfellow.layers", "goodfellow.exercises"} <= set(packages)
     code = (
-        "import goodfellow, goodfellow.layers.conv, goodfellow.layers.fallback\n"
+        f"import {', '.join(packages)}, goodfellow.layers.conv, goodfellow.exercises.privacy\n"
         "import pathlib\n"
-        f"assert pathlib.Path(goodfellow.__file__).is_relative_to({str(target)!r})\n"
+        f"for name in {packages!r}:\n"
+        "    where = pathlib.Path(__import__('sys').modules[name].__file__)\n"
+        f"    assert where.is_relative_to({str(target)!r}), f'{{name}} came from {{where}}'\n"
         "print(len(goodfellow.__all__), sorted(t.__name__ for t in goodfellow.layers"
         ".registered_rules())[:3])\n"
     )
