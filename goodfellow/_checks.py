@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:
+    from goodfellow.records import LayerRecord
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -220,6 +224,74 @@ def refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
             "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
             "eval mode with frozen parameters."
         )
+
+
+def refuse_unruled(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
+    """A module with trainable parameters of its own and no rule: they would be missing."""
+    trainable = [p_name for p_name, p in own.items() if p.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"{display_module(name)} ({type(module).__name__}) holds trainable parameters "
+            f"{trainable}, but PerExampleGradients has no rule for "
+            f"{type(module).__name__} (it records only nn.Linear, nn.Conv1d/2d/3d and "
+            "the layers listed in goodfellow.layers.registered_rules()), so their "
+            "per-example gradients would be missing; freeze them "
+            "(requires_grad_(False)), register a rule (goodfellow.layers.register_rule), "
+            "or use goodfellow.torch_func_per_example_grads for such models."
+        )
+
+
+def check_call_batch(
+    record: LayerRecord,
+    module: nn.Module,
+    a: Tensor,
+    model_batch_size: int | None,
+    batch_size: int | None,
+) -> int:
+    """The number of examples ``n`` of one recorded call; refuse a call that hides the batch.
+
+    Args:
+        record: The module's record (its name, rule and batch dimension).
+        module: The module that ran.
+        a: The call's input.
+        model_batch_size: The batch size of the model's own input in the forward running now
+            (``None`` for a submodule run on its own).
+        batch_size: The batch size of the batch's earlier calls, ``None`` for its first.
+
+    Returns:
+        ``a.shape[record.batch_dim]``.
+
+    Raises:
+        ValueError: If ``a`` has no batch dimension, or its batch size differs from the model
+            input's or from the earlier calls'.
+    """
+    if a.dim() < record.rule.min_input_dim(module):
+        raise ValueError(
+            f"{describe(record.name, module)} got an input of shape {tuple(a.shape)} "
+            "with no batch dimension; per-example gradients need the examples on "
+            "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
+        )
+    n = a.shape[record.batch_dim]
+    if model_batch_size is not None and n != model_batch_size:
+        raise ValueError(
+            f"{describe(record.name, module)} got {n} examples on dimension "
+            f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
+            f"input has {model_batch_size}: the module runs on a tensor without the batch "
+            "dimension (a position embedding looked up on arange(T) and broadcast over "
+            "the batch) or with the batch merged into another dimension (a reshape of "
+            "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
+            "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
+            "its own dimension."
+        )
+    if batch_size is not None and n != batch_size:
+        raise ValueError(
+            f"{describe(record.name, module)} got {n} examples on dimension 0, but "
+            f"earlier calls of this batch got {batch_size}. Every Linear must see "
+            "the batch on dimension 0 (batch-first layouts only), and all forwards "
+            "before a backward belong to one batch: run evaluation under "
+            "torch.no_grad(), or call clear() to discard forwards without a backward."
+        )
+    return n
 
 
 # ---------------------------------------------------------------------------------------------

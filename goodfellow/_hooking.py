@@ -8,7 +8,7 @@ hook on (:func:`hookable`), the outputs of a tuple-returning module that must no
 gradient (:func:`split_output`), the marks on autograd nodes by which
 :meth:`PerExampleGradients.backward <goodfellow.PerExampleGradients.backward>` finds the recorded
 outputs (:func:`recorded_edges`), and whether a call runs inside ``torch.func`` or inside a
-backward (:func:`is_functorch`, :func:`in_backward`).
+backward (:func:`is_functorch`, :func:`in_backward`, :func:`refuse_recomputation`).
 
 Why tensor hooks and not module backward hooks: the legacy ``register_backward_hook`` reports
 the gradients of whatever autograd node ran last inside the module (for a Linear on a 3-d input,
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from goodfellow._checks import describe
@@ -149,6 +149,18 @@ def in_backward() -> bool:
     """
     current_task = getattr(torch._C, "_current_graph_task_id", None)
     return current_task is not None and current_task() != -1
+
+
+def refuse_recomputation(record: LayerRecord, module: nn.Module) -> None:
+    """Refuse a recorded call that runs during the backward (activation checkpointing)."""
+    if in_backward():
+        raise ValueError(
+            f"{describe(record.name, module)} ran during the backward, "
+            "as it does "
+            "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
+            "the forward then; PerExampleGradients cannot tell such a recomputation "
+            "from a new batch. Run the model without checkpointing while recording."
+        )
 
 
 def hookable(output: Tensor) -> Tensor:

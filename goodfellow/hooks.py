@@ -84,11 +84,12 @@ from goodfellow._accounting import (
 )
 from goodfellow._checks import (
     buffers_fit,
+    check_call_batch,
     check_out_buffers,
     describe,
-    display_module,
     refuse_training_batchnorm,
     refuse_uninitialized,
+    refuse_unruled,
 )
 from goodfellow._hooking import (
     RECORDED_OUTPUTS,
@@ -96,10 +97,10 @@ from goodfellow._hooking import (
     _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
     _make_inert,  # noqa: F401  (same)
     hookable,
-    in_backward,
     is_functorch,
     recorded_edges,
     refuse_other_output,
+    refuse_recomputation,
     remove_all,
     split_output,
 )
@@ -304,17 +305,7 @@ class PerExampleGradients:
                 fits = kept is not None and kept.module is module
                 layers[name] = kept if fits else LayerRecord(name, module, rule, self)
                 continue
-            trainable = [p_name for p_name, p in own.items() if p.requires_grad]
-            if trainable:
-                raise ValueError(
-                    f"{display_module(name)} ({type(module).__name__}) holds trainable parameters "
-                    f"{trainable}, but PerExampleGradients has no rule for "
-                    f"{type(module).__name__} (it records only nn.Linear, nn.Conv1d/2d/3d and "
-                    "the layers listed in goodfellow.layers.registered_rules()), so their "
-                    "per-example gradients would be missing; freeze them "
-                    "(requires_grad_(False)), register a rule (goodfellow.layers.register_rule), "
-                    "or use goodfellow.torch_func_per_example_grads for such models."
-                )
+            refuse_unruled(name, module, own)
         if not layers:
             raise ValueError(
                 f"the model ({type(self.model).__name__}) has no nn.Linear layer or other "
@@ -401,46 +392,13 @@ class PerExampleGradients:
             return  # a module returning no tensor: nothing to hook
         if not (torch.is_grad_enabled() and output.requires_grad) or is_functorch(output):
             return  # no backward of ours can come through this call
-        if in_backward():
-            raise ValueError(
-                f"{describe(record.name, module)} ran during the backward, "
-                "as it does "
-                "inside activation checkpointing (torch.utils.checkpoint), which recomputes "
-                "the forward then; PerExampleGradients cannot tell such a recomputation "
-                "from a new batch. Run the model without checkpointing while recording."
-            )
+        refuse_recomputation(record, module)
         if self._backward_seen:
             self.clear()
         a = args[0] if args else next(iter(kwargs.values()))
-        if a.dim() < record.rule.min_input_dim(module):
-            raise ValueError(
-                f"{describe(record.name, module)} got an input of shape {tuple(a.shape)} "
-                "with no batch dimension; per-example gradients need the examples on "
-                "dimension 0 (for a Linear, inputs of shape (n, ..., in_features))."
-            )
-        n = a.shape[record.batch_dim]
-        expected = self._model_batch_size
-        if expected is not None and n != expected:
-            raise ValueError(
-                f"{describe(record.name, module)} got {n} examples on dimension "
-                f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
-                f"input has {expected}: the module runs on a tensor without the batch "
-                "dimension (a position embedding looked up on arange(T) and broadcast over "
-                "the batch) or with the batch merged into another dimension (a reshape of "
-                "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
-                "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
-                "its own dimension."
-            )
+        n = check_call_batch(record, module, a, self._model_batch_size, self._batch_size)
         if self._batch_size is None:
             self._batch_size = n
-        elif n != self._batch_size:
-            raise ValueError(
-                f"{describe(record.name, module)} got {n} examples on dimension 0, but "
-                f"earlier calls of this batch got {self._batch_size}. Every Linear must see "
-                "the batch on dimension 0 (batch-first layouts only), and all forwards "
-                "before a backward belong to one batch: run evaluation under "
-                "torch.no_grad(), or call clear() to discard forwards without a backward."
-            )
         call = record.num_calls
         # The input is held by the hook on this call's output, so it lives as long as the
         # output's graph: a forward nobody differentiates (an evaluation with gradients on)
