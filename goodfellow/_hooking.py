@@ -10,13 +10,7 @@ gradient (:func:`split_output`), the marks on autograd nodes by which
 outputs (:func:`recorded_edges`), and whether a call runs inside ``torch.func`` or inside a
 backward (:func:`is_functorch`, :func:`in_backward`, :func:`refuse_recomputation`).
 
-Why tensor hooks and not module backward hooks: the legacy ``register_backward_hook`` reports
-the gradients of whatever autograd node ran last inside the module (for a Linear on a 3-d input,
-a reshape), and ``register_full_backward_hook`` wraps the output in a custom function whose
-result cannot be modified in place, so ``nn.ReLU(inplace=True)`` after a Linear raises. A hook
-registered on the output tensor before an in-place operation receives the gradient with respect
-to the value it had when the hook was registered: exactly
-:math:`\partial\mathcal{L}/\partial Z`.
+Why tensor hooks and not module backward hooks is told in :mod:`goodfellow.hooks`.
 """
 
 from __future__ import annotations

@@ -30,8 +30,14 @@ The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
 :func:`goodfellow.batch_size_factor`). Multiplying by :math:`n` unconditionally, as many EKFAC
 codes do, is right for a mean and wrong by a factor :math:`n` for a sum.
 
-Why tensor hooks and not module backward hooks is told in ``goodfellow._hooking``, which holds
-the hook plumbing.
+Why tensor hooks and not module backward hooks: the legacy ``register_backward_hook`` reports
+the gradients of whatever autograd node ran last inside the module (for a Linear on a 3-d input,
+a reshape), and ``register_full_backward_hook`` wraps the output in a custom function whose
+result cannot be modified in place, so ``nn.ReLU(inplace=True)`` after a Linear raises. A hook
+registered on the output tensor before an in-place operation receives the gradient with respect
+to the value it had when the hook was registered: exactly
+:math:`\partial\mathcal{L}/\partial Z`. (The hook plumbing is in the private module
+``goodfellow._hooking``.)
 
 What is needed for the results to be per-example gradients, and what is checked:
 
