@@ -1,0 +1,155 @@
+"""What EKFAC and KFAC accept: hyperparameters, layers, saved states and finite statistics.
+
+:class:`goodfellow.EKFAC` (:mod:`goodfellow.ekfac`) checks its hyperparameters at construction
+and again at every step (a scheduler may change them), a saved state before it is loaded, and
+every curvature statistic before it reaches the optimizer's state; the two predicates say which
+layers it preconditions and whether a layer's bias joins its weight matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from goodfellow._checks import is_integer, is_real, real_number
+from goodfellow.kronecker import _check_damping
+
+if TYPE_CHECKING:
+    from goodfellow.ekfac import EKFAC
+
+
+def _check_group(group: dict) -> dict:
+    """Check the hyperparameters, at construction and again at every step.
+
+    A scheduler or the user may have changed ``param_groups[0]`` in between. ``lr = 0`` is
+    allowed, as in torch's optimizers: a warm-up schedule such as
+    ``LambdaLR(optimizer, lambda s: s / 100)`` starts there, and the step then gathers the
+    curvature statistics without moving the parameters. NumPy scalars count as numbers.
+
+    Returns:
+        The four hyperparameters as Python ``float`` and ``int``.
+    """
+    lr = real_number(group["lr"], "lr", "a non-negative number")
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(
+            f"lr must be non-negative and finite, got {lr}: it scales every step (try 0.01 to "
+            "1 for EKFAC; 0 gathers statistics without moving the parameters)."
+        )
+    damping = _check_damping(group["damping"])
+    update_freq, decay = group["update_freq"], group["decay"]
+    if not is_integer(update_freq) or update_freq < 1:
+        raise ValueError(
+            f"update_freq must be an integer >= 1, got {update_freq!r}: it is the number of "
+            "steps between two eigendecompositions (1 = every step)."
+        )
+    if not is_real(decay) or not 0 <= decay < 1:
+        raise ValueError(
+            f"decay must be a number in [0, 1), got {decay!r}: it weighs the past in the "
+            "running averages (0 = current batch only; 0.95 is common)."
+        )
+    return {"lr": lr, "damping": damping, "update_freq": int(update_freq), "decay": float(decay)}
+
+
+def _check_finite(tensor: Tensor, what: str, layer: str, step: int) -> None:
+    """Refuse a non-finite curvature statistic before it reaches the optimizer's state."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"EKFAC step {step}: the {what} of Linear {layer!r} has non-finite entries (inf or "
+            "nan), so no parameter was changed. The layer's inputs or output gradients "
+            "overflowed or the loss is not finite: lower the learning rate, raise the damping, "
+            "or check the data."
+        )
+
+
+def _check_state_dict(optimizer: EKFAC, state_dict: dict) -> None:
+    """Refuse a saved state that does not fit ``optimizer``, before anything is loaded."""
+    if not (
+        isinstance(state_dict, dict)
+        and isinstance(state_dict.get("state"), dict)
+        and isinstance(state_dict.get("param_groups"), list)
+    ):
+        raise TypeError(
+            "state_dict must be what EKFAC.state_dict() returned: a dict with 'state' and "
+            f"'param_groups', got {type(state_dict).__name__}."
+        )
+    groups = state_dict["param_groups"]
+    saved = sum(len(group.get("params", ())) for group in groups)
+    own = len(optimizer.param_groups[0]["params"])
+    if len(groups) != 1 or saved != own:
+        layers = ", ".join(repr(name) for name in optimizer._layers)
+        raise ValueError(
+            f"the saved state holds {saved} parameters in {len(groups)} group(s), but this "
+            f"EKFAC optimizes {own} in one group (Linear layers {layers}): it was saved for "
+            "another model."
+        )
+    index = {id(p): k for k, p in enumerate(optimizer.param_groups[0]["params"])}
+    saved_ids = list(groups[0]["params"])  # the saved indices, in this optimizer's order
+    entries = state_dict["state"]
+    mine = "EKFAC" if optimizer.mode == "ekfac" else "KFAC"
+    for name, module in optimizer._layers.items():
+        entry = entries.get(saved_ids[index[id(module.weight)]])
+        if entry is None:
+            continue  # the layer had not stepped yet when the state was saved
+        d_out = module.out_features
+        d_in = module.in_features + int(_has_trainable_bias(module))
+        shapes = {
+            "A": (d_in, d_in),
+            "G": (d_out, d_out),
+            "input_eigenvalues": (d_in,),
+            "input_eigenvectors": (d_in, d_in),
+            "output_eigenvalues": (d_out,),
+            "output_eigenvectors": (d_out, d_out),
+        }
+        if optimizer.mode == "ekfac":
+            shapes["scalings"] = (d_out, d_in)
+            if "scalings" not in entry and "A" in entry:
+                raise ValueError(
+                    f"Linear {name!r}: the saved state has no 'scalings', so it was saved "
+                    "by KFAC (mode='kfac'); load it into goodfellow.KFAC, or start EKFAC "
+                    "afresh."
+                )
+        elif "scalings" in entry:
+            raise ValueError(
+                f"Linear {name!r}: the saved state holds EKFAC's 'scalings', so it was "
+                f"saved by EKFAC (mode='ekfac'), not by {mine}; load it into "
+                "goodfellow.EKFAC."
+            )
+        missing = sorted(set(shapes) - set(entry))
+        if missing:
+            raise ValueError(
+                f"Linear {name!r}: the saved state lacks {missing}; it was not saved by "
+                f"{mine} (keys {sorted(entry)})."
+            )
+        for key, shape in shapes.items():
+            value = entry[key]
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            if got != shape:
+                raise ValueError(
+                    f"Linear {name!r} (in_features={module.in_features}, out_features="
+                    f"{d_out}, {'with' if _has_trainable_bias(module) else 'without'} "
+                    f"trainable bias): {key!r} has shape {got} in the saved state, but this "
+                    f"layer needs {shape}; the state was saved for a model with other layer "
+                    "widths."
+                )
+    weights = {saved_ids[index[id(module.weight)]] for module in optimizer._layers.values()}
+    stray = [key for key in entries if key not in weights]
+    if stray:
+        raise ValueError(
+            f"the saved state holds statistics for parameters {stray} (by position), which "
+            "are not Linear weights of this model: it was saved for another model."
+        )
+
+
+def _is_kronecker_layer(module: nn.Module) -> bool:
+    """A Linear, or a convolution of one group: a layer whose Fisher block KFAC factors."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+
+
+def _has_trainable_bias(module: nn.Linear) -> bool:
+    """A frozen bias is left out of the joint matrix (no ones column): it is not optimized."""
+    return module.bias is not None and module.bias.requires_grad
