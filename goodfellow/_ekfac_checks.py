@@ -57,7 +57,7 @@ def _check_finite(tensor: Tensor, what: str, layer: str, step: int) -> None:
     """Refuse a non-finite curvature statistic before it reaches the optimizer's state."""
     if not torch.isfinite(tensor).all():
         raise FloatingPointError(
-            f"EKFAC step {step}: the {what} of Linear {layer!r} has non-finite entries (inf or "
+            f"EKFAC step {step}: the {what} of {layer} has non-finite entries (inf or "
             "nan), so no parameter was changed. The layer's inputs or output gradients "
             "overflowed or the loss is not finite: lower the learning rate, raise the damping, "
             "or check the data."
@@ -82,8 +82,8 @@ def _check_state_dict(optimizer: EKFAC, state_dict: dict) -> None:
         layers = ", ".join(repr(name) for name in optimizer._layers)
         raise ValueError(
             f"the saved state holds {saved} parameters in {len(groups)} group(s), but this "
-            f"EKFAC optimizes {own} in one group (Linear layers {layers}): it was saved for "
-            "another model."
+            f"EKFAC optimizes {own} in one group (preconditioned layers {layers}): it was "
+            "saved for another model."
         )
     index = {id(p): k for k, p in enumerate(optimizer.param_groups[0]["params"])}
     saved_ids = list(groups[0]["params"])  # the saved indices, in this optimizer's order
@@ -93,8 +93,10 @@ def _check_state_dict(optimizer: EKFAC, state_dict: dict) -> None:
         entry = entries.get(saved_ids[index[id(module.weight)]])
         if entry is None:
             continue  # the layer had not stepped yet when the state was saved
-        d_out = module.out_features
-        d_in = module.in_features + int(_has_trainable_bias(module))
+        kind = type(module).__name__
+        # a conv's factors are over its patches: C_in * kernel entries in, C_out out
+        d_out, d_in = module.weight.shape[0], module.weight[0].numel()
+        d_in += int(_has_trainable_bias(module))
         shapes = {
             "A": (d_in, d_in),
             "G": (d_out, d_out),
@@ -107,20 +109,20 @@ def _check_state_dict(optimizer: EKFAC, state_dict: dict) -> None:
             shapes["scalings"] = (d_out, d_in)
             if "scalings" not in entry and "A" in entry:
                 raise ValueError(
-                    f"Linear {name!r}: the saved state has no 'scalings', so it was saved "
+                    f"{kind} {name!r}: the saved state has no 'scalings', so it was saved "
                     "by KFAC (mode='kfac'); load it into goodfellow.KFAC, or start EKFAC "
                     "afresh."
                 )
         elif "scalings" in entry:
             raise ValueError(
-                f"Linear {name!r}: the saved state holds EKFAC's 'scalings', so it was "
+                f"{kind} {name!r}: the saved state holds EKFAC's 'scalings', so it was "
                 f"saved by EKFAC (mode='ekfac'), not by {mine}; load it into "
                 "goodfellow.EKFAC."
             )
         missing = sorted(set(shapes) - set(entry))
         if missing:
             raise ValueError(
-                f"Linear {name!r}: the saved state lacks {missing}; it was not saved by "
+                f"{kind} {name!r}: the saved state lacks {missing}; it was not saved by "
                 f"{mine} (keys {sorted(entry)})."
             )
         for key, shape in shapes.items():
@@ -128,18 +130,18 @@ def _check_state_dict(optimizer: EKFAC, state_dict: dict) -> None:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             if got != shape:
                 raise ValueError(
-                    f"Linear {name!r} (in_features={module.in_features}, out_features="
-                    f"{d_out}, {'with' if _has_trainable_bias(module) else 'without'} "
-                    f"trainable bias): {key!r} has shape {got} in the saved state, but this "
-                    f"layer needs {shape}; the state was saved for a model with other layer "
-                    "widths."
+                    f"{kind} {name!r} ({_widths(module)}, "
+                    f"{'with' if _has_trainable_bias(module) else 'without'} trainable bias): "
+                    f"{key!r} has shape {got} in the saved state, but this layer needs "
+                    f"{shape}; the state was saved for a model with other layer widths."
                 )
     weights = {saved_ids[index[id(module.weight)]] for module in optimizer._layers.values()}
     stray = [key for key in entries if key not in weights]
     if stray:
         raise ValueError(
             f"the saved state holds statistics for parameters {stray} (by position), which "
-            "are not Linear weights of this model: it was saved for another model."
+            "are not the preconditioned layers' weights of this model: it was saved for "
+            "another model."
         )
 
 
@@ -150,6 +152,16 @@ def _is_kronecker_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
 
 
-def _has_trainable_bias(module: nn.Linear) -> bool:
+def _widths(module: nn.Module) -> str:
+    """A preconditioned layer's widths, as its constructor names them."""
+    if isinstance(module, nn.Linear):
+        return f"in_features={module.in_features}, out_features={module.out_features}"
+    return (
+        f"in_channels={module.in_channels}, out_channels={module.out_channels}, "
+        f"kernel_size={module.kernel_size}"
+    )
+
+
+def _has_trainable_bias(module: nn.Module) -> bool:
     """A frozen bias is left out of the joint matrix (no ones column): it is not optimized."""
     return module.bias is not None and module.bias.requires_grad

@@ -348,6 +348,7 @@ class EKFAC(torch.optim.Optimizer):
         step = state.get("step", 0)
         decay = group["decay"]
         has_bias = _has_trainable_bias(module)
+        layer = f"{type(module).__name__} {name!r}"  # as refusals name it
         # The layer's rule gives the inputs (unfolded patches for a convolution, with a column
         # of ones for a bias) and the per-example output gradients of every call that reached
         # the loss; a call that did not (an evaluation with gradients enabled) stays out of A.
@@ -359,8 +360,8 @@ class EKFAC(torch.optim.Optimizer):
             A_batch, G_batch = _mean_over_ranks(
                 [A_batch, G_batch], [n * positions, n], self.group
             )
-        _check_finite(A_batch, "input factor A", name, step)
-        _check_finite(G_batch, "output-gradient factor G", name, step)
+        _check_finite(A_batch, "input factor A", layer, step)
+        _check_finite(G_batch, "output-gradient factor G", layer, step)
         new: dict[str, Tensor | int] = {"step": step + 1}
         if step == 0:
             new["A"], new["G"] = A_batch, G_batch
@@ -378,7 +379,7 @@ class EKFAC(torch.optim.Optimizer):
             scalings_batch = ekfac_scalings(a, delta, basis)  # (d_out, d_in + 1)
             if self.group is not None:
                 (scalings_batch,) = _mean_over_ranks([scalings_batch], [n], self.group)
-            _check_finite(scalings_batch, "EKFAC scalings", name, step)
+            _check_finite(scalings_batch, "EKFAC scalings", layer, step)
             if step % group["update_freq"] == 0:
                 scalings = scalings_batch
             else:
@@ -390,7 +391,7 @@ class EKFAC(torch.optim.Optimizer):
             bias_grad = torch.zeros_like(module.bias) if bias_grad is None else bias_grad
         grad = join_weight_bias(module.weight.grad.flatten(1), bias_grad)  # (d_out, d_in + 1)
         preconditioned = precondition(grad, basis, scalings, group["damping"])
-        _check_finite(preconditioned, "preconditioned gradient", name, step)
+        _check_finite(preconditioned, "preconditioned gradient", layer, step)
         return module, new, preconditioned
 
 

@@ -1241,3 +1241,48 @@ def test_parameters_without_kronecker_factors_take_a_plain_gradient_step():
             assert not torch.allclose(p, plain), name
         else:
             torch.testing.assert_close(p, plain, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def _conv_net(kernel=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, kernel), nn.Tanh(), nn.Flatten(), nn.Linear(2 * (6 - kernel) ** 2, 2)
+    ).double()
+
+
+def _trained_conv(model, mode="ekfac", steps=3):
+    torch.manual_seed(0)
+    optimizer = EKFAC(model, lr=0.1, damping=1e-2, update_freq=2, mode=mode)
+    for _ in range(steps):
+        x = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+        _train_once(lambda t: (model(t),), optimizer, x, torch.randint(0, 2, (6,)))
+    return optimizer
+
+
+@pytest.mark.parametrize("mode", ["ekfac", "kfac"])
+def test_a_conv_models_state_round_trip_continues_identically(mode):
+    # the state check read in_features/out_features, which only nn.Linear has
+    model = _conv_net()
+    optimizer = _trained_conv(model, mode=mode)
+    twin = copy.deepcopy(model)
+    restored = EKFAC(twin, lr=0.1, damping=1e-2, update_freq=2, mode=mode)
+    restored.load_state_dict(optimizer.state_dict())
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randint(0, 2, (6,))
+    for net, opt in [(model, optimizer), (twin, restored)]:
+        for _ in range(3):
+            _train_once(lambda t, net=net: (net(t),), opt, x, y)
+    for got, want in zip(twin.parameters(), model.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_a_conv_state_of_another_kernel_is_refused_with_the_layer_and_its_widths():
+    state = _trained_conv(_conv_net(kernel=3)).state_dict()
+    optimizer = EKFAC(_conv_net(kernel=2), lr=0.1)
+    with pytest.raises(
+        ValueError,
+        match=r"Conv2d '0' \(in_channels=1, out_channels=2, kernel_size=\(2, 2\), with trainable "
+        r"bias\): 'A' has shape \(10, 10\) in the saved state, but this layer needs \(5, 5\)",
+    ):
+        optimizer.load_state_dict(state)
+    assert not optimizer.state
