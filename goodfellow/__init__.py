@@ -14,7 +14,8 @@ example's own gradient, by four routes:
 * :mod:`goodfellow.distributed`: the gradient noise scale of a DDP model from its all-reduce;
 * :mod:`goodfellow.kronecker` and :mod:`goodfellow.ekfac`: KFAC and EKFAC, their formulas and the
   optimizers built on the recorded quantities;
-* :mod:`goodfellow.gradiator`: a learned backward for black-box functions.
+* :mod:`goodfellow.gradiator`: a learned backward for black-box functions (with
+  :mod:`goodfellow.blackbox`, :mod:`goodfellow.jacobian_fit`, :mod:`goodfellow.online_jacobian`).
 """
 
 from goodfellow import backprop as _backprop
