@@ -21,7 +21,7 @@ from the input batch to updated parameters:
   all-reduce of the factored clipped sums), ``assign_grads``, SGD step;
 * ``ddp_variance``: the plain step plus ``gradient_variance(recorded_factors(pe), group=WORLD)``;
 * ``ddp_noise_scale_hook``: the plain step with :class:`goodfellow.NoiseScaleHook` registered
-  (its communication hook replaces DDP's default all-reduce);
+  (its communication hook replaces DDP's default all-reduce), and its noise scale read;
 * ``ddp_torch_allreduce_hook`` (diagnostic, no target): the plain step with torch's own
   Python ``allreduce_hook`` registered, which does what DDP's built-in C++ all-reduce does:
   the share of ``ddp_noise_scale_hook``'s cost that any Python communication hook pays;
@@ -241,12 +241,20 @@ class Variance(Method):
 
 class NoiseScale(Method):
     name = "ddp_noise_scale_hook"
-    description = "plain DDP step with goodfellow.NoiseScaleHook as DDP's communication hook"
+    description = (
+        "plain DDP step with goodfellow.NoiseScaleHook as DDP's communication hook, its noise "
+        "scale read after every step"
+    )
     ddp_allreduce = False  # the hook issues the gradient all-reduce: the wrapper counts it
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
         self.hook = gf.NoiseScaleHook(self.model, batch_size=problem.batch, decay=0.95)
+
+    def step(self) -> None:
+        super().step()
+        # as a training loop that logs it does; the hook finishes its estimates when read
+        self.noise_scale = self.hook.noise_scale
 
 
 class TorchAllreduceHook(Method):
