@@ -582,3 +582,20 @@ def test_the_ddp_example_trains_and_keeps_the_ranks_in_step():
 
 if __name__ == "__main__":
     _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_the_hooks_average_is_ddps_quotient_bit_for_bit(world_size, dtype):
+    # a power of two multiplies by its exact reciprocal; any other world size divides
+    from goodfellow.distributed import _average
+
+    g = torch.Generator().manual_seed(world_size)
+    bucket = (torch.randn(1000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+        -30, 30, (1000,), generator=g)).to(dtype)  # fmt: skip
+    out = torch.empty_like(bucket)
+    _average(bucket, world_size, out=out)
+    assert torch.equal(out, bucket / world_size)
+    in_place = bucket.clone()
+    _average(in_place, world_size, out=in_place)
+    assert torch.equal(in_place, bucket / world_size)
