@@ -276,10 +276,12 @@ def test_the_single_process_reference_is_not_one_share_alone():
 
 HOOK_SHARES = {"hook equal": (4, 4), "hook unequal": (5, 3), "hook float32": (4, 4),
                "hook float16": (5, 3), "hook read at the end": (5, 3),
-               "hook float16 read at the end": (4, 4)}  # fmt: skip
+               "hook float16 read at the end": (4, 4),
+               "hook accumulated": (5, 3)}  # fmt: skip
 HOOK_DTYPES = {"hook float32": torch.float32, "hook float16": torch.float16,
                "hook float16 read at the end": torch.float16}  # fmt: skip
 # results read only after the last step: the steps in between are settled by the next backward
+# accumulated: each step's share in two micro-batches, the first under no_sync() (not counted)
 HOOK_READ_AT_THE_END = {"hook read at the end", "hook float16 read at the end"}
 # float32 buckets carry the two scalars in float32; float16 ones send them apart, in float64,
 # but the gradient itself is rounded to float16
@@ -311,7 +313,14 @@ def _hook_worker(rank: int, kind: str) -> dict:
         # the rank's own mean gradient, computed without DDP: the reference's input
         local = torch.autograd.grad(F.cross_entropy(net(x[mine]), y[mine]), net.parameters())
         optimizer.zero_grad()
-        F.cross_entropy(model(x[mine]), y[mine]).backward()
+        if kind == "hook accumulated":  # losses weighted so that the sum is the share's mean
+            xs, ys, first = x[mine], y[mine], (sizes[rank] + 1) // 2
+            with model.no_sync():
+                (F.cross_entropy(model(xs[:first]), ys[:first]) * first / len(xs)).backward()
+            rest = len(xs) - first
+            (F.cross_entropy(model(xs[first:]), ys[first:]) * rest / len(xs)).backward()
+        else:
+            F.cross_entropy(model(x[mine]), y[mine]).backward()
         record["local"].append([t.detach().clone() for t in local])
         record["averaged"].append([p.grad.detach().clone() for p in net.parameters()])
         read = kind not in HOOK_READ_AT_THE_END or step == HOOK_STEPS - 1
