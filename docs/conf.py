@@ -431,7 +431,7 @@ def _write_extra_bench_tables() -> None:
             out += [
                 f".. list-table:: One DP-SGD step (clip, noise, SGD), {config}",
                 "   :header-rows: 1",
-                "   :widths: 28 17 55",  # the method names fit on one line, "median" too
+                "   :widths: 24 21 55",  # the method names fit on one line, "median" too
                 "",
                 "   * - method",
                 "     - median ms",
