@@ -277,11 +277,14 @@ def test_the_single_process_reference_is_not_one_share_alone():
 HOOK_SHARES = {"hook equal": (4, 4), "hook unequal": (5, 3), "hook float32": (4, 4),
                "hook float16": (5, 3), "hook read at the end": (5, 3),
                "hook float16 read at the end": (4, 4),
-               "hook accumulated": (5, 3)}  # fmt: skip
+               "hook accumulated": (5, 3), "hook bucket views": (5, 3),
+               "hook one bucket": (5, 3)}  # fmt: skip
 HOOK_DTYPES = {"hook float32": torch.float32, "hook float16": torch.float16,
                "hook float16 read at the end": torch.float16}  # fmt: skip
 # results read only after the last step: the steps in between are settled by the next backward
 # accumulated: each step's share in two micro-batches, the first under no_sync() (not counted)
+# bucket views: DDP(gradient_as_bucket_view=True), .grad a view of DDP's own bucket
+# one bucket: DDP's default cap, the whole gradient in the bucket that carries the two numbers
 HOOK_READ_AT_THE_END = {"hook read at the end", "hook float16 read at the end"}
 # float32 buckets carry the two scalars in float32; float16 ones send them apart, in float64,
 # but the gradient itself is rounded to float16
@@ -301,7 +304,10 @@ def _hook_worker(rank: int, kind: str) -> dict:
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
     # a tiny bucket cap puts each parameter in a bucket of its own: several hook calls a step
-    model = DistributedDataParallel(net, bucket_cap_mb=1e-5)
+    model = DistributedDataParallel(
+        net, bucket_cap_mb=25 if kind == "hook one bucket" else 1e-5,
+        gradient_as_bucket_view=kind == "hook bucket views",
+    )
     hook = NoiseScaleHook(model, batch_size=sizes[rank], decay=DECAY)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     record = {"local": [], "averaged": [], "last_parts": [], "parts": [], "noise_scale": []}
