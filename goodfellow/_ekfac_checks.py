@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from goodfellow._checks import is_integer, is_real, real_number
-from goodfellow.kronecker import _check_damping
+from goodfellow._kronecker_checks import _check_damping
 
 if TYPE_CHECKING:
     from goodfellow.ekfac import EKFAC
