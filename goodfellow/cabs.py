@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from goodfellow._checks import is_integer, is_real, real_number
+from goodfellow._ranks import _all_reduce
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.sources import _layers
-from goodfellow.statistics import _all_reduce, _trace_mean_total
+from goodfellow.statistics import _trace_mean_total
 from goodfellow.transforms import PerExampleGrads, assign_grads
 
 __all__ = ["CABS"]

@@ -16,9 +16,9 @@ its layer kind has a cheaper formula.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from goodfellow._ranks import _all_reduce, _global_count, _sums
 from goodfellow.layers.linear import norm_from_squares
 from goodfellow.sources import (  # noqa: F401  (recorded_factors: a statistic's source)
     Source,
@@ -39,43 +39,6 @@ __all__ = [
     "gradient_variance_trace",
     "noise_scale_parts",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Across data-parallel workers: sums are all-reduced, never per-example tensors
-# --------------------------------------------------------------------------------------------
-
-
-def _all_reduce(tensors: list[Tensor], group: object) -> list[Tensor]:
-    """Sum each tensor over the ranks of ``group`` (one all-reduce of their concatenation)."""
-    if group is None:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])  # (P,)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    sizes = [t.numel() for t in tensors]
-    return [piece.reshape(t.shape) for piece, t in zip(torch.split(flat, sizes), tensors)]
-
-
-def _sums(layers: list, weights: Tensor | None, group: object, *extra: Tensor) -> tuple:
-    r""":math:`\sum_i w_i g_i` per layer (``w = 1`` when ``None``), the global ``n``, ``extra``.
-
-    All summed over the ranks of ``group`` in one all-reduce.
-    """
-    like = _example_tensor(layers[0])
-    n = layers[0].batch_size
-    if weights is None:
-        weights = torch.ones(n, dtype=like.dtype, device=like.device)  # (n,)
-    per_layer = [layer.weighted_sum(weights) for layer in layers]
-    flat = [t for results in per_layer for t in results]
-    if group is None:  # no tensor for the count: no host sync, and meta tensors work
-        sums, total, extra = flat, n, list(extra)
-    else:
-        count = torch.tensor(float(n), dtype=like.dtype, device=like.device)
-        reduced = _all_reduce([*flat, count, *extra], group)
-        sums, total = reduced[: len(flat)], int(round(float(reduced[len(flat)])))
-        extra = reduced[len(flat) + 1 :]
-    it = iter(sums)
-    return [[next(it) for _ in results] for results in per_layer], total, extra
 
 
 def _refuse_empty(total: int) -> None:
@@ -232,15 +195,6 @@ def gradient_second_moment(
     _refuse_empty(total)
     it = iter(flat)
     return layout.pack([[next(it) / total for _ in layer] for layer in squares])
-
-
-def _global_count(layers: list, group: object) -> int:
-    """The number of examples over all ranks."""
-    if group is None:
-        return layers[0].batch_size
-    like = _example_tensor(layers[0])
-    count = torch.tensor(float(layers[0].batch_size), dtype=like.dtype, device=like.device)
-    return int(round(float(_all_reduce([count], group)[0])))
 
 
 def _correction(n: int, unbiased: bool) -> float:
