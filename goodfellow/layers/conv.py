@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goodfellow._checks import display_name
+from goodfellow.layers._projections import _compare_projections, _random_directions
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
-from goodfellow.layers.linear import LinearFactors, _compare_projections, _random_directions
+from goodfellow.layers.linear import LinearFactors
 from goodfellow.layers.routes import fastest
 
 __all__ = ["ConvFactors", "ConvRule", "pad_like", "unfold_patches"]

@@ -24,7 +24,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from goodfellow._checks import display_name, overlap
+from goodfellow._checks import display_name
+from goodfellow.layers._linear_checks import _check_outer_arguments, _check_uses
+from goodfellow.layers._projections import _projected_discrepancy
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
 from goodfellow.layers.routes import fastest
 from goodfellow.reduction import batch_size_factor
@@ -73,44 +75,6 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
     return torch.bmm(left, right, out=out)  # (n, o, i)
 
 
-def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
-    """Refuse arguments of :func:`batched_outer` that torch would broadcast or reshape silently."""
-    for name, t in (("grad_outputs", grad_outputs), ("inputs", inputs)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    g_shape, a_shape = tuple(grad_outputs.shape), tuple(inputs.shape)
-    # broadcasting (a batch of 1 against n) or a reshape of another batch size into n rows would
-    # return a tensor of the right shape holding the wrong numbers
-    if grad_outputs.dim() < 2 or g_shape[:-1] != a_shape[:-1]:
-        raise ValueError(
-            f"grad_outputs of shape {g_shape} and inputs of shape {a_shape} do not fit: they "
-            "must be (n, ..., d_out) and (n, ..., d_in) with the same n and the same middle "
-            "dimensions (the layer's output gradient and its input, example by example)."
-        )
-    if grad_outputs.dtype != inputs.dtype or grad_outputs.device != inputs.device:
-        raise ValueError(
-            f"grad_outputs is {grad_outputs.dtype} on {grad_outputs.device} but inputs is "
-            f"{inputs.dtype} on {inputs.device}; cast both to one dtype on one device."
-        )
-    if out is None:
-        return
-    shape = (g_shape[0], g_shape[-1], a_shape[-1])
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
-    if tuple(out.shape) != shape or out.dtype != inputs.dtype or out.device != inputs.device:
-        raise ValueError(
-            f"out must be a {inputs.dtype} tensor of shape {shape} on {inputs.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}."
-        )
-    if overlap(out, grad_outputs) or overlap(out, inputs):
-        raise ValueError(
-            "out shares memory with grad_outputs or inputs; the products would read entries "
-            "already overwritten: pass a separate buffer."
-        )
-
-
-
-
 def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
     r"""Squared norms of the per-example gradients of one linear layer, without forming them.
 
@@ -151,8 +115,6 @@ def norm_from_squares(squares: Tensor) -> Tensor:
         return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
     positive = squares > 0
     return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
-
-
 
 
 class LinearFactors(NamedTuple):
@@ -253,20 +215,7 @@ class LinearFactors(NamedTuple):
 def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
     """Reshape one use ``(n, ..., d)`` or several uses of a layer into ``(n, T, d)``."""
     uses = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    if not uses:
-        raise ValueError(f"{name} is empty: pass the tensor recorded at each use of the layer.")
-    for k, t in enumerate(uses):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}[{k}] must be a torch.Tensor, got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{name} must be floating point, got {t.dtype}: convert with .float() or "
-                ".double()."
-            )
-        if t.dim() < 2:
-            raise ValueError(
-                f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
-            )
+    _check_uses(uses, name)
     n = uses[0].shape[0]
     # views where the layout allows; the sizes are explicit, as -1 is ambiguous when n = 0
     laid_out = [t.reshape(n, math.prod(t.shape[1:-1]), t.shape[-1]) for t in uses]
@@ -338,7 +287,6 @@ def linear_factors(
     return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
 
 
-
 _CHUNK_BYTES = 8 * 2**20
 """Materialized norms form the per-example gradients of this many bytes of examples at a
 time: a buffer's worth, not ``n`` times the layer."""
@@ -403,71 +351,6 @@ def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
     weighted = G * weights[:, None, None]  # (n, t, o)
     weight_grad = weighted.reshape(-1, d_out).T @ A.reshape(-1, d_in)  # (o, i)
     return [weight_grad, weighted.sum(dim=(0, 1))] if has_bias else [weight_grad]  # (o,)
-
-
-_DIRECTIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _random_directions(d_in: int, d_out: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``u`` of size ``d_in`` and ``v`` of size ``d_out``, the same on every call (cached)."""
-    key = (d_in, d_out, like.dtype, like.device)
-    if key not in _DIRECTIONS:
-        generator = torch.Generator(device=like.device).manual_seed(0)
-        u = torch.randn(d_in, generator=generator, device=like.device, dtype=like.dtype)
-        v = torch.randn(d_out, generator=generator, device=like.device, dtype=like.dtype)
-        if len(_DIRECTIONS) > 256:  # a long run over many shapes: start over
-            _DIRECTIONS.clear()
-        _DIRECTIONS[key] = (u, v)
-    return _DIRECTIONS[key]
-
-
-def _projected_discrepancy(
-    layer: LinearFactors, totals: Sequence[Tensor | None], scale: int, groups: int
-) -> list[float]:
-    """The projected comparison of :meth:`LinearFactors.sum_discrepancy`.
-
-    ``groups`` blocks of rows (a grouped convolution's) share the directions, and the weight
-    gradient is their ``(groups, d_out, d_in)`` stack.
-    """
-    A, G, _ = layer
-    u, v = _random_directions(A.shape[-1], G.shape[-1], A)
-    # as products with the transposed factors: no copy of a strided (unfolded) factor
-    gv = torch.matmul(v, G.transpose(-1, -2))  # (n, t)
-    au = torch.matmul(u, A.transpose(-1, -2))  # (n, t)
-    return _compare_projections(gv, au, u, v, totals, scale, groups)
-
-
-def _compare_projections(
-    gv: Tensor,
-    au: Tensor,
-    u: Tensor,
-    v: Tensor,
-    totals: Sequence[Tensor | None],
-    scale: int,
-    groups: int,
-) -> list[float]:
-    r"""Relative differences of the projected per-example sums from the projected totals.
-
-    :math:`\sum (G v)(A u)` against :math:`v^\top W u` and :math:`\sum G v` against
-    :math:`v^\top b`, the weight gradient read as ``(groups, d_out, d_in)``.
-    """
-    products = gv * au  # (n, t)
-    predicted = [products.sum(), gv.sum()]  # weight, bias
-    sizes = [products.abs().sum(), gv.abs().sum()]
-    errors, scales = [], []
-    for k, total in enumerate(totals):
-        if total is None:
-            continue
-        blocks = total.reshape(groups, v.shape[0], -1).to(u.dtype)  # (g, o, i), or (g, o, 1)
-        projected = torch.matmul(v, blocks)  # (g, i): v^T W per group
-        actual = (projected @ u).sum() if k == 0 else projected.sum()
-        errors.append((predicted[k] / scale - actual).abs())
-        scales.append(sizes[k] / scale + actual.abs())
-    if not errors:
-        return [0.0 for _ in totals]
-    ratios = (torch.stack(errors) / torch.stack(scales).clamp(min=torch.finfo(u.dtype).tiny))
-    it = iter(ratios.tolist())  # one transfer for all the layer's parameters
-    return [0.0 if total is None else next(it) for total in totals]
 
 
 def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:
