@@ -165,3 +165,42 @@ def _widths(module: nn.Module) -> str:
 def _has_trainable_bias(module: nn.Module) -> bool:
     """A frozen bias is left out of the joint matrix (no ones column): it is not optimized."""
     return module.bias is not None and module.bias.requires_grad
+
+
+def _check_model(model: nn.Module, mode: str) -> None:
+    """Refuse an unknown mode, and a layer whose bias trains while its weight is frozen."""
+    if mode not in ("ekfac", "kfac"):
+        raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
+    for name, module in model.named_modules():
+        if (
+            _is_kronecker_layer(module)
+            and module.bias is not None
+            and module.bias.requires_grad
+            and not module.weight.requires_grad
+        ):
+            raise ValueError(
+                f"{type(module).__name__} {name!r} has a frozen weight but a trainable "
+                "bias; EKFAC treats "
+                "weight and bias as one matrix: freeze both or neither."
+            )
+
+
+def _check_layers(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a model with no layer to precondition, and weights tied between layers."""
+    if not linears:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
+            "weights: EKFAC preconditions nn.Linear and ungrouped nn.Conv1d/2d/3d layers "
+            "only."
+        )
+    owner: dict[int, str] = {}
+    for name, module in linears:
+        for param in module.parameters():
+            if id(param) in owner:
+                raise ValueError(
+                    f"Linear {name!r} shares a parameter with Linear {owner[id(param)]!r}; "
+                    "the Fisher of a tied weight is not one Kronecker product per layer, "
+                    "so EKFAC does not handle tied weights (untie them, or apply one "
+                    "Linear module twice instead)."
+                )
+            owner[id(param)] = name

@@ -53,3 +53,16 @@ def _global_count(layers: list, group: object) -> int:
     like = _example_tensor(layers[0])
     count = torch.tensor(float(layers[0].batch_size), dtype=like.dtype, device=like.device)
     return int(round(float(_all_reduce([count], group)[0])))
+
+
+
+def _mean_over_ranks(means: list[Tensor], counts: list[int], group: object) -> list[Tensor]:
+    """Means over each rank's examples -> means over all ranks' examples, one all-reduce.
+
+    Each mean is weighted by the number of terms it averages on its rank, so that unequal
+    shares give the mean of the concatenated batch (EKFAC's Kronecker factors and scalings).
+    """
+    like = means[0]
+    weights = torch.tensor(counts, dtype=like.dtype, device=like.device)  # (k,)
+    *sums, totals = _all_reduce([*(m * c for m, c in zip(means, counts)), weights], group)
+    return [total / count for total, count in zip(sums, totals)]

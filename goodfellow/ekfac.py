@@ -17,10 +17,13 @@ from torch import Tensor, nn
 from goodfellow._ekfac_checks import (
     _check_finite,
     _check_group,
+    _check_layers,
+    _check_model,
     _check_state_dict,
     _has_trainable_bias,
     _is_kronecker_layer,
 )
+from goodfellow._ranks import _mean_over_ranks
 from goodfellow.hooks import LayerRecord, PerExampleGradients
 from goodfellow.kronecker import (
     KroneckerEigenbasis,
@@ -141,20 +144,7 @@ class EKFAC(torch.optim.Optimizer):
         defaults = _check_group(
             {"lr": lr, "damping": damping, "update_freq": update_freq, "decay": decay}
         )
-        if mode not in ("ekfac", "kfac"):
-            raise ValueError(f"mode must be 'ekfac' or 'kfac', got {mode!r}.")
-        for name, module in model.named_modules():
-            if (
-                _is_kronecker_layer(module)
-                and module.bias is not None
-                and module.bias.requires_grad
-                and not module.weight.requires_grad
-            ):
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} has a frozen weight but a trainable "
-                    "bias; EKFAC treats "
-                    "weight and bias as one matrix: freeze both or neither."
-                )
+        _check_model(model, mode)
         recorder = PerExampleGradients(model, loss_reduction=loss_reduction)
         try:
             recorder.attach()
@@ -169,25 +159,11 @@ class EKFAC(torch.optim.Optimizer):
             and module.weight.requires_grad
             and name in recorder.layers
         ]
-        if not linears:
+        try:
+            _check_layers(model, linears)
+        except ValueError:
             recorder.detach()
-            raise ValueError(
-                f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
-                "weights: EKFAC preconditions nn.Linear and ungrouped nn.Conv1d/2d/3d layers "
-                "only."
-            )
-        owner: dict[int, str] = {}
-        for name, module in linears:
-            for param in module.parameters():
-                if id(param) in owner:
-                    recorder.detach()
-                    raise ValueError(
-                        f"Linear {name!r} shares a parameter with Linear {owner[id(param)]!r}; "
-                        "the Fisher of a tied weight is not one Kronecker product per layer, "
-                        "so EKFAC does not handle tied weights (untie them, or apply one "
-                        "Linear module twice instead)."
-                    )
-                owner[id(param)] = name
+            raise
         self.model = model
         self.mode = mode
         self.loss_reduction = loss_reduction
@@ -396,24 +372,6 @@ class EKFAC(torch.optim.Optimizer):
 
 
 _BASIS_KEYS = KroneckerEigenbasis._fields
-
-
-def _mean_over_ranks(means: list[Tensor], counts: list[int], group: object) -> list[Tensor]:
-    """Means over each rank's examples -> means over all ranks' examples, one all-reduce.
-
-    Each mean is weighted by the number of terms it averages on its rank, so that unequal
-    shares give the mean of the concatenated batch.
-    """
-    import torch.distributed as dist
-
-    like = means[0]
-    weights = torch.tensor(counts, dtype=like.dtype, device=like.device)
-    flat = torch.cat([*(m.reshape(-1) * c for m, c in zip(means, counts)), weights])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    totals = flat[-len(counts) :]
-    sizes = [m.numel() for m in means]
-    pieces = torch.split(flat[: -len(counts)], sizes)
-    return [p.reshape(m.shape) / t for p, m, t in zip(pieces, means, totals)]
 
 
 class KFAC(EKFAC):
