@@ -6,7 +6,7 @@ batch-size factor. The recorder sees only the calls of the module that owns the 
 two differ exactly when the parameter is also used outside that module's forward
 (``F.linear(x, layer.weight)`` beside the layer, or another module reading it): then every
 example's gradient would silently miss a part. A hook on each recorded parameter keeps the
-gradient autograd gives it (``PerExampleGradients._on_parameter_gradient``), and when a module's
+gradient autograd gives it (``goodfellow._recording.on_parameter_gradient``), and when a module's
 per-example gradients are formed, :func:`check_accounted` compares their sum with it and refuses
 a difference, on the batches :func:`accounting_due` picks.
 """

@@ -35,7 +35,7 @@ def _inert_hook(*args: Any, **kwargs: Any) -> None:
 
 
 class ModuleHook:
-    """A module hook that calls a method of its recorder through a weak reference.
+    """A module hook that calls ``function(recorder, *bound, *args)`` through a weak reference.
 
     The model does not keep the recorder alive (a recorder nobody holds any more is collected
     and its hooks removed), and a ``copy.deepcopy`` or ``torch.save`` of the model gets a hook
@@ -44,16 +44,18 @@ class ModuleHook:
 
     __torch_unserializable__ = True  # torch.save of a parameter: say nothing, save no hook
 
-    def __init__(self, owner: PerExampleGradients, method: str, *bound: Any) -> None:
+    def __init__(
+        self, owner: PerExampleGradients, function: Callable[..., Any], *bound: Any
+    ) -> None:
         self._owner = weakref.ref(owner)
-        self._method = method
+        self._function = function
         self._bound = bound
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._owner()
         if owner is None:
             return None
-        return getattr(owner, self._method)(*self._bound, *args, **kwargs)
+        return self._function(owner, *self._bound, *args, **kwargs)
 
     def __reduce__(self) -> tuple:
         return (_make_inert, ())

@@ -36,8 +36,9 @@ a reshape), and ``register_full_backward_hook`` wraps the output in a custom fun
 result cannot be modified in place, so ``nn.ReLU(inplace=True)`` after a Linear raises. A hook
 registered on the output tensor before an in-place operation receives the gradient with respect
 to the value it had when the hook was registered: exactly
-:math:`\partial\mathcal{L}/\partial Z`. (The hook plumbing is in the private module
-``goodfellow._hooking``.)
+:math:`\partial\mathcal{L}/\partial Z`. (Private modules hold the parts: which rule claims
+which module in ``goodfellow._claims``, what the hooks do in ``goodfellow._recording``, the
+tensor-hook plumbing in ``goodfellow._hooking``.)
 
 What is needed for the results to be per-example gradients, and what is checked:
 
@@ -75,7 +76,7 @@ until the call's backward arrives, so a forward nobody differentiates frees it w
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -88,31 +89,22 @@ from goodfellow._accounting import (
     CHECK_FIRST,  # noqa: F401  (same)
     accounting_due,
 )
-from goodfellow._checks import (
-    buffers_fit,
-    check_call_batch,
-    check_out_buffers,
-    describe,
-    refuse_training_batchnorm,
-    refuse_uninitialized,
-    refuse_unruled,
-)
+from goodfellow._checks import buffers_fit, check_out_buffers
+from goodfellow._claims import claim_modules
 from goodfellow._hooking import (
-    RECORDED_OUTPUTS,
     ModuleHook,
     _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
     _make_inert,  # noqa: F401  (same)
-    hookable,
-    is_functorch,
     recorded_edges,
-    refuse_other_output,
-    refuse_recomputation,
     remove_all,
-    split_output,
 )
-from goodfellow.layers.base import rule_for
-from goodfellow.layers.fallback import FallbackRule
-from goodfellow.records import LayerRecord, _Call
+from goodfellow._recording import (
+    after_model_forward,
+    on_layer_forward,
+    on_model_forward,
+    on_parameter_gradient,
+)
+from goodfellow.records import LayerRecord
 from goodfellow.reduction import batch_size_factor
 
 __all__ = ["LayerRecord", "PerExampleGradients"]
@@ -223,22 +215,25 @@ class PerExampleGradients:
                 "this PerExampleGradients is already attached; detach() it (or leave its "
                 "`with` block) before attaching it again."
             )
-        self._inspect_model()
+        claims = claim_modules(self)
+        self.layers, self._batchnorms = claims.layers, claims.batchnorms
+        self._owners, self._param_names = claims.owners, claims.param_names
+        self._params = dict(self.model.named_parameters())
         model = self.model
         self._module_handles.append(
-            model.register_forward_pre_hook(ModuleHook(self, "_on_model_forward"))
+            model.register_forward_pre_hook(ModuleHook(self, on_model_forward))
         )
         self._module_handles.append(
-            model.register_forward_hook(ModuleHook(self, "_after_model_forward"))
+            model.register_forward_hook(ModuleHook(self, after_model_forward))
         )
         for name, record in self.layers.items():
             handle = record.module.register_forward_hook(
-                ModuleHook(self, "_on_layer_forward", name), with_kwargs=True
+                ModuleHook(self, on_layer_forward, name), with_kwargs=True
             )
             self._module_handles.append(handle)
         params = dict(model.named_parameters())
         for p_name in self._owners:
-            hook = ModuleHook(self, "_on_parameter_gradient", p_name)
+            hook = ModuleHook(self, on_parameter_gradient, p_name)
             self._module_handles.append(params[p_name].register_hook(hook))
         # a recorder that nobody holds any more takes its hooks off the model
         self._finalizer = weakref.finalize(self, remove_all, self._module_handles)
@@ -285,184 +280,6 @@ class PerExampleGradients:
         self._backward_seen = False
         self._grads = None
         self._totals = {}
-
-    def _inspect_model(self) -> None:
-        """Find the modules with a layer rule; refuse every one the recorder cannot handle."""
-        layers: dict[str, LayerRecord] = {}
-        batchnorms: list[tuple[str, _BatchNorm]] = []
-        claimed: list[str] = []  # modules whose rule claims their submodules' parameters
-        for name, module in self.model.named_modules():
-            if any(name.startswith(f"{prefix}.") or prefix == "" for prefix in claimed):
-                continue  # its parameters belong to the enclosing module's rule
-            own = dict(module.named_parameters(recurse=False))
-            if isinstance(module, _BatchNorm):
-                batchnorms.append((name, module))
-                refuse_training_batchnorm(name, module)
-            rule = rule_for(module)
-            if rule is None and not isinstance(module, _BatchNorm):
-                if any(p.requires_grad for p in own.values()):
-                    rule = _FALLBACK  # a custom layer or a bare parameter: torch.func
-            if rule is not None:
-                if getattr(rule, "claims_submodules", False):
-                    claimed.append(name)
-                rule.check(name, module)
-                refuse_uninitialized(name, module, own)
-                kept = self.layers.get(name)  # keep records others hold across re-attaching
-                fits = kept is not None and kept.module is module
-                layers[name] = kept if fits else LayerRecord(name, module, rule, self)
-                continue
-            refuse_unruled(name, module, own)
-        if not layers:
-            raise ValueError(
-                f"the model ({type(self.model).__name__}) has no nn.Linear layer or other "
-                "layer with a rule: there is nothing for PerExampleGradients to record."
-            )
-        owner_of = {id(p): p_name for p_name, p in self.model.named_parameters()}
-        owners: dict[str, list[tuple[LayerRecord, str]]] = {}
-        for record in layers.values():
-            params = dict(record.module.named_parameters())
-            for suffix in record.rule.parameter_names(record.module):
-                p_name = owner_of[id(params[suffix])]
-                owners.setdefault(p_name, []).append((record, suffix))
-                self._param_names[(record.name, suffix)] = p_name
-        # In the order of model.named_parameters(), which is the order users expect.
-        order = {p_name: index for index, p_name in enumerate(owner_of.values())}
-        self._owners = dict(sorted(owners.items(), key=lambda item: order[item[0]]))
-        self._params = dict(self.model.named_parameters())
-        self.layers = layers
-        self._batchnorms = batchnorms
-
-    # ------------------------------------------------------------------ hooks
-
-    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook of the model: check BatchNorm, note the batch size of the input.
-
-        BatchNorm may have been put in training mode since :meth:`attach`. The batch size of
-        the model's own input is what every recorded call must see on its batch dimension: a
-        module applied to a tensor without the batch (positions ``arange(T)``) or to the
-        batch merged with another dimension (``(n * T, d)``) would otherwise pass for a batch of
-        ``T`` or ``n * T`` examples.
-        """
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if not torch.is_grad_enabled() or (first is not None and is_functorch(first)):
-            return
-        if self._forward_start is not None:
-            self._drop_failed_forward()
-        self._forward_start = {name: r.num_calls for name, r in self.layers.items()}
-        for name, batchnorm in self._batchnorms:
-            refuse_training_batchnorm(name, batchnorm)
-        root = self.layers.get("")
-        dim = root.batch_dim if root is not None and root.module is self.model else 0
-        self._model_batch_size = (
-            first.shape[dim] if first is not None and first.dim() > dim else None
-        )
-
-    def _after_model_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        """Forward hook of the model: calls of a submodule run on its own are not checked."""
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is None or not is_functorch(first):
-            self._model_batch_size = None
-            self._forward_start = None
-
-    def _on_parameter_gradient(self, p_name: str, grad: Tensor) -> None:
-        """Keep the gradient autograd gives a parameter: the first one of each batch."""
-        if self._attached and p_name not in self._totals:
-            self._totals[p_name] = grad
-
-    def _drop_failed_forward(self) -> None:
-        """Forget the calls of a model forward that raised before it returned.
-
-        A forward that raises (a bad batch skipped with ``try``/``except``) never reaches the
-        model's forward hook; its partial calls would otherwise stay in the batch, and the next
-        batch of another size would be refused. What was recorded before it stays.
-        """
-        for name, record in self.layers.items():
-            keep = self._forward_start.get(name, 0)
-            for calls in (
-                record._calls, record.grad_outputs, record.output_shapes, record._output_kinds
-            ):
-                del calls[keep:]
-            if not record._calls:
-                record._n = None
-        if not any(record.num_calls for record in self.layers.values()):
-            self._batch_size = None
-        self._forward_start = None
-
-    def _on_layer_forward(
-        self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: object
-    ) -> None:
-        """The forward hook of one recorded module: keep its input, hook its output's gradient."""
-        record = self.layers[name]
-        output, others = split_output(record, output)
-        if not isinstance(output, Tensor):
-            return  # a module returning no tensor: nothing to hook
-        if not (torch.is_grad_enabled() and output.requires_grad) or is_functorch(output):
-            return  # no backward of ours can come through this call
-        refuse_recomputation(record, module)
-        if self._backward_seen:
-            self.clear()
-        a = args[0] if args else next(iter(kwargs.values()))
-        n = check_call_batch(record, module, a, self._model_batch_size, self._batch_size)
-        if self._batch_size is None:
-            self._batch_size = n
-        call = record.num_calls
-        # The input is held by the hook on this call's output, so it lives as long as the
-        # output's graph: a forward nobody differentiates (an evaluation with gradients on)
-        # frees it with its graph instead of keeping it until the next backward.
-        pending = _Call(a, args, dict(kwargs)) if record.records_all_inputs else _Call(a)
-        record._calls.append(weakref.ref(pending))
-        record._n = n if record._n is None else record._n
-        record.grad_outputs.append(None)
-        record.output_shapes.append(output.shape)
-        record._output_kinds.append((output.dtype, output.device))
-        hook = self._gradient_hook_for(record, call, self._generation, output.shape, pending)
-        hooked = hookable(output)
-        if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph
-            hooked.grad_fn.metadata.setdefault(RECORDED_OUTPUTS, set()).add(hooked.output_nr)
-        self._tensor_handles.append(hooked.register_hook(hook))
-        for k, other in others:
-            refuse = refuse_other_output(record, k, self._generation, self)
-            self._tensor_handles.append(other.register_hook(refuse))
-
-    def _gradient_hook_for(
-        self, record: LayerRecord, call: int, generation: int, shape: torch.Size, pending: _Call
-    ) -> Callable[[Tensor], None]:
-        """The tensor hook on one call's output: keep dL/dZ of the batch loss."""
-
-        def gradient_hook(grad_output: Tensor) -> None:
-            if not self._attached:
-                return
-            if generation != self._generation:
-                raise RuntimeError(
-                    "the backward reached the output of "
-                    f"{describe(record.name, record.module)} from "
-                    "an earlier batch: after a backward (or clear(), or attach()) the next "
-                    "forward starts a new batch and the old records are gone. Call backward "
-                    "on the loss of a forward run since."
-                )
-            if self._forward_start is not None:  # no backward runs inside a forward: it raised
-                self._drop_failed_forward()
-            recorded = record.grad_outputs[call]
-            if recorded is not None and recorded.requires_grad:
-                # Recorded with create_graph=True: differentiating the results runs a backward
-                # through this forward's graph again, which brings d(penalty)/dZ here, not the
-                # loss's gradient. Keep the first one.
-                return
-            if recorded is not None:
-                raise RuntimeError(
-                    "a second backward went through the same forward "
-                    f"({describe(record.name, record.module)}, call {call}); PerExampleGradients "
-                    "records one "
-                    "backward per forward. Run the model again before each backward, or add "
-                    "the losses and call backward once."
-                )
-            grad_output = grad_output.reshape(shape)  # a no-op unless hooked on the 2-d base
-            record.grad_outputs[call] = grad_output  # (n, ..., d_out), dL/dZ of the batch loss
-            record._calls[call] = pending  # the input is needed now: keep it
-            self._backward_seen = True
-            self._grads = None
-
-        return gradient_hook
 
     # ------------------------------------------------------------------ a backward of its own
 
@@ -670,5 +487,3 @@ class PerExampleGradients:
             f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} Linear layers, {state})"
         )
 
-
-_FALLBACK = FallbackRule()

@@ -164,6 +164,22 @@ class LayerRecord:
         check_accounted(self._owner, self, layer, scale)
         return layer
 
+    def add_call(self, call: weakref.ref, n: int, output: Tensor) -> int:
+        """Append one call's entry, its gradient slot still empty; return the call's index."""
+        self._calls.append(call)
+        self._n = n if self._n is None else self._n
+        self.grad_outputs.append(None)
+        self.output_shapes.append(output.shape)
+        self._output_kinds.append((output.dtype, output.device))
+        return len(self._calls) - 1
+
+    def drop_calls_from(self, keep: int) -> None:
+        """Forget every call after the first ``keep`` (those of a forward that raised)."""
+        for entries in (self._calls, self.grad_outputs, self.output_shapes, self._output_kinds):
+            del entries[keep:]
+        if not self._calls:
+            self._n = None
+
     def clear(self) -> None:
         """Forget the current batch (new lists, so references to the old ones stay intact)."""
         self.grad_outputs = []

@@ -1,0 +1,163 @@
+r"""What :class:`goodfellow.PerExampleGradients` does during the forward and the backward.
+
+The recorder's hooks (:mod:`goodfellow.hooks`) call these functions with the recorder first:
+
+* the model's forward pre-hook notes the batch size of the model's own input, which every
+  recorded call must see on its batch dimension, and checks BatchNorm
+  (:func:`on_model_forward`); its forward hook ends that forward (:func:`after_model_forward`);
+* every recorded module's forward hook appends the call's entry to the module's
+  :class:`goodfellow.LayerRecord` and hooks the call's output (:func:`on_layer_forward`);
+* the tensor hook on that output keeps :math:`\partial\mathcal L/\partial Z` of the batch loss
+  (:func:`output_gradient_hook`); a parameter's own hook keeps the gradient autograd gives it,
+  for the accounting check (:func:`on_parameter_gradient`).
+
+No formula is here: the rules (:mod:`goodfellow.layers`) turn the records into gradients.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from goodfellow._checks import check_call_batch, describe, refuse_training_batchnorm
+from goodfellow._hooking import (
+    RECORDED_OUTPUTS,
+    hookable,
+    is_functorch,
+    refuse_other_output,
+    refuse_recomputation,
+    split_output,
+)
+from goodfellow.records import LayerRecord, _Call
+
+if TYPE_CHECKING:
+    from goodfellow.hooks import PerExampleGradients
+
+
+def on_model_forward(pe: PerExampleGradients, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the model: check BatchNorm, note the batch size of the input.
+
+    BatchNorm may have been put in training mode since :meth:`attach`. The batch size of the
+    model's own input is what every recorded call must see on its batch dimension: a module
+    applied to a tensor without the batch (positions ``arange(T)``) or to the batch merged with
+    another dimension (``(n * T, d)``) would otherwise pass for a batch of ``T`` or ``n * T``
+    examples.
+    """
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if not torch.is_grad_enabled() or (first is not None and is_functorch(first)):
+        return
+    if pe._forward_start is not None:
+        drop_failed_forward(pe)
+    pe._forward_start = {name: r.num_calls for name, r in pe.layers.items()}
+    for name, batchnorm in pe._batchnorms:
+        refuse_training_batchnorm(name, batchnorm)
+    root = pe.layers.get("")
+    dim = root.batch_dim if root is not None and root.module is pe.model else 0
+    pe._model_batch_size = first.shape[dim] if first is not None and first.dim() > dim else None
+
+
+def after_model_forward(
+    pe: PerExampleGradients, module: nn.Module, args: tuple, output: object
+) -> None:
+    """Forward hook of the model: calls of a submodule run on its own are not checked."""
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None or not is_functorch(first):
+        pe._model_batch_size = None
+        pe._forward_start = None
+
+
+def on_parameter_gradient(pe: PerExampleGradients, p_name: str, grad: Tensor) -> None:
+    """Keep the gradient autograd gives a parameter: the first one of each batch."""
+    if pe._attached and p_name not in pe._totals:
+        pe._totals[p_name] = grad
+
+
+def drop_failed_forward(pe: PerExampleGradients) -> None:
+    """Forget the calls of a model forward that raised before it returned.
+
+    A forward that raises (a bad batch skipped with ``try``/``except``) never reaches the
+    model's forward hook; its partial calls would otherwise stay in the batch, and the next
+    batch of another size would be refused. What was recorded before it stays.
+    """
+    for name, record in pe.layers.items():
+        record.drop_calls_from(pe._forward_start.get(name, 0))
+    if not any(record.num_calls for record in pe.layers.values()):
+        pe._batch_size = None
+    pe._forward_start = None
+
+
+def on_layer_forward(
+    pe: PerExampleGradients, name: str, module: nn.Module, args: tuple, kwargs: dict,
+    output: object,
+) -> None:
+    """The forward hook of one recorded module: keep its input, hook its output's gradient."""
+    record = pe.layers[name]
+    output, others = split_output(record, output)
+    if not isinstance(output, Tensor):
+        return  # a module returning no tensor: nothing to hook
+    if not (torch.is_grad_enabled() and output.requires_grad) or is_functorch(output):
+        return  # no backward of ours can come through this call
+    refuse_recomputation(record, module)
+    if pe._backward_seen:
+        pe.clear()
+    a = args[0] if args else next(iter(kwargs.values()))
+    n = check_call_batch(record, module, a, pe._model_batch_size, pe._batch_size)
+    if pe._batch_size is None:
+        pe._batch_size = n
+    # The input is held by the hook on this call's output, so it lives as long as the output's
+    # graph: a forward nobody differentiates (an evaluation with gradients on) frees it with
+    # its graph instead of keeping it until the next backward.
+    pending = _Call(a, args, dict(kwargs)) if record.records_all_inputs else _Call(a)
+    call = record.add_call(weakref.ref(pending), n, output)
+    hook = output_gradient_hook(pe, record, call, pe._generation, output.shape, pending)
+    hooked = hookable(output)
+    if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph
+        hooked.grad_fn.metadata.setdefault(RECORDED_OUTPUTS, set()).add(hooked.output_nr)
+    pe._tensor_handles.append(hooked.register_hook(hook))
+    for k, other in others:
+        refuse = refuse_other_output(record, k, pe._generation, pe)
+        pe._tensor_handles.append(other.register_hook(refuse))
+
+
+def output_gradient_hook(
+    pe: PerExampleGradients, record: LayerRecord, call: int, generation: int,
+    shape: torch.Size, pending: _Call,
+) -> Callable[[Tensor], None]:
+    """The tensor hook on one call's output: keep dL/dZ of the batch loss."""
+
+    def gradient_hook(grad_output: Tensor) -> None:
+        if not pe._attached:
+            return
+        if generation != pe._generation:
+            raise RuntimeError(
+                f"the backward reached the output of {describe(record.name, record.module)} "
+                "from an earlier batch: after a backward (or clear(), or attach()) the next "
+                "forward starts a new batch and the old records are gone. Call backward on "
+                "the loss of a forward run since."
+            )
+        if pe._forward_start is not None:  # no backward runs inside a forward: it raised
+            drop_failed_forward(pe)
+        recorded = record.grad_outputs[call]
+        if recorded is not None and recorded.requires_grad:
+            # Recorded with create_graph=True: differentiating the results runs a backward
+            # through this forward's graph again, which brings d(penalty)/dZ here, not the
+            # loss's gradient. Keep the first one.
+            return
+        if recorded is not None:
+            raise RuntimeError(
+                "a second backward went through the same forward "
+                f"({describe(record.name, record.module)}, call {call}); PerExampleGradients "
+                "records one backward per forward. Run the model again before each backward, "
+                "or add the losses and call backward once."
+            )
+        grad_output = grad_output.reshape(shape)  # a no-op unless hooked on the 2-d base
+        record.grad_outputs[call] = grad_output  # (n, ..., d_out), dL/dZ of the batch loss
+        record._calls[call] = pending  # the input is needed now: keep it
+        pe._backward_seen = True
+        pe._grads = None
+
+    return gradient_hook
