@@ -31,8 +31,9 @@ from the input batch to updated parameters:
 Protocol, as in :mod:`benchmarks.run`: every method's first step is checked against one
 process on the concatenated global batch (the naive per-example loop for the clipped mean and
 the variance, autograd's mean gradient for the plain steps, a single-process ``EKFAC``); then
-the methods are warmed up and timed round-robin, one step each, over and over (each round
-starting at the next method), so that a change of the machine's load hits all of them alike.
+the methods are warmed up and timed in rounds, one step each, over and over, so that a change
+of the machine's load hits all of them alike; every round runs them in a new random order (the
+same on both ranks), so that no method always follows the same one.
 Both ranks start each step together (a barrier outside the timer); a step's time is the slower
 rank's. Times are medians; the check's references and tolerances are those of :func:`check`.
 
@@ -56,6 +57,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -79,6 +81,7 @@ from benchmarks.run import _versions, device_name, wait_for_quiet
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
 DIGITS_EXAMPLES, DIGITS_PIXELS, DIGITS_CLASSES = 1797, 64, 10
+ORDER_SEED = 0  # of the random order of the methods in each round
 FULL_RUNS, QUICK_RUNS = 101, 31  # steps of a few ms on a shared machine: many samples
 FULL_WARMUP, QUICK_WARMUP = 5, 3
 LEARNING_RATE = 0.05
@@ -478,11 +481,13 @@ def _measure(args: argparse.Namespace) -> None:
     times = torch.zeros(len(methods), args.runs, dtype=torch.float64)
     gc.collect()
     gc.disable()
+    order = random.Random(ORDER_SEED)  # the same rounds on both ranks
     try:
         for run in range(args.runs):
-            # each round starts at the next method, so none always follows the barrier of
-            # a new round or the same predecessor
-            for k in [(run + j) % len(methods) for j in range(len(methods))]:
+            # every round in a new order: a step runs after a different predecessor each time
+            # (a fixed or rotated order puts every method after the same one, and a light step
+            # after a heavy one, such as EKFAC's, pays for the caches that one emptied)
+            for k in order.sample(range(len(methods)), len(methods)):
                 method = methods[k]
                 method.reset()
                 dist.barrier()  # both ranks start the step together

@@ -24,7 +24,8 @@ Contenders, each timed from the input batch to updated parameters:
 Every method is first checked with noise 0: the parameter change of one step must equal
 ``-lr * sum_i clip_C(g_i) / B`` from a naive per-example loop (float32: 1e-4 relative to the
 largest entry, plus Opacus' own 1e-6 in its clip factor). Then, as in :mod:`benchmarks.run`, every
-method (with noise multiplier 1) is warmed up and timed round-robin, one step each, over and over,
+method (with noise multiplier 1) is warmed up and timed in rounds, one step each, over and over
+(each round in a new random order),
 with the previous step's gradients dropped outside the timer; times are medians. The target of
 the issue: goodfellow at least 1.5x faster than the fastest Opacus mode, per configuration.
 
@@ -39,6 +40,7 @@ import copy
 import gc
 import json
 import os
+import random
 import statistics
 import time
 import warnings
@@ -51,7 +53,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import goodfellow as gf
-from benchmarks.run import ForeignLoad, _synchronize, _versions, device_name, wait_for_quiet
+from benchmarks.run import (
+    ORDER_SEED,
+    ForeignLoad,
+    _synchronize,
+    _versions,
+    device_name,
+    wait_for_quiet,
+)
 from goodfellow.privacy import private_mean
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,9 +396,10 @@ def benchmark_config(
     foreign.start()
     gc.collect()
     gc.disable()
+    order = random.Random(ORDER_SEED)
     try:
         for _ in range(runs):
-            for method in methods:
+            for method in order.sample(methods, len(methods)):  # a new order every round
                 method.reset()
                 _synchronize(device)
                 start = time.perf_counter()

@@ -13,8 +13,9 @@ Inside one subprocess, for each configuration:
 
 1. every method runs once and its result is checked against the naive per-example loop
    (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
-2. every method is warmed up, then the methods are timed round-robin (one step of each, repeated
-   ``--runs`` times), so that a change in the machine's load hits all of them alike;
+2. every method is warmed up, then the methods are timed in rounds (one step of each, repeated
+   ``--runs`` times), so that a change in the machine's load hits all of them alike; each round
+   runs them in a new random order (seeded), so that no method always follows the same one;
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -30,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -48,6 +50,7 @@ FULL_RUNS, FULL_WARMUP = 15, 3
 QUICK_RUNS, QUICK_WARMUP = 11, 3
 ALLOCATORS = {"default": None, "thp": "1"}
 """Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
+ORDER_SEED = 0  # of the random order of the methods in each timed round
 
 
 def _synchronize(device: torch.device) -> None:
@@ -225,9 +228,13 @@ def benchmark_config(
     foreign.start()
     gc.collect()
     gc.disable()
+    order = random.Random(ORDER_SEED)
     try:
         for _ in range(runs):
-            for method in methods:
+            # every round in a new order: a fixed one puts each method after the same one
+            # every time, and a light step after a heavy one pays for the caches (and the
+            # allocator's free lists) that one left behind
+            for method in order.sample(methods, len(methods)):
                 method.reset()
                 _synchronize(device)
                 faults_before = _minor_faults()
