@@ -33,7 +33,8 @@ process on the concatenated global batch (the naive per-example loop for the cli
 the variance, autograd's mean gradient for the plain steps, a single-process ``EKFAC``); then
 the methods are warmed up and timed in rounds, one step each, over and over, so that a change
 of the machine's load hits all of them alike; every round runs them in a new random order (the
-same on both ranks), so that no method always follows the same one.
+same on both ranks), and each timed step comes right after an untimed step of the same method,
+so that it finds the caches as its own previous step left them, as in training.
 Both ranks start each step together (a barrier outside the timer); a step's time is the slower
 rank's. Times are medians; the check's references and tolerances are those of :func:`check`.
 
@@ -484,11 +485,14 @@ def _measure(args: argparse.Namespace) -> None:
     order = random.Random(ORDER_SEED)  # the same rounds on both ranks
     try:
         for run in range(args.runs):
-            # every round in a new order: a step runs after a different predecessor each time
-            # (a fixed or rotated order puts every method after the same one, and a light step
-            # after a heavy one, such as EKFAC's, pays for the caches that one emptied)
+            # every round in a new order, against drift; each timed step right after an untimed
+            # one of the same method, as in training (a fixed or rotated order put every method
+            # after the same other one, and a light step after EKFAC's paid for the caches that
+            # one emptied)
             for k in order.sample(range(len(methods)), len(methods)):
                 method = methods[k]
+                method.reset()
+                method.step()  # untimed: the timed step follows a step of its own
                 method.reset()
                 dist.barrier()  # both ranks start the step together
                 start = time.perf_counter()

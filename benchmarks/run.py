@@ -15,7 +15,8 @@ Inside one subprocess, for each configuration:
    (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed in rounds (one step of each, repeated
    ``--runs`` times), so that a change in the machine's load hits all of them alike; each round
-   runs them in a new random order (seeded), so that no method always follows the same one;
+   runs them in a new random order (seeded), and every timed step comes right after an untimed
+   step of the same method, as in a training loop;
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -231,10 +232,13 @@ def benchmark_config(
     order = random.Random(ORDER_SEED)
     try:
         for _ in range(runs):
-            # every round in a new order: a fixed one puts each method after the same one
-            # every time, and a light step after a heavy one pays for the caches (and the
-            # allocator's free lists) that one left behind
+            # every round in a new order, against drift; and before each timed step one
+            # untimed step of the same method, so that it finds the caches and the allocator's
+            # free lists as its own previous step left them, as in a training loop (timed right
+            # after another method, a light step pays for what a heavy one left behind)
             for method in order.sample(methods, len(methods)):
+                method.reset()
+                method.step()
                 method.reset()
                 _synchronize(device)
                 faults_before = _minor_faults()
