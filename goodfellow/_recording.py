@@ -84,7 +84,7 @@ def drop_failed_forward(pe: PerExampleGradients) -> None:
     batch of another size would be refused. What was recorded before it stays.
     """
     for name, record in pe.layers.items():
-        record.drop_calls_from(pe._forward_start.get(name, 0))
+        record._drop_calls_from(pe._forward_start.get(name, 0))
     if not any(record.num_calls for record in pe.layers.values()):
         pe._batch_size = None
     pe._forward_start = None
@@ -112,7 +112,7 @@ def on_layer_forward(
     # graph: a forward nobody differentiates (an evaluation with gradients on) frees it with
     # its graph instead of keeping it until the next backward.
     pending = _Call(a, args, dict(kwargs)) if record.records_all_inputs else _Call(a)
-    call = record.add_call(weakref.ref(pending), n, output)
+    call = record._add_call(weakref.ref(pending), n, output)
     hook = output_gradient_hook(pe, record, call, pe._generation, output.shape, pending)
     hooked = hookable(output)
     if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph

@@ -164,7 +164,7 @@ class LayerRecord:
         check_accounted(self._owner, self, layer, scale)
         return layer
 
-    def add_call(self, call: weakref.ref, n: int, output: Tensor) -> int:
+    def _add_call(self, call: weakref.ref, n: int, output: Tensor) -> int:
         """Append one call's entry, its gradient slot still empty; return the call's index."""
         self._calls.append(call)
         self._n = n if self._n is None else self._n
@@ -173,7 +173,7 @@ class LayerRecord:
         self._output_kinds.append((output.dtype, output.device))
         return len(self._calls) - 1
 
-    def drop_calls_from(self, keep: int) -> None:
+    def _drop_calls_from(self, keep: int) -> None:
         """Forget every call after the first ``keep`` (those of a forward that raised)."""
         for entries in (self._calls, self.grad_outputs, self.output_shapes, self._output_kinds):
             del entries[keep:]
