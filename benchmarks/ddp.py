@@ -2,14 +2,14 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.ddp [--quick] [--out benchmarks/results_ddp.json] [--runs 21]
-                             [--warmup 5] [--batch 64] [--widths 64 256 256 10]
+    python -m benchmarks.ddp [--quick] [--out benchmarks/results_ddp.json] [--runs 101]
+                             [--launches 5] [--warmup 5] [--batch 64] [--widths 64 256 256 10]
 
 The parent process starts two ranks (``gloo`` on 127.0.0.1, a free port, one CPU thread each)
 and waits for them with a timeout; a rank that fails or hangs fails the benchmark. A process
 group timeout makes a rank whose partner died give up as well. A full run writes
-``benchmarks/results_ddp.json``; ``--quick`` (31 timed steps, no waiting for a quiet machine)
-writes under ``benchmarks/_scratch/``.
+``benchmarks/results_ddp.json``; ``--quick`` (one launch of 31 timed steps, no waiting for a quiet
+machine) writes under ``benchmarks/_scratch/``.
 
 Every rank holds ``--batch`` examples of scikit-learn's digits (its own share of a global batch
 of ``2 * batch``) and a small MLP wrapped in ``DistributedDataParallel``. The methods, each timed
@@ -36,7 +36,10 @@ of the machine's load hits all of them alike; every round runs them in a new ran
 same on both ranks), and each timed step comes right after an untimed step of the same method,
 so that it finds the caches as its own previous step left them, as in training.
 Both ranks start each step together (a barrier outside the timer); a step's time is the slower
-rank's. Times are medians; the check's references and tolerances are those of :func:`check`.
+rank's. Times are medians; the check's references and tolerances are those of :func:`check`. A
+full run repeats all of this in ``--launches`` fresh pairs of rank processes: a ratio is taken
+inside each launch, and the reported one is the median over the launches (a whole launch can be
+lucky or unlucky: six single launches of the same code gave the noise-scale hook 1.02-1.17).
 
 Bytes each rank sends per step: every ``torch.distributed`` collective issued from Python (the
 library's all-reduces and the noise-scale hook's) is counted by wrapping the functions of
@@ -84,6 +87,8 @@ WORLD_SIZE = 2
 DIGITS_EXAMPLES, DIGITS_PIXELS, DIGITS_CLASSES = 1797, 64, 10
 ORDER_SEED = 0  # of the random order of the methods in each round
 FULL_RUNS, QUICK_RUNS = 101, 31  # steps of a few ms on a shared machine: many samples
+FULL_LAUNCHES, QUICK_LAUNCHES = 5, 1
+"""Fresh pairs of rank processes per run; ratios are medians over them (``build_records``)."""
 FULL_WARMUP, QUICK_WARMUP = 5, 3
 LEARNING_RATE = 0.05
 MAX_NORM = 1.0
@@ -573,12 +578,29 @@ def launch(args: argparse.Namespace) -> dict:
         return json.loads(out.read_text())
 
 
-def build_records(args: argparse.Namespace, ranks: dict) -> list[dict]:
-    medians = {name: statistics.median(m["times_s"]) for name, m in ranks["methods"].items()}
-    plain = medians["ddp_plain"]
+def build_records(args: argparse.Namespace, launches: list[dict]) -> list[dict]:
+    """One record per method, over every launch.
+
+    A ratio is taken inside each launch (the method's median step over ``ddp_plain``'s, both
+    timed in the same rounds), and the record's ratio is the median of those: a launch can be
+    lucky or unlucky as a whole (where the kernel puts the two ranks and gloo's threads, which
+    buffers share cache lines), and the median over fresh launches is what does not flip from
+    one ``make bench`` to the next. ``median_s`` is the median of the launches' medians.
+    """
+    per_launch = [
+        {name: statistics.median(m["times_s"]) for name, m in ranks["methods"].items()}
+        for ranks in launches
+    ]
+    ratios = {
+        name: [medians[name] / medians["ddp_plain"] for medians in per_launch]
+        for name in per_launch[0]
+    }
+    medians = {name: statistics.median(m[name] for m in per_launch) for name in per_launch[0]}
+    ranks = launches[0]  # the counted bytes and the descriptions are the same in every launch
     records = []
     for name, measured in ranks["methods"].items():
-        samples = measured["times_s"]
+        samples = [t for launch in launches for t in launch["methods"][name]["times_s"]]
+        checks = [launch["methods"][name] for launch in launches]
         records.append(
             {
                 "config": f"digits-mlp/b{args.batch}x{WORLD_SIZE}",
@@ -587,8 +609,10 @@ def build_records(args: argparse.Namespace, ranks: dict) -> list[dict]:
                 "median_s": medians[name],
                 "min_s": min(samples),
                 "max_s": max(samples),
-                "runs": len(samples),
-                "ratio_to_ddp_plain": medians[name] / plain,
+                "runs": args.runs,
+                "launches": len(launches),
+                "ratio_to_ddp_plain": statistics.median(ratios[name]),
+                "launch_ratios": ratios[name],
                 "target_ratio": TARGETS.get(name),
                 "world_size": WORLD_SIZE,
                 "backend": "gloo",
@@ -598,8 +622,10 @@ def build_records(args: argparse.Namespace, ranks: dict) -> list[dict]:
                 "device": "cpu",
                 "torch": torch.__version__,
                 "threads_per_rank": ranks["threads"],
-                "check_deviation": measured["check_deviation"],
-                "ranks_max_param_difference": measured["ranks_max_param_difference"],
+                "check_deviation": max(c["check_deviation"] for c in checks),
+                "ranks_max_param_difference": max(
+                    c["ranks_max_param_difference"] for c in checks
+                ),
                 "bytes_per_step": measured["bytes_per_step"],
                 "bytes_expected": expected_bytes(name, args.widths),
                 "bytes_ddp_builtin": measured["bytes_ddp_builtin"],
@@ -627,15 +653,18 @@ def targets(records: list[dict]) -> list[dict]:
 
 def diagnostics(records: list[dict]) -> dict[str, float]:
     """Ratios that say where a missed target's time goes (no targets themselves)."""
-    medians = {r["method"]: r["median_s"] for r in records}
+    ratios = {r["method"]: r["launch_ratios"] for r in records}
     return {
         # the noise-scale hook's own work, above what any Python communication hook costs
-        "ddp_noise_scale_hook / ddp_torch_allreduce_hook": (
-            medians["ddp_noise_scale_hook"] / medians["ddp_torch_allreduce_hook"]
+        "ddp_noise_scale_hook / ddp_torch_allreduce_hook": statistics.median(
+            hook / bare
+            for hook, bare in zip(
+                ratios["ddp_noise_scale_hook"], ratios["ddp_torch_allreduce_hook"]
+            )
         ),
         # the Python communication hook mechanism, against DDP's built-in C++ all-reduce
-        "ddp_torch_allreduce_hook / ddp_plain": (
-            medians["ddp_torch_allreduce_hook"] / medians["ddp_plain"]
+        "ddp_torch_allreduce_hook / ddp_plain": statistics.median(
+            ratios["ddp_torch_allreduce_hook"]
         ),
     }
 
@@ -681,6 +710,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write the results JSON")
     parser.add_argument("--runs", type=int, default=None, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first")
+    parser.add_argument(
+        "--launches", type=int, default=None,
+        help=f"fresh pairs of rank processes; ratios are medians over them (default: "
+        f"{FULL_LAUNCHES} for a full run, {QUICK_LAUNCHES} with --quick)",
+    )
     parser.add_argument("--batch", type=int, default=64, help="examples per rank")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 256, 10])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds the ranks may run")
@@ -697,6 +731,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.runs = QUICK_RUNS if args.quick else FULL_RUNS
     if args.warmup is None:
         args.warmup = QUICK_WARMUP if args.quick else FULL_WARMUP
+    if args.launches is None:
+        args.launches = QUICK_LAUNCHES if args.quick else FULL_LAUNCHES
+    if args.launches < 1:
+        parser.error(f"--launches must be >= 1, got {args.launches}.")
     if args.runs < 1 or args.warmup < 0:
         parser.error(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}.")
     widths = args.widths
@@ -733,20 +771,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     waited = wait_for_quiet(0.25, args.quiet_wait) if args.quiet_wait > 0 else 0.0
     uptime_before, load_before = _uptime(), os.getloadavg()
-    ranks = launch(args)
-    records = build_records(args, ranks)
+    launches = [launch(args) for _ in range(args.launches)]
+    records = build_records(args, launches)
     results = {
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "device": "cpu",
             "device_name": device_name(torch.device("cpu")),
             "cpu_count": os.cpu_count(),
-            "threads_per_rank": ranks["threads"],
+            "threads_per_rank": launches[0]["threads"],
             "world_size": WORLD_SIZE,
             "backend": "gloo",
             "versions": _versions(),
             "quick": args.quick,
             "runs": args.runs,
+            "launches": args.launches,
             "warmup": args.warmup,
             "quiet_wait_s": waited,
             "learning_rate": LEARNING_RATE,

@@ -7,6 +7,7 @@ library's all-reduces are the sums the statistics need (see ``benchmarks/ddp.py`
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (64, 16, 10)
 BATCH = 8
 TIMEOUT_S = 240
+LAUNCHES = 2  # the ratios are medians over launches: run that path too
 
 
 def _layers() -> list[tuple[int, int]]:
@@ -48,8 +50,8 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "results_ddp.json"
     command = [
         sys.executable, "-m", "benchmarks.ddp", "--quick", "--runs", "2", "--warmup", "1",
-        "--batch", str(BATCH), "--widths", *map(str, WIDTHS), "--out", str(out),
-        "--timeout", str(TIMEOUT_S - 30),
+        "--launches", str(LAUNCHES), "--batch", str(BATCH), "--widths", *map(str, WIDTHS),
+        "--out", str(out), "--timeout", str(TIMEOUT_S - 30),
     ]  # fmt: skip
     try:
         done = subprocess.run(
@@ -66,7 +68,8 @@ def test_every_method_has_a_record_with_positive_times(results):
     records = {r["method"]: r for r in results["records"]}
     assert set(records) == set(EXPECTED_BYTES) == set(ddp.METHODS)
     for name, record in records.items():
-        assert record["runs"] == 2 == len(record["times_s"]), name
+        assert record["runs"] == 2 and record["launches"] == LAUNCHES, name
+        assert len(record["times_s"]) == 2 * LAUNCHES == 2 * len(record["launch_ratios"]), name
         assert all(t > 0 for t in record["times_s"]), name
         assert record["min_s"] <= record["median_s"] <= record["max_s"], name
         assert record["num_params"] == P
@@ -93,11 +96,17 @@ def test_the_targets_are_judged(results):
     for name, target in targets.items():
         assert target["ratio"] == by_method[name]["ratio_to_ddp_plain"]
         assert target["met"] == (target["ratio"] <= target["target"])
-    medians = {name: record["median_s"] for name, record in by_method.items()}
+    for name, record in by_method.items():  # a ratio per launch, the median over launches
+        assert record["ratio_to_ddp_plain"] == statistics.median(record["launch_ratios"]), name
+    assert by_method["ddp_plain"]["launch_ratios"] == [1.0] * LAUNCHES
+    hook, bare = (by_method[m]["launch_ratios"] for m in ("ddp_noise_scale_hook",
+                                                          "ddp_torch_allreduce_hook"))  # fmt: skip
     diagnostics = results["diagnostics"]
-    assert diagnostics["ddp_noise_scale_hook / ddp_torch_allreduce_hook"] == (
-        medians["ddp_noise_scale_hook"] / medians["ddp_torch_allreduce_hook"]
+    assert diagnostics["ddp_noise_scale_hook / ddp_torch_allreduce_hook"] == statistics.median(
+        h / b for h, b in zip(hook, bare)
     )
+    assert diagnostics["ddp_torch_allreduce_hook / ddp_plain"] == statistics.median(bare)
+    assert results["meta"]["launches"] == LAUNCHES
     assert results["meta"]["world_size"] == 2
     assert len(results["meta"]["load_average"]) == 2
 
@@ -111,6 +120,7 @@ def test_the_targets_are_judged(results):
         (["--batch", "0"], r"--batch \(examples per rank\) must be in \[1, 898\]"),
         (["--batch", "899"], r"must be in \[1, 898\]"),
         (["--runs", "0"], r"--runs must be >= 1"),
+        (["--launches", "0"], r"--launches must be >= 1"),
         (["--timeout", "0"], r"--timeout must be a positive"),
     ],
 )
