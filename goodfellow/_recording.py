@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from goodfellow._checks import check_call_batch, describe, refuse_training_batchnorm
 from goodfellow._hooking import (
     RECORDED_OUTPUTS,
     hookable,
     is_functorch,
+    recorded_edges,
     refuse_other_output,
     refuse_recomputation,
     split_output,
@@ -161,3 +163,29 @@ def output_gradient_hook(
         pe._grads = None
 
     return gradient_hook
+
+
+def edges_to_recorded_outputs(loss: Tensor) -> list[GradientEdge]:
+    """Where :meth:`PerExampleGradients.backward` stops: the recorded outputs in ``loss``'s graph.
+
+    Raises:
+        TypeError: If ``loss`` is not a tensor.
+        ValueError: If it is not a scalar that requires grad.
+        RuntimeError: If no recorded output waits for its gradient in its graph.
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss must be a tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError(
+            f"loss must be a scalar that requires grad, got shape {tuple(loss.shape)} with "
+            f"requires_grad={loss.requires_grad}; reduce it over the batch (sum or mean, "
+            "as loss_reduction says) before the backward."
+        )
+    edges = recorded_edges(loss)
+    if not edges:
+        raise RuntimeError(
+            "no recorded layer output is waiting for its gradient in this loss's graph: run "
+            "the model's forward while the recorder is attached before pe.backward(loss), "
+            "once per forward."
+        )
+    return edges

@@ -38,7 +38,8 @@ registered on the output tensor before an in-place operation receives the gradie
 to the value it had when the hook was registered: exactly
 :math:`\partial\mathcal{L}/\partial Z`. (Private modules hold the parts: which rule claims
 which module in ``goodfellow._claims``, what the hooks do in ``goodfellow._recording``, the
-tensor-hook plumbing in ``goodfellow._hooking``.)
+tensor-hook plumbing in ``goodfellow._hooking``, the results put together in
+``goodfellow._assembly``.)
 
 What is needed for the results to be per-example gradients, and what is checked:
 
@@ -89,17 +90,17 @@ from goodfellow._accounting import (
     CHECK_FIRST,  # noqa: F401  (same)
     accounting_due,
 )
-from goodfellow._checks import buffers_fit, check_out_buffers
+from goodfellow._assembly import assemble, differentiable, reusable_workspace
 from goodfellow._claims import claim_modules
 from goodfellow._hooking import (
     ModuleHook,
     _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
     _make_inert,  # noqa: F401  (same)
-    recorded_edges,
     remove_all,
 )
 from goodfellow._recording import (
     after_model_forward,
+    edges_to_recorded_outputs,
     on_layer_forward,
     on_model_forward,
     on_parameter_gradient,
@@ -309,21 +310,7 @@ class PerExampleGradients:
             ValueError: If ``loss`` is not a scalar, or does not require grad.
             RuntimeError: If no forward of this batch was recorded.
         """
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}.")
-        if loss.numel() != 1 or not loss.requires_grad:
-            raise ValueError(
-                f"loss must be a scalar that requires grad, got shape {tuple(loss.shape)} with "
-                f"requires_grad={loss.requires_grad}; reduce it over the batch (sum or mean, "
-                "as loss_reduction says) before the backward."
-            )
-        edges = recorded_edges(loss)
-        if not edges:
-            raise RuntimeError(
-                "no recorded layer output is waiting for its gradient in this loss's graph: run "
-                "the model's forward while the recorder is attached before pe.backward(loss), "
-                "once per forward."
-            )
+        edges = edges_to_recorded_outputs(loss)
         checked = [self._params[p] for p in self._owners] if accounting_due(self) else []
         torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
 
@@ -349,22 +336,6 @@ class PerExampleGradients:
         """
         return self._generation
 
-    def _require_backward(self) -> None:
-        """Raise a clear error unless a forward and a backward of this batch were recorded."""
-        if self._batch_size is None:
-            raise RuntimeError(
-                "nothing recorded yet: run the model's forward and loss.backward() while the "
-                "recorder is attached (inside `with PerExampleGradients(model) as pe:`). If "
-                "the forward did run, it ran where module hooks do not: in a model compiled "
-                "with torch.compile (or TorchScript) before the recorder attached, or under "
-                "torch.no_grad(); record the uncompiled model."
-            )
-        if not self._backward_seen:
-            raise RuntimeError(
-                "a forward was recorded but no backward: call loss.backward() on the loss of "
-                "that forward (while attached) before reading per-example gradients."
-            )
-
     @property
     def grads(self) -> dict[str, Tensor]:
         r"""Per-example gradients of the current batch, computed on first access and cached.
@@ -381,14 +352,9 @@ class PerExampleGradients:
             RuntimeError: If no forward, or no backward since the last forward, was recorded.
         """
         if self._grads is None:
-            out = None
-            if self.reuse_buffers and self._workspace is not None:
-                if not self._differentiable() and buffers_fit(self._workspace, self._specs()):
-                    out = self._workspace
-            grads = self.compute_grads(out=out)
-            if self.reuse_buffers and not self._differentiable():
-                self._workspace = grads
-            self._grads = grads
+            self._grads = self.compute_grads(out=reusable_workspace(self))
+            if self.reuse_buffers and not differentiable(self):
+                self._workspace = self._grads
         return self._grads
 
     def compute_grads(self, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -422,63 +388,7 @@ class PerExampleGradients:
             ValueError: If ``out`` has the wrong keys, shapes, dtypes or devices, is not
                 contiguous, or the result must be differentiable.
         """
-        self._require_backward()
-        differentiable = self._differentiable()
-        if out is not None:
-            check_out_buffers(out, self._specs(), differentiable)
-        params = self._params
-        grads: dict[str, Tensor] = {}
-        with torch.set_grad_enabled(differentiable):
-            for record in self.layers.values():
-                names = record.rule.parameter_names(record.module)
-                if not names:
-                    continue
-                full = [self._full_name(record, suffix) for suffix in names]
-                # a buffer only for a parameter no other module shares (tied weights add up)
-                # (and not under autocast, where the products come in the compute dtype)
-                autocast = any(
-                    g is not None and g.dtype != params[full[0]].dtype for g in record.grad_outputs
-                )
-                buffers = [
-                    out[p]
-                    if out is not None and len(self._owners[p]) == 1 and not autocast
-                    else None
-                    for p in full
-                ]
-                per_example = record.gradients(differentiable).per_example(buffers)
-                for p_name, g in zip(full, per_example):
-                    g = g.to(params[p_name].dtype)  # like .grad, also under autocast
-                    grads[p_name] = g if p_name not in grads else grads[p_name] + g
-        for p_name, buffer in (out or {}).items():
-            if grads[p_name] is not buffer:  # shared parameters were summed out of place
-                grads[p_name] = buffer.copy_(grads[p_name])
-        return {p_name: grads[p_name] for p_name in self._owners}
-
-    def _full_name(self, record: LayerRecord, suffix: str) -> str:
-        """The model-level name of a module's own parameter (tied ones: the first name)."""
-        return self._param_names[(record.name, suffix)]
-
-    def _differentiable(self) -> bool:
-        """Whether the recorded output gradients carry a graph (backward with create_graph)."""
-        if not torch.is_grad_enabled():
-            return False
-        return any(
-            g is not None and g.requires_grad
-            for record in self.layers.values()
-            for g in record.grad_outputs
-        )
-
-    def _specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
-        """Shape, dtype and device of each result for the current batch."""
-        params = self._params
-        return {
-            p_name: (
-                (self._batch_size, *params[p_name].shape),
-                params[p_name].dtype,
-                params[p_name].device,
-            )
-            for p_name in self._owners
-        }
+        return assemble(self, out)
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from goodfellow._accounting import check_accounted
+from goodfellow._assembly import require_backward
 from goodfellow._checks import describe
 from goodfellow.layers.base import LayerRule
 from goodfellow.reduction import batch_size_factor
@@ -120,7 +121,7 @@ class LayerRecord:
         Raises:
             RuntimeError: If no ``loss.backward()`` has been recorded since the last forward.
         """
-        self._owner._require_backward()
+        require_backward(self._owner)
         scale = self.scale
         deltas = []
         for (dtype, device), g, shape in zip(

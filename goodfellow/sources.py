@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from goodfellow._assembly import require_backward
 from goodfellow.layers.base import MaterializedGradients
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.transforms import PerExampleGrads, _unpack
@@ -65,7 +66,7 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
             "the recorder holds no batch: run the forward and loss.backward() inside "
             "`with PerExampleGradients(model) as pe:` first."
         )
-    recorder._require_backward()
+    require_backward(recorder)
     factors: dict[str, object] = {}
     owner_of_weight: dict[int, str] = {}
     for name, record in layers.items():
