@@ -204,3 +204,13 @@ def _check_layers(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> Non
                     "Linear module twice instead)."
                 )
             owner[id(param)] = name
+
+
+def _refuse_param_group() -> None:
+    """Refuse a parameter group added to a built EKFAC (it would never be preconditioned)."""
+    raise ValueError(
+        "EKFAC cannot take another parameter group: it is built from a model and "
+        "preconditions that model's Linear layers, one group whose curvature it records. "
+        "Give other parameters an optimizer of their own (torch.optim.SGD, say), and change "
+        "lr or damping through optimizer.param_groups[0]."
+    )

@@ -1,14 +1,17 @@
 """The argument checks of :mod:`goodfellow.kronecker`'s public functions.
 
 Kept apart so that the module holds the KFAC/EKFAC formulas: one batch through one layer,
-a basis from :func:`goodfellow.kronecker_eigenbasis` and tensors that match it, a damping
-that is positive and finite.
+two factors that are finite, square and symmetric, a basis from
+:func:`goodfellow.kronecker_eigenbasis` and tensors that match it, a damping that is positive
+and finite.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from goodfellow._checks import real_number
@@ -77,3 +80,33 @@ def _check_damping(damping: float) -> float:
             "(1e-3 to 1e-1 times the typical scaling is a common start)."
         )
     return damping
+
+
+def _check_factors(A: Tensor, G: Tensor) -> None:
+    """Refuse KFAC factors that :func:`kronecker_eigenbasis` would decompose into nonsense."""
+    for name, factor in (("A", A), ("G", G)):
+        if not isinstance(factor, Tensor) or not factor.is_floating_point():
+            kind = f"a {factor.dtype}" if isinstance(factor, Tensor) else type(factor).__name__
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
+        if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
+            raise ValueError(f"{name} must be a square matrix, got shape {tuple(factor.shape)}.")
+        if not torch.isfinite(factor).all():
+            raise FloatingPointError(
+                f"the KFAC factor {name} has non-finite entries (inf or nan), so it has no "
+                "eigenbasis; the layer's inputs or output gradients overflowed (lower the "
+                "learning rate or check the loss)."
+            )
+        # eigh reads one triangle only: an asymmetric matrix would get a silently wrong basis.
+        # Round-off in a computed second moment stays far below this bound.
+        tolerance = 10 * math.sqrt(torch.finfo(factor.dtype).eps) * factor.abs().max()
+        if (factor - factor.T).abs().max() > tolerance:
+            raise ValueError(
+                f"the KFAC factor {name} is not symmetric; it must be a second moment such as "
+                "kfac_factors returns (symmetrize with (M + M.T) / 2 if it is one up to "
+                "round-off)."
+            )
+    if A.dtype != G.dtype or A.device != G.device:
+        raise ValueError(
+            f"A is {A.dtype} on {A.device} but G is {G.dtype} on {G.device}; use one dtype on "
+            "one device."
+        )

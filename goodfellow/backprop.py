@@ -34,7 +34,8 @@ from goodfellow._checks import (
     check_plain_mean,
     loss_reduction_of,
 )
-from goodfellow.layers.linear import LinearFactors, batched_outer, norm_from_squares
+from goodfellow.layers.base import norm_from_squares
+from goodfellow.layers.linear import LinearFactors, batched_outer
 from goodfellow.reduction import batch_size_factor
 
 __all__ = [

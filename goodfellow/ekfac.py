@@ -22,6 +22,7 @@ from goodfellow._ekfac_checks import (
     _check_state_dict,
     _has_trainable_bias,
     _is_kronecker_layer,
+    _refuse_param_group,
 )
 from goodfellow._ranks import _mean_over_ranks
 from goodfellow.hooks import LayerRecord, PerExampleGradients
@@ -213,12 +214,7 @@ class EKFAC(torch.optim.Optimizer):
         if getattr(self, "_building", False):
             super().add_param_group(param_group)
             return
-        raise ValueError(
-            "EKFAC cannot take another parameter group: it is built from a model and "
-            "preconditions that model's Linear layers, one group whose curvature it records. "
-            "Give other parameters an optimizer of their own (torch.optim.SGD, say), and change "
-            "lr or damping through optimizer.param_groups[0]."
-        )
+        _refuse_param_group()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` of an EKFAC (or KFAC) of the same model.

@@ -69,7 +69,6 @@ several times in one forward is treated the same way, its calls stacked as posit
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -79,6 +78,7 @@ from goodfellow._kronecker_checks import (
     _check_basis,
     _check_batch,
     _check_damping,
+    _check_factors,
     _check_like_basis,
 )
 from goodfellow.layers.linear import batched_outer
@@ -221,32 +221,7 @@ def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
             device.
         FloatingPointError: If a factor has a non-finite entry.
     """
-    for name, factor in (("A", A), ("G", G)):
-        if not isinstance(factor, Tensor) or not factor.is_floating_point():
-            kind = f"a {factor.dtype}" if isinstance(factor, Tensor) else type(factor).__name__
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
-        if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
-            raise ValueError(f"{name} must be a square matrix, got shape {tuple(factor.shape)}.")
-        if not torch.isfinite(factor).all():
-            raise FloatingPointError(
-                f"the KFAC factor {name} has non-finite entries (inf or nan), so it has no "
-                "eigenbasis; the layer's inputs or output gradients overflowed (lower the "
-                "learning rate or check the loss)."
-            )
-        # eigh reads one triangle only: an asymmetric matrix would get a silently wrong basis.
-        # Round-off in a computed second moment stays far below this bound.
-        tolerance = 10 * math.sqrt(torch.finfo(factor.dtype).eps) * factor.abs().max()
-        if (factor - factor.T).abs().max() > tolerance:
-            raise ValueError(
-                f"the KFAC factor {name} is not symmetric; it must be a second moment such as "
-                "kfac_factors returns (symmetrize with (M + M.T) / 2 if it is one up to "
-                "round-off)."
-            )
-    if A.dtype != G.dtype or A.device != G.device:
-        raise ValueError(
-            f"A is {A.dtype} on {A.device} but G is {G.dtype} on {G.device}; use one dtype on "
-            "one device."
-        )
+    _check_factors(A, G)
     input_eigenvalues, input_eigenvectors = torch.linalg.eigh(A)  # (d_in + 1,), (d_in + 1,)*2
     output_eigenvalues, output_eigenvectors = torch.linalg.eigh(G)  # (d_out,), (d_out, d_out)
     return KroneckerEigenbasis(

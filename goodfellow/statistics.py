@@ -15,11 +15,11 @@ its layer kind has a cheaper formula.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from goodfellow._ranks import _all_reduce, _global_count, _sums
-from goodfellow.layers.linear import norm_from_squares
+from goodfellow._statistics_checks import check_finite_norms, refuse_empty
+from goodfellow.layers.base import norm_from_squares
 from goodfellow.sources import (  # noqa: F401  (recorded_factors: a statistic's source)
     Source,
     _batch_size,
@@ -39,11 +39,6 @@ __all__ = [
     "gradient_variance_trace",
     "noise_scale_parts",
 ]
-
-
-def _refuse_empty(total: int) -> None:
-    if total == 0:
-        raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +84,7 @@ def gradient_mean(
     """
     layout, layers, _ = _layers(source, allow_empty=group is not None)
     sums, total, _ = _sums(layers, None, group)
-    _refuse_empty(total)
+    refuse_empty(total)
     return layout.pack([[t / total for t in layer] for layer in sums])
 
 
@@ -108,7 +103,7 @@ def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None
     layout, layers, _ = _layers(source, allow_empty=True)
     # gradient norms have derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
     norms = norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
-    _check_finite_norms(norms)
+    check_finite_norms(norms)
     sums, total, _ = _sums(layers, _clip_factors(norms, max_norm), group)
     return layout.pack(sums), total
 
@@ -144,29 +139,10 @@ def clipped_mean(
             holds NaN or inf.
     """
     clipped, total = _clipped_sum_and_count(source, max_norm, group)
-    _refuse_empty(total)
+    refuse_empty(total)
     if isinstance(clipped, dict):
         return {key: t / total for key, t in clipped.items()}
     return type(clipped)(t / total for t in clipped)
-
-
-def _check_finite_norms(norms: Tensor) -> None:
-    """Refuse non-finite per-example gradients, which would make the weighted sum NaN.
-
-    An infinite norm gets the weight ``C / inf = 0``, and ``0 * inf`` is NaN: the clipped mean
-    would be NaN with no hint of which example diverged.
-    """
-    if norms.device.type == "meta":  # a shape-only run (device="meta") has no values to check
-        return
-    finite = torch.isfinite(norms)  # (n,)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise ValueError(
-            f"the per-example gradients of {len(bad)} example(s) (rows {shown}) hold NaN or "
-            "inf, so no clipped mean exists: the loss diverged or the inputs hold NaN/inf "
-            "(lower the learning rate or check the data)."
-        )
 
 
 def gradient_second_moment(
@@ -192,7 +168,7 @@ def gradient_second_moment(
     squares = [layer.square_sum() for layer in layers]
     flat = _all_reduce([t for layer in squares for t in layer], group)
     total = _global_count(layers, group)
-    _refuse_empty(total)
+    refuse_empty(total)
     it = iter(flat)
     return layout.pack([[next(it) / total for _ in layer] for layer in squares])
 
@@ -211,7 +187,7 @@ def _correction(n: int, unbiased: bool) -> float:
 
 def _mean_and_total(layers: list, group: object) -> tuple[list[list[Tensor]], int]:
     sums, total, _ = _sums(layers, None, group)
-    _refuse_empty(total)
+    refuse_empty(total)
     return [[t / total for t in layer] for layer in sums], total
 
 
@@ -293,7 +269,7 @@ def _trace_mean_total(
     else:
         sq = sum(layer.sq_norms().sum() for layer in layers)
         sums, total, (sq,) = _sums(layers, None, group, sq)
-        _refuse_empty(total)
+        refuse_empty(total)
         mean = [[t / total for t in layer] for layer in sums]
         trace = sq / total - sum(t.square().sum() for layer in mean for t in layer)
     trace = (trace * _correction(total, unbiased)).clamp(min=0)

@@ -38,14 +38,8 @@ import goodfellow.layers.attention
 import goodfellow.layers.conv
 import goodfellow.layers.embedding
 import goodfellow.layers.norm  # noqa: F401  (each registers its rules on import)
-from goodfellow.layers.base import register_rule, registered_rules, rule_for
-from goodfellow.layers.linear import (
-    LinearFactors,
-    batched_outer,
-    linear_factors,
-    norm_from_squares,
-    outer_sq_norms,
-)
+from goodfellow.layers.base import norm_from_squares, register_rule, registered_rules, rule_for
+from goodfellow.layers.linear import LinearFactors, batched_outer, linear_factors, outer_sq_norms
 
 __all__ = [
     "LinearFactors",

@@ -37,11 +37,32 @@ from torch import Tensor, nn
 __all__ = [
     "LayerRule",
     "MaterializedGradients",
+    "norm_from_squares",
     "register_rule",
     "registered_rules",
     "rule_for",
     "sum_discrepancy",
 ]
+
+
+def norm_from_squares(squares: Tensor) -> Tensor:
+    """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
+
+    ``sqrt`` has an infinite derivative at 0, so an example whose gradient vanishes would turn
+    the derivative of every norm-based quantity into NaN. The subgradient 0 is the one
+    ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
+
+    Args:
+        squares: Squared norms, any shape, entries ``>= 0`` (a negative entry, which only
+            round-off can produce, gives 0).
+
+    Returns:
+        Tensor of the same shape: their square roots.
+    """
+    if not squares.requires_grad:  # no derivative to protect: two kernels instead of four
+        return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
+    positive = squares > 0
+    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
 
 
 class MaterializedGradients:

@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from goodfellow._checks import display_name
 from goodfellow.layers._linear_checks import _check_outer_arguments, _check_uses
 from goodfellow.layers._projections import _projected_discrepancy
-from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
+from goodfellow.layers.base import (  # noqa: F401  (norm_from_squares: read from here too)
+    LayerRule,
+    MaterializedGradients,
+    norm_from_squares,
+    register_rule,
+)
 from goodfellow.layers.routes import fastest
 from goodfellow.reduction import batch_size_factor
 
@@ -95,26 +100,6 @@ def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> 
     grad_sq = torch.linalg.vecdot(grad_outputs, grad_outputs)  # (n,)
     input_sq = torch.linalg.vecdot(inputs, inputs)  # (n,)
     return grad_sq * (input_sq + 1) if bias else grad_sq * input_sq
-
-
-def norm_from_squares(squares: Tensor) -> Tensor:
-    """Square roots of squared norms, with derivative 0 (not infinity) where a norm is 0.
-
-    ``sqrt`` has an infinite derivative at 0, so an example whose gradient vanishes would turn
-    the derivative of every norm-based quantity into NaN. The subgradient 0 is the one
-    ``torch.linalg.vector_norm`` uses; the inner ``where`` keeps the NaN out of the backward.
-
-    Args:
-        squares: Squared norms, any shape, entries ``>= 0`` (a negative entry, which only
-            round-off can produce, gives 0).
-
-    Returns:
-        Tensor of the same shape: their square roots.
-    """
-    if not squares.requires_grad:  # no derivative to protect: two kernels instead of four
-        return squares.clamp(min=0).sqrt()  # a round-off negative reads as 0, as below
-    positive = squares > 0
-    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
 
 
 class LinearFactors(NamedTuple):
