@@ -18,7 +18,9 @@ against the methods of such an object:
 
 :class:`MaterializedGradients` is the same interface over tensors that are already formed (the
 list of :func:`goodfellow.goodfellow_backprop`, the dict ``PerExampleGradients.grads``), so a
-statistic never asks which kind of source it got.
+statistic never asks which kind of source it got. Every kind gives squared norms;
+:func:`norm_from_squares` turns their sum over layers into the norms, with a derivative that
+stays finite where a norm is 0.
 
 A rule for a layer of your own: subclass :class:`LayerRule`, implement :meth:`~LayerRule.gradients`
 (and :meth:`~LayerRule.check` for settings it cannot handle), and register it::
