@@ -20,6 +20,7 @@ from torch import Tensor
 from goodfellow._ranks import _all_reduce, _global_count, _sums
 from goodfellow._statistics_checks import check_finite_norms, refuse_empty
 from goodfellow.layers.base import norm_from_squares
+from goodfellow.layers.shared_inputs import summed_sq_norms
 from goodfellow.sources import (  # noqa: F401  (recorded_factors: a statistic's source)
     Source,
     _batch_size,
@@ -63,7 +64,7 @@ def gradient_norms(source: Source) -> Tensor:
         gradient, as for ``torch.linalg.vector_norm``).
     """
     _, layers, _ = _layers(source)
-    return norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
+    return norm_from_squares(summed_sq_norms(layers))  # (n,)
 
 
 def gradient_mean(
@@ -102,7 +103,7 @@ def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None
     max_norm = _check_max_norm(max_norm)
     layout, layers, _ = _layers(source, allow_empty=True)
     # gradient norms have derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
-    norms = norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
+    norms = norm_from_squares(summed_sq_norms(layers))  # (n,)
     check_finite_norms(norms)
     sums, total, _ = _sums(layers, _clip_factors(norms, max_norm), group)
     return layout.pack(sums), total
@@ -267,7 +268,7 @@ def _trace_mean_total(
         (centered,) = _all_reduce([sum(parts)], group)
         trace = centered / total
     else:
-        sq = sum(layer.sq_norms().sum() for layer in layers)
+        sq = summed_sq_norms(layers).sum()
         sums, total, (sq,) = _sums(layers, None, group, sq)
         refuse_empty(total)
         mean = [[t / total for t in layer] for layer in sums]

@@ -25,6 +25,9 @@ exactly one rule:
 Where two exact computations compete (a convolution's unfolded patches or its own kernel with
 the examples as groups; Gram or materialized norms near their crossover),
 :func:`~goodfellow.layers.routes.fastest` times both once per shape and keeps the faster.
+The statistics add the layers' squared norms up through
+:func:`~goodfellow.layers.shared_inputs.summed_sq_norms`, where linear layers that read one
+input (q, k, v) share its Gram matrix.
 
 BatchNorm with trainable parameters or in training mode is refused (it mixes the examples).
 A layer of your own gets a faster rule than the fallback by subclassing

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from goodfellow._checks import display_name
 from goodfellow.layers._projections import _compare_projections, _random_directions
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
-from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.linear import LinearFactors, _sum_of_squares
 from goodfellow.layers.routes import fastest
 
 __all__ = ["ConvFactors", "ConvRule", "pad_like", "unfold_patches"]
@@ -230,7 +230,7 @@ class ConvFactors:
             chunks = [self._linear_rows(start, stop).sq_norms() for start, stop in self._chunks()]
             return torch.cat(chunks).reshape(n, g).sum(dim=1)
         self._formed = self.per_example()  # kept: the weighted sum that follows reuses them
-        return sum(torch.linalg.vector_norm(t.flatten(1), dim=1).square() for t in self._formed)
+        return sum(_sum_of_squares(t) for t in self._formed)  # (n,)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`: the convolution's weight gradient for :math:`w_i G_i`.

@@ -323,10 +323,17 @@ def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
     n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
     step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
     chunks = [
-        torch.linalg.vector_norm(batched_outer(G[s : s + step], A[s : s + step]).flatten(1), dim=1)
-        for s in range(0, n, step)
-    ]  # (chunk, o, i) each, squared and summed per example
-    return torch.cat(chunks).square() if chunks else A.new_zeros(0)
+        _sum_of_squares(batched_outer(G[s : s + step], A[s : s + step])) for s in range(0, n, step)
+    ]
+    if len(chunks) == 1:
+        return chunks[0]  # (n,): a cat of one chunk would only copy it
+    return torch.cat(chunks) if chunks else A.new_zeros(0)
+
+
+def _sum_of_squares(per_example: Tensor) -> Tensor:
+    """Each example's sum of squared entries, ``(chunk,)``: one vecdot, no square root taken."""
+    flat = per_example.flatten(1)  # (chunk, o i)
+    return torch.linalg.vecdot(flat, flat)
 
 
 def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:

