@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from goodfellow._checks import buffers_fit, check_out_buffers
+from goodfellow._buffer_checks import buffers_fit, check_out_buffers
 
 if TYPE_CHECKING:
     from goodfellow.hooks import PerExampleGradients

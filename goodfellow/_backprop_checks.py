@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from goodfellow._checks import aliased_buffer
+from goodfellow._buffer_checks import aliased_buffer, check_buffer
 
 
 def _check_not_forward_outputs(
@@ -79,16 +79,7 @@ def _check_out(
     for layer, (a, g) in enumerate(zip(activations, linear_grads)):
         weight_shape, bias_shape = (n, g.shape[1], a.shape[1]), (n, g.shape[1])
         for k, shape in ((2 * layer, weight_shape), (2 * layer + 1, bias_shape)):
-            buffer = out[k]
-            if not isinstance(buffer, Tensor):
-                raise TypeError(f"out[{k}] must be a tensor, got {type(buffer).__name__}.")
-            if tuple(buffer.shape) != shape or buffer.dtype != g.dtype or buffer.device != g.device:
-                raise ValueError(
-                    f"out[{k}] must be a {g.dtype} tensor of shape {shape} on {g.device}, got "
-                    f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}."
-                )
-            if not buffer.is_contiguous():
-                raise ValueError(f"out[{k}] must be contiguous.")
+            check_buffer(out[k], f"out[{k}]", shape, g.dtype, g.device)
     # a buffer written early that another buffer or a later layer's input lives in would
     # silently change numbers written or read afterwards
     aliased = aliased_buffer(out, [*activations, *linear_grads])

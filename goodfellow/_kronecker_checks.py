@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from goodfellow._checks import real_number
+from goodfellow._checks import check_feature_tensor, real_number
 
 if TYPE_CHECKING:
     from goodfellow.kronecker import KroneckerEigenbasis
@@ -22,18 +22,8 @@ if TYPE_CHECKING:
 
 def _check_batch(inputs: Tensor, grad_outputs: Tensor) -> None:
     """Check that ``inputs`` and ``grad_outputs`` come from one batch through one layer."""
-    for name, t in (("inputs", inputs), ("grad_outputs", grad_outputs)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{name} must be a floating-point tensor, got {t.dtype}: convert it with "
-                ".float() or .double()."
-            )
-        if t.dim() < 2:
-            raise ValueError(
-                f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
-            )
+    check_feature_tensor(inputs, "inputs")
+    check_feature_tensor(grad_outputs, "grad_outputs")
     if inputs.shape[:-1] != grad_outputs.shape[:-1]:
         raise ValueError(
             f"inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} must agree "

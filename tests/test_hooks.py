@@ -931,7 +931,7 @@ def test_bad_out():
         pe.compute_grads(out={k: v for k, v in good.items() if k != "4.bias"})
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         pe.compute_grads(out={**good, "extra": torch.empty(1)})
-    with pytest.raises(TypeError, match=r"out\['0.bias'\] must be a tensor"):
+    with pytest.raises(TypeError, match=r"out\['0.bias'\] must be a torch.Tensor"):
         pe.compute_grads(out={**good, "0.bias": 1.0})
     with pytest.raises(ValueError, match=r"out\['0.bias'\] must be a torch.float64 tensor of sh"):
         pe.compute_grads(out={**good, "0.bias": torch.empty(5, 6, dtype=torch.float32)})

@@ -660,7 +660,7 @@ def test_factors_of_a_single_use_are_views_not_copies(setting64):
         (lambda A, G: gradient_norms(LinearFactors(A.tolist(), G, True)), TypeError,
          r"layer 0: LinearFactors.inputs must be a floating-point torch.Tensor, got list"),
         (lambda A, G: linear_factors(A.long(), G.long()), TypeError,
-         r"inputs must be floating point, got torch.int64"),
+         r"inputs must be a floating-point tensor, got torch.int64"),
         (lambda A, G: gradient_mean(LinearFactors(A.long(), G.long(), True)), TypeError,
          r"LinearFactors.inputs must be a floating-point torch.Tensor, got a torch.int64"),
         (lambda A, G: gradient_mean(LinearFactors(A[:0], G[:0], True)), ValueError,
@@ -1303,3 +1303,50 @@ def test_mlp_factors_refuses_lists_that_are_not_one_mlp(mangle, error, message):
     linear_grads = torch.autograd.grad(prediction.square().sum(), linear_combs)
     with pytest.raises(error, match=message):
         goodfellow.mlp_factors(*mangle(list(activations), list(linear_grads)))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a, g: goodfellow.linear_factors(a, [g] if isinstance(a, list) else g),
+        lambda a, g: goodfellow.kfac_factors(a, g),
+    ],
+    ids=["linear_factors", "kfac_factors"],
+)
+@pytest.mark.parametrize(
+    "a, g, message, error",
+    [
+        ([[1.0, 2.0]], torch.ones(3, 4), "inputs must be a torch.Tensor, got list", TypeError),
+        (torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 4), "inputs must be a floating-point "
+         "tensor, got torch.int64: convert it with .float()", TypeError),
+        (torch.ones(3), torch.ones(3),
+         r"inputs must have shape \(n, ..., features\), got shape \(3,\)", ValueError),
+    ],
+    ids=["list", "integer", "one_dimension"],
+)  # fmt: skip
+def test_a_layers_recorded_tensors_are_checked_with_one_wording(call, a, g, message, error):
+    with pytest.raises(error, match=message):
+        call(a, g)
+
+
+def test_the_use_of_a_layer_with_bad_input_is_named():
+    good, bad = torch.ones(3, 2), torch.ones(3, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"inputs\[1\] must be a floating-point tensor"):
+        goodfellow.linear_factors([good, bad], [torch.ones(3, 4)] * 2)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda out: goodfellow.batched_outer(torch.ones(3, 4), torch.ones(3, 2), out=out),
+        lambda out: goodfellow.goodfellow_backprop(
+            [torch.ones(3, 2)], [torch.ones(3, 4)], out=[out, torch.empty(3, 4)]
+        ),
+    ],
+    ids=["batched_outer", "goodfellow_backprop"],
+)
+def test_out_buffers_are_checked_with_one_wording(call):
+    with pytest.raises(TypeError, match=r"must be a torch.Tensor, got list"):
+        call([0.0])
+    with pytest.raises(ValueError, match=r"must be a torch.float32 tensor of shape \(3, 4, 2\)"):
+        call(torch.empty(3, 2, 4))

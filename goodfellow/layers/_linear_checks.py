@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from goodfellow._checks import overlap
+from goodfellow._buffer_checks import check_buffer, overlap
+from goodfellow._checks import check_feature_tensor
 
 
 def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
@@ -29,13 +30,7 @@ def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | N
     if out is None:
         return
     shape = (g_shape[0], g_shape[-1], a_shape[-1])
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
-    if tuple(out.shape) != shape or out.dtype != inputs.dtype or out.device != inputs.device:
-        raise ValueError(
-            f"out must be a {inputs.dtype} tensor of shape {shape} on {inputs.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}."
-        )
+    check_buffer(out, "out", shape, inputs.dtype, inputs.device, contiguous=False)
     if overlap(out, grad_outputs) or overlap(out, inputs):
         raise ValueError(
             "out shares memory with grad_outputs or inputs; the products would read entries "
@@ -48,14 +43,4 @@ def _check_uses(uses: list, name: str) -> None:
     if not uses:
         raise ValueError(f"{name} is empty: pass the tensor recorded at each use of the layer.")
     for k, t in enumerate(uses):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}[{k}] must be a torch.Tensor, got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{name} must be floating point, got {t.dtype}: convert with .float() or "
-                ".double()."
-            )
-        if t.dim() < 2:
-            raise ValueError(
-                f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}."
-            )
+        check_feature_tensor(t, name if len(uses) == 1 else f"{name}[{k}]")
