@@ -35,7 +35,7 @@ from goodfellow._checks import (
     loss_reduction_of,
 )
 from goodfellow.layers.base import norm_from_squares
-from goodfellow.layers.linear import LinearFactors, batched_outer
+from goodfellow.layers.linear import LinearFactors, batched_outer, outer_sq_norms
 from goodfellow.reduction import batch_size_factor
 
 __all__ = [
@@ -259,12 +259,12 @@ def per_example_norms(
     """
     n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
-    # The linear rule's factored norm, one layer at a time (one position each); the factor n
+    # The linear rule's factored norm at one position, ||G_i||^2 (||A_i||^2 + 1), one layer at a
+    # time, called directly: wrapping each layer in LinearFactors first cost as much Python as
+    # the norms' kernels (0.6 against 0.33 ms for nine layers of 64 at n = 256). The factor n
     # goes onto the norms rather than onto every G: the same number, fewer kernels.
-    layers = [
-        LinearFactors(a[:, None], g[:, None], True) for a, g in zip(activations, linear_grads)
-    ]
-    norms = norm_from_squares(sum(layer.sq_norms() for layer in layers))  # (n,)
+    squares = sum(outer_sq_norms(g, a, bias=True) for a, g in zip(activations, linear_grads))
+    norms = norm_from_squares(squares)  # (n,)
     return norms * scale if scale != 1 else norms
 
 
