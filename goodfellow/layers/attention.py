@@ -162,26 +162,32 @@ class MultiheadAttentionRule(FallbackRule):
             w_q, w_k, w_v = (p.detach() for p in (module.q_proj_weight, module.k_proj_weight,
                                                   module.v_proj_weight))  # fmt: skip
             names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        b_q, b_k, b_v = (None,) * 3 if module.in_proj_bias is None else (
-            module.in_proj_bias.detach().chunk(3))  # fmt: skip
-        with torch.enable_grad():
-            q = F.linear(query, w_q, b_q).requires_grad_()  # (n, L, E)
-            k = F.linear(key, w_k, b_k).requires_grad_()  # (n, S, E)
-            v = F.linear(value, w_v, b_v).requires_grad_()  # (n, S, E)
-            mask = _additive_mask(bound, q, k, module)  # (n, 1, L, S) or None
-            a = _core(q, k, v, h, mask)  # (n, L, E): heads merged, before out_proj
-            d_a = G @ module.out_proj.weight.detach()  # dL/da = G W_o, (n, L, E)
-            dq, dk, dv = torch.autograd.grad(a, (q, k, v), d_a)
+        b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+        b_q, b_k, b_v = (None,) * 3 if b_in is None else b_in.chunk(3)
         bias = None if module.in_proj_bias is None else "in_proj_bias"
         out_bias = None if module.out_proj.bias is None else "out_proj.bias"
         has_bias = bias is not None
-        if module._qkv_same_embed_dim and same:  # one block: A A^T is formed once
-            dqkv = torch.cat([dq, dk, dv], dim=-1)  # (n, L, 3E)
-            projections = [(LinearFactors(query, dqkv, has_bias), "in_proj_weight", bias)]
+        packed = module._qkv_same_embed_dim and same  # one block: A A^T is formed once
+        with torch.enable_grad():
+            if packed:  # one product for q, k, v, and their gradients as one (n, L, 3E) tensor
+                qkv = F.linear(query, module.in_proj_weight.detach(), b_in).requires_grad_()
+                leaves = (qkv,)
+                q, k, v = qkv.chunk(3, dim=-1)  # (n, L, E) each
+            else:
+                q = F.linear(query, w_q, b_q).requires_grad_()  # (n, L, E)
+                k = F.linear(key, w_k, b_k).requires_grad_()  # (n, S, E)
+                v = F.linear(value, w_v, b_v).requires_grad_()  # (n, S, E)
+                leaves = (q, k, v)
+            mask = _additive_mask(bound, q, k, module)  # (n, 1, L, S) or None
+            a = _core(q, k, v, h, mask)  # (n, L, E): heads merged, before out_proj
+            d_a = G @ module.out_proj.weight.detach()  # dL/da = G W_o, (n, L, E)
+            grads = torch.autograd.grad(a, leaves, d_a)
+        if packed:
+            projections = [(LinearFactors(query, grads[0], has_bias), "in_proj_weight", bias)]
         else:
             projections = [
                 (LinearFactors(x, d, has_bias), name, bias)
-                for x, d, name in zip((query, key, value), (dq, dk, dv), names)
+                for x, d, name in zip((query, key, value), grads, names)
             ]
         out_proj = LinearFactors(a.detach(), G, out_bias is not None)
         return [*projections, (out_proj, "out_proj.weight", out_bias)]
