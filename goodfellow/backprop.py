@@ -35,7 +35,7 @@ from goodfellow._checks import (
     loss_reduction_of,
 )
 from goodfellow.layers.base import norm_from_squares
-from goodfellow.layers.linear import LinearFactors, batched_outer, outer_sq_norms
+from goodfellow.layers.linear import LinearFactors, batched_outer, outer_sq_from_row_norms
 from goodfellow.reduction import batch_size_factor
 
 __all__ = [
@@ -259,12 +259,13 @@ def per_example_norms(
     """
     n = check_layer_lists(activations, linear_grads)
     scale = batch_size_factor(loss_reduction, n)
-    # The linear rule's factored norm at one position, ||G_i||^2 (||A_i||^2 + 1), one layer at a
-    # time, called directly: wrapping each layer in LinearFactors first cost as much Python as
-    # the norms' kernels (0.6 against 0.33 ms for nine layers of 64 at n = 256). The factor n
-    # goes onto the norms rather than onto every G: the same number, fewer kernels.
-    squares = sum(outer_sq_norms(g, a, bias=True) for a, g in zip(activations, linear_grads))
-    norms = norm_from_squares(squares)  # (n,)
+    # The linear rule's factored norm at one position, ||G_i||^2 (||A_i||^2 + 1), for all layers
+    # at once: the rows' squared norms stacked, then four kernels, not four per layer (wrapping
+    # each layer in LinearFactors instead cost 0.66 ms for nine layers of 64 at n = 256, this
+    # 0.19). The factor n goes onto the norms rather than onto every G: fewer kernels.
+    grad_sq = torch.stack([torch.linalg.vecdot(g, g) for g in linear_grads])  # (L, n)
+    input_sq = torch.stack([torch.linalg.vecdot(a, a) for a in activations])  # (L, n)
+    norms = norm_from_squares(outer_sq_from_row_norms(grad_sq, input_sq, True).sum(dim=0))  # (n,)
     return norms * scale if scale != 1 else norms
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from goodfellow._buffer_checks import check_buffer, overlap
@@ -44,3 +46,38 @@ def _check_uses(uses: list, name: str) -> None:
         raise ValueError(f"{name} is empty: pass the tensor recorded at each use of the layer.")
     for k, t in enumerate(uses):
         check_feature_tensor(t, name if len(uses) == 1 else f"{name}[{k}]")
+
+
+def _check_factor_arguments(inputs: object, grad_outputs: object) -> None:
+    """Refuse :func:`linear_factors` arguments that are not one layer's uses, pair by pair."""
+    if isinstance(inputs, Tensor) != isinstance(grad_outputs, Tensor):
+        raise ValueError(
+            "pass inputs and grad_outputs both as tensors or both as lists (one per use)."
+        )
+    if not isinstance(inputs, Tensor):
+        if not isinstance(inputs, Sequence) or not isinstance(grad_outputs, Sequence):
+            raise TypeError("inputs and grad_outputs must be tensors or lists of tensors.")
+        if len(inputs) != len(grad_outputs):
+            raise ValueError(
+                f"got {len(inputs)} inputs but {len(grad_outputs)} grad_outputs: pass one of "
+                "each per use of the layer."
+            )
+        pairs = list(zip(inputs, grad_outputs))
+    else:
+        pairs = [(inputs, grad_outputs)]
+    for k, (a, g) in enumerate(pairs):
+        if isinstance(a, Tensor) and isinstance(g, Tensor) and a.shape[:-1] != g.shape[:-1]:
+            raise ValueError(
+                f"use {k}: inputs of shape {tuple(a.shape)} and grad_outputs of shape "
+                f"{tuple(g.shape)} must agree in all but the last (feature) dimension."
+            )
+
+
+def _check_laid_out(A: Tensor, G: Tensor) -> None:
+    """Refuse laid-out factors ``(n, T, d)`` of two dtypes or devices, or of an empty batch."""
+    if A.dtype != G.dtype or A.device != G.device:
+        raise ValueError(
+            f"inputs are {A.dtype} on {A.device} but grad_outputs are {G.dtype} on {G.device}."
+        )
+    if A.shape[0] == 0:
+        raise ValueError("the batch is empty (n = 0).")

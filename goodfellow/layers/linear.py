@@ -25,7 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from goodfellow._checks import display_name
-from goodfellow.layers._linear_checks import _check_outer_arguments, _check_uses
+from goodfellow.layers._linear_checks import (
+    _check_factor_arguments,
+    _check_laid_out,
+    _check_outer_arguments,
+    _check_uses,
+)
 from goodfellow.layers._projections import _projected_discrepancy
 from goodfellow.layers.base import (  # noqa: F401  (norm_from_squares: read from here too)
     LayerRule,
@@ -99,6 +104,14 @@ def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> 
     # vecdot(x, x) is each row's squared norm in one kernel
     grad_sq = torch.linalg.vecdot(grad_outputs, grad_outputs)  # (n,)
     input_sq = torch.linalg.vecdot(inputs, inputs)  # (n,)
+    return outer_sq_from_row_norms(grad_sq, input_sq, bias)
+
+
+def outer_sq_from_row_norms(grad_sq: Tensor, input_sq: Tensor, bias: bool) -> Tensor:
+    r""":math:`\|G_i\|^2 \|A_i\|^2`, or :math:`\|G_i\|^2 (\|A_i\|^2 + 1)` with the bias.
+
+    From the rows' squared norms, of any (equal) shape: ``(L, n)`` stacks several layers.
+    """
     return grad_sq * (input_sq + 1) if bias else grad_sq * input_sq
 
 
@@ -239,35 +252,10 @@ def linear_factors(
         TypeError: If the inputs are not floating-point tensors.
         ValueError: If the shapes, batch sizes, dtypes or numbers of uses do not fit together.
     """
-    if isinstance(inputs, Tensor) != isinstance(grad_outputs, Tensor):
-        raise ValueError(
-            "pass inputs and grad_outputs both as tensors or both as lists (one per use)."
-        )
-    if not isinstance(inputs, Tensor):
-        if not isinstance(inputs, Sequence) or not isinstance(grad_outputs, Sequence):
-            raise TypeError("inputs and grad_outputs must be tensors or lists of tensors.")
-        if len(inputs) != len(grad_outputs):
-            raise ValueError(
-                f"got {len(inputs)} inputs but {len(grad_outputs)} grad_outputs: pass one of "
-                "each per use of the layer."
-            )
-        pairs = list(zip(inputs, grad_outputs))
-    else:
-        pairs = [(inputs, grad_outputs)]
-    for k, (a, g) in enumerate(pairs):
-        if isinstance(a, Tensor) and isinstance(g, Tensor) and a.shape[:-1] != g.shape[:-1]:
-            raise ValueError(
-                f"use {k}: inputs of shape {tuple(a.shape)} and grad_outputs of shape "
-                f"{tuple(g.shape)} must agree in all but the last (feature) dimension."
-            )
+    _check_factor_arguments(inputs, grad_outputs)
     A = _positions(inputs, "inputs")  # (n, T, d_in)
     G = _positions(grad_outputs, "grad_outputs")  # (n, T, d_out)
-    if A.dtype != G.dtype or A.device != G.device:
-        raise ValueError(
-            f"inputs are {A.dtype} on {A.device} but grad_outputs are {G.dtype} on {G.device}."
-        )
-    if A.shape[0] == 0:
-        raise ValueError("the batch is empty (n = 0).")
+    _check_laid_out(A, G)
     scale = batch_size_factor(loss_reduction, A.shape[0])
     return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
 
