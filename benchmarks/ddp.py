@@ -33,8 +33,8 @@ process on the concatenated global batch (the naive per-example loop for the cli
 the variance, autograd's mean gradient for the plain steps, a single-process ``EKFAC``); then
 the methods are warmed up and timed in rounds, one step each, over and over, so that a change
 of the machine's load hits all of them alike; every round runs them in a new random order (the
-same on both ranks), and each timed step comes right after an untimed step of the same method,
-so that it finds the caches as its own previous step left them, as in training.
+same on both ranks), and each timed step comes right after two untimed steps of the same method,
+so that it finds the caches as its own previous steps left them, as in training.
 Both ranks start each step together (a barrier outside the timer); a step's time is the slower
 rank's. Times are medians; the check's references and tolerances are those of :func:`check`. A
 full run repeats all of this in ``--launches`` fresh pairs of rank processes: a ratio is taken
@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import goodfellow as gf
-from benchmarks.run import _versions, device_name, wait_for_quiet
+from benchmarks.run import PRIMING_STEPS, _versions, device_name, wait_for_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -496,8 +496,9 @@ def _measure(args: argparse.Namespace) -> None:
             # one emptied)
             for k in order.sample(range(len(methods)), len(methods)):
                 method = methods[k]
-                method.reset()
-                method.step()  # untimed: the timed step follows a step of its own
+                for _ in range(PRIMING_STEPS):  # untimed: the timed step follows steps of its own
+                    method.reset()
+                    method.step()
                 method.reset()
                 dist.barrier()  # both ranks start the step together
                 start = time.perf_counter()

@@ -15,8 +15,8 @@ Inside one subprocess, for each configuration:
    (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed in rounds (one step of each, repeated
    ``--runs`` times), so that a change in the machine's load hits all of them alike; each round
-   runs them in a new random order (seeded), and every timed step comes right after an untimed
-   step of the same method, as in a training loop;
+   runs them in a new random order (seeded), and every timed step comes right after two untimed
+   steps of the same method, as in a training loop (:data:`PRIMING_STEPS`);
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -52,6 +52,11 @@ QUICK_RUNS, QUICK_WARMUP = 11, 3
 ALLOCATORS = {"default": None, "thp": "1"}
 """Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
 ORDER_SEED = 0  # of the random order of the methods in each timed round
+PRIMING_STEPS = 2
+"""Untimed steps of a method right before each of its timed steps. Two, not one: the recorder
+checks its sums against autograd's on every 10th batch (``goodfellow._accounting``), and with
+two steps per round every such batch was a timed one (3 of 15 timed steps, twice the rate a
+training loop sees); with three steps per round a check falls on a timed step once in ten."""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -232,13 +237,14 @@ def benchmark_config(
     order = random.Random(ORDER_SEED)
     try:
         for _ in range(runs):
-            # every round in a new order, against drift; and before each timed step one
-            # untimed step of the same method, so that it finds the caches and the allocator's
+            # every round in a new order, against drift; and before each timed step two
+            # untimed steps of the same method, so that it finds the caches and the allocator's
             # free lists as its own previous step left them, as in a training loop (timed right
             # after another method, a light step pays for what a heavy one left behind)
             for method in order.sample(methods, len(methods)):
-                method.reset()
-                method.step()
+                for _ in range(PRIMING_STEPS):
+                    method.reset()
+                    method.step()
                 method.reset()
                 _synchronize(device)
                 faults_before = _minor_faults()
