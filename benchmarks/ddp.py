@@ -90,6 +90,8 @@ FULL_RUNS, QUICK_RUNS = 101, 31  # steps of a few ms on a shared machine: many s
 FULL_LAUNCHES, QUICK_LAUNCHES = 5, 1
 """Fresh pairs of rank processes per run; ratios are medians over them (``build_records``)."""
 FULL_WARMUP, QUICK_WARMUP = 5, 3
+FULL_INSTANCES, QUICK_INSTANCES = 3, 1
+"""Instances of each method per launch, timed in turns (``_measure``)."""
 LEARNING_RATE = 0.05
 MAX_NORM = 1.0
 """Clipping norm C of ``ddp_clipped_mean`` (digits' per-example norms are about 1-3: most clip)."""
@@ -478,12 +480,16 @@ def _measure(args: argparse.Namespace) -> None:
     deviations, methods = {}, []
     for cls in METHODS.values():
         deviations[cls.name] = check(cls(problem))
-        methods.append(cls(problem))
-    counts = {method.name: count_bytes(method) for method in methods}
-    for method in methods:
-        for _ in range(args.warmup):
-            method.reset()
-            method.step()
+        # several instances (models, DDP reducers, buckets) of each method, taken in turns: one
+        # instance can be up to 10% faster or slower than another of the same method for a
+        # whole launch (three ddp_plain instances of one launch: 0.88-1.08 of each other)
+        methods.append([cls(problem) for _ in range(args.instances)])
+    counts = {instances[0].name: count_bytes(instances[0]) for instances in methods}
+    for instances in methods:
+        for method in instances:
+            for _ in range(args.warmup):
+                method.reset()
+                method.step()
     times = torch.zeros(len(methods), args.runs, dtype=torch.float64)
     gc.collect()
     gc.disable()
@@ -495,7 +501,7 @@ def _measure(args: argparse.Namespace) -> None:
             # after the same other one, and a light step after EKFAC's paid for the caches that
             # one emptied)
             for k in order.sample(range(len(methods)), len(methods)):
-                method = methods[k]
+                method = methods[k][run % args.instances]
                 for _ in range(PRIMING_STEPS):  # untimed: the timed step follows steps of its own
                     method.reset()
                     method.step()
@@ -508,19 +514,22 @@ def _measure(args: argparse.Namespace) -> None:
     finally:
         gc.enable()
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step lasts as long as its slower rank
-    spreads = {method.name: ranks_spread(method) for method in methods}
+    spreads = {
+        instances[0].name: max(ranks_spread(method) for method in instances)
+        for instances in methods
+    }
     if args.rank == 0:
         result = {
             "threads": torch.get_num_threads(),
             "methods": {
-                method.name: {
-                    "description": method.description,
+                instances[0].name: {
+                    "description": instances[0].description,
                     "times_s": times[k].tolist(),
-                    "check_deviation": deviations[method.name],
-                    "ranks_max_param_difference": spreads[method.name],
-                    **counts[method.name],
+                    "check_deviation": deviations[instances[0].name],
+                    "ranks_max_param_difference": spreads[instances[0].name],
+                    **counts[instances[0].name],
                 }
-                for k, method in enumerate(methods)
+                for k, instances in enumerate(methods)
             },
         }
         Path(args.child_out).write_text(json.dumps(result))
@@ -546,7 +555,8 @@ def launch(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
         common = ["--batch", str(args.batch), "--runs", str(args.runs),
-                  "--warmup", str(args.warmup), "--widths", *map(str, args.widths)]  # fmt: skip
+                  "--warmup", str(args.warmup), "--instances", str(args.instances),
+                  "--widths", *map(str, args.widths)]  # fmt: skip
         processes = [
             subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.ddp", *common, "--rank", str(rank),
@@ -716,6 +726,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"fresh pairs of rank processes; ratios are medians over them (default: "
         f"{FULL_LAUNCHES} for a full run, {QUICK_LAUNCHES} with --quick)",
     )
+    parser.add_argument(
+        "--instances", type=int, default=None,
+        help=f"instances of each method per launch, timed in turns (default: {FULL_INSTANCES} "
+        f"for a full run, {QUICK_INSTANCES} with --quick)",
+    )
     parser.add_argument("--batch", type=int, default=64, help="examples per rank")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 256, 10])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds the ranks may run")
@@ -734,8 +749,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = QUICK_WARMUP if args.quick else FULL_WARMUP
     if args.launches is None:
         args.launches = QUICK_LAUNCHES if args.quick else FULL_LAUNCHES
+    if args.instances is None:
+        args.instances = QUICK_INSTANCES if args.quick else FULL_INSTANCES
     if args.launches < 1:
         parser.error(f"--launches must be >= 1, got {args.launches}.")
+    if args.instances < 1:
+        parser.error(f"--instances must be >= 1, got {args.instances}.")
     if args.runs < 1 or args.warmup < 0:
         parser.error(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}.")
     widths = args.widths
@@ -787,6 +806,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "quick": args.quick,
             "runs": args.runs,
             "launches": args.launches,
+            "instances": args.instances,
             "warmup": args.warmup,
             "quiet_wait_s": waited,
             "learning_rate": LEARNING_RATE,

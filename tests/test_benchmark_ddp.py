@@ -50,7 +50,7 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "results_ddp.json"
     command = [
         sys.executable, "-m", "benchmarks.ddp", "--quick", "--runs", "2", "--warmup", "1",
-        "--launches", str(LAUNCHES), "--batch", str(BATCH), "--widths", *map(str, WIDTHS),
+        "--launches", str(LAUNCHES), "--instances", "2", "--batch", str(BATCH), "--widths", *map(str, WIDTHS),
         "--out", str(out), "--timeout", str(TIMEOUT_S - 30),
     ]  # fmt: skip
     try:
@@ -107,6 +107,7 @@ def test_the_targets_are_judged(results):
     )
     assert diagnostics["ddp_torch_allreduce_hook / ddp_plain"] == statistics.median(bare)
     assert results["meta"]["launches"] == LAUNCHES
+    assert results["meta"]["instances"] == 2
     assert results["meta"]["world_size"] == 2
     assert len(results["meta"]["load_average"]) == 2
 
@@ -121,6 +122,7 @@ def test_the_targets_are_judged(results):
         (["--batch", "899"], r"must be in \[1, 898\]"),
         (["--runs", "0"], r"--runs must be >= 1"),
         (["--launches", "0"], r"--launches must be >= 1"),
+        (["--instances", "0"], r"--instances must be >= 1"),
         (["--timeout", "0"], r"--timeout must be a positive"),
     ],
 )
