@@ -109,6 +109,17 @@ def check_feature_tensor(t: object, name: str) -> None:
         raise ValueError(f"{name} must have shape (n, ..., features), got shape {tuple(t.shape)}.")
 
 
+def check_same_kind(
+    x: Tensor, x_name: str, y: Tensor, y_name: str,
+    fix: str = "cast both to one dtype on one device",
+) -> None:
+    """Refuse two tensors of different dtypes or devices, which one product needs alike."""
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ValueError(
+            f"{x_name} is {x.dtype} on {x.device} but {y_name} is {y.dtype} on {y.device}; {fix}."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules PerExampleGradients cannot record
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from goodfellow._checks import integer_number, real_number
+from goodfellow._checks import check_same_kind, integer_number, real_number
 
 
 def _check_callable(fun: object, name: str) -> None:
@@ -105,10 +105,7 @@ def _check_pairs(dx: object, df: object) -> None:
             f"dx and df must hold one row per pair, got shapes {tuple(dx.shape)} and "
             f"{tuple(df.shape)} (all but the last dimension must agree)."
         )
-    if dx.dtype != df.dtype or dx.device != df.device:
-        raise ValueError(
-            f"dx is {dx.dtype} on {dx.device} but df is {df.dtype} on {df.device}: convert one."
-        )
+    check_same_kind(dx, "dx", df, "df", "convert one")
     _check_finite(dx, "dx")
     _check_finite(df, "df")
 

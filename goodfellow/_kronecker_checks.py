@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from goodfellow._checks import check_feature_tensor, real_number
+from goodfellow._checks import check_feature_tensor, check_same_kind, real_number
 
 if TYPE_CHECKING:
     from goodfellow.kronecker import KroneckerEigenbasis
@@ -32,11 +32,7 @@ def _check_batch(inputs: Tensor, grad_outputs: Tensor) -> None:
         )
     if inputs.shape[0] == 0:
         raise ValueError("the batch is empty (n = 0): curvature needs at least one example.")
-    if inputs.dtype != grad_outputs.dtype or inputs.device != grad_outputs.device:
-        raise ValueError(
-            f"inputs is {inputs.dtype} on {inputs.device} but grad_outputs is "
-            f"{grad_outputs.dtype} on {grad_outputs.device}; use one dtype on one device."
-        )
+    check_same_kind(inputs, "inputs", grad_outputs, "grad_outputs")
 
 
 def _check_basis(basis: object) -> None:
@@ -53,12 +49,10 @@ def _check_like_basis(t: object, name: str, basis: KroneckerEigenbasis) -> None:
     """``t`` must be a tensor in the basis's dtype and on its device, else matmuls fail deep."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    like = basis.input_eigenvectors
-    if t.dtype != like.dtype or t.device != like.device:
-        raise ValueError(
-            f"{name} is {t.dtype} on {t.device} but the basis is {like.dtype} on {like.device}; "
-            "compute the basis from factors of the same dtype and device, or convert."
-        )
+    check_same_kind(
+        t, name, basis.input_eigenvectors, "the basis",
+        "compute the basis from factors of the same dtype and device, or convert",
+    )
 
 
 def _check_damping(damping: float) -> float:
@@ -95,8 +89,4 @@ def _check_factors(A: Tensor, G: Tensor) -> None:
                 "kfac_factors returns (symmetrize with (M + M.T) / 2 if it is one up to "
                 "round-off)."
             )
-    if A.dtype != G.dtype or A.device != G.device:
-        raise ValueError(
-            f"A is {A.dtype} on {A.device} but G is {G.dtype} on {G.device}; use one dtype on "
-            "one device."
-        )
+    check_same_kind(A, "A", G, "G")

@@ -32,6 +32,7 @@ from goodfellow._checks import (
     LossFunction,
     check_model_batch,
     check_plain_mean,
+    check_same_kind,
     loss_reduction_of,
 )
 from goodfellow.layers.base import norm_from_squares
@@ -93,11 +94,10 @@ def check_layer_lists(
                     f"shape {tuple(t.shape)}; for inputs with extra dimensions use "
                     "goodfellow.PerExampleGradients."
                 )
-        if a.dtype != g.dtype or a.device != g.device:
-            raise ValueError(
-                f"layer {layer}: activations is {a.dtype} on {a.device} but linear_grads is "
-                f"{g.dtype} on {g.device}; compute both in one dtype on one device."
-            )
+        check_same_kind(
+            a, f"layer {layer}: activations", g, "linear_grads",
+            "compute both in one dtype on one device",
+        )
     n = activations[0].shape[0]
     if n == 0 and not allow_empty:
         raise ValueError("the batch is empty (n = 0): per-example gradients need an example.")

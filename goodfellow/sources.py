@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from goodfellow._assembly import require_backward
+from goodfellow._checks import check_same_kind
 from goodfellow.layers.base import MaterializedGradients
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.transforms import PerExampleGrads, _unpack
@@ -182,11 +183,9 @@ def _check_layers(layers: Sequence, allow_empty: bool) -> int:
                 f"(n, T, d_out), got {tuple(A.shape)} and {tuple(G.shape)}; build them with "
                 "linear_factors."
             )
-        if A.dtype != G.dtype or A.device != G.device:
-            raise ValueError(
-                f"layer {k}: LinearFactors.inputs are {A.dtype} on {A.device} but grad_outputs "
-                f"are {G.dtype} on {G.device}; use one dtype and device."
-            )
+        check_same_kind(
+            A, f"layer {k}: LinearFactors.inputs", G, "grad_outputs", "use one dtype and device"
+        )
     n = layers[0].batch_size
     like = _example_tensor(layers[0])
     for k, layer in enumerate(layers):
@@ -196,11 +195,9 @@ def _check_layers(layers: Sequence, allow_empty: bool) -> int:
                 "must come from one batch."
             )
         t = _example_tensor(layer)
-        if t.dtype != like.dtype or t.device != like.device:
-            raise ValueError(
-                f"layer {k} is {t.dtype} on {t.device} but layer 0 is {like.dtype} on "
-                f"{like.device}; all layers must share one dtype and device."
-            )
+        check_same_kind(
+            t, f"layer {k}", like, "layer 0", "all layers must share one dtype and device"
+        )
     if n == 0 and not allow_empty:
         raise ValueError("the batch is empty (n = 0): an average over examples needs an example.")
     return n

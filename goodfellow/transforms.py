@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from goodfellow._checks import check_same_kind
+
 __all__ = [
     "assign_grads",
     "clip_to_norm",
@@ -101,11 +103,10 @@ def _unpack(
                 f"per_example_grads entry {label} holds {g.shape[0]} examples but entry "
                 f"{labels[0]} holds {n}: all entries must come from one batch."
             )
-        if g.dtype != first.dtype or g.device != first.device:
-            raise ValueError(
-                f"per_example_grads entry {label} is {g.dtype} on {g.device} but entry "
-                f"{labels[0]} is {first.dtype} on {first.device}; use one dtype and device."
-            )
+        check_same_kind(
+            g, f"per_example_grads entry {label}", first, f"entry {labels[0]}",
+            "use one dtype and device",
+        )
     return keys, tensors, n
 
 
@@ -286,11 +287,10 @@ def assign_grads(params_or_model: nn.Module | Iterable[Tensor], grads: PerExampl
                 f"parameter has shape {tuple(p.shape)}; pass averaged gradients (no batch "
                 "dimension), in the order of the parameters."
             )
-        if g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(
-                f"the gradient for parameter {name} is {g.dtype} on {g.device} but the parameter "
-                f"is {p.dtype} on {p.device}."
-            )
+        check_same_kind(
+            g, f"the gradient for parameter {name}", p, "the parameter",
+            "convert it with .to(param)",
+        )
     for _, p, g in pairs:
         p.grad = g.detach().clone()
 

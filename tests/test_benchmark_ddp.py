@@ -50,7 +50,8 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "results_ddp.json"
     command = [
         sys.executable, "-m", "benchmarks.ddp", "--quick", "--runs", "2", "--warmup", "1",
-        "--launches", str(LAUNCHES), "--instances", "2", "--batch", str(BATCH), "--widths", *map(str, WIDTHS),
+        "--launches", str(LAUNCHES), "--instances", "2", "--batch", str(BATCH),
+        "--widths", *map(str, WIDTHS),
         "--out", str(out), "--timeout", str(TIMEOUT_S - 30),
     ]  # fmt: skip
     try:

@@ -9,6 +9,7 @@ factored route (LinearFactors) is compared with the materialized one on every st
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -1350,3 +1351,36 @@ def test_out_buffers_are_checked_with_one_wording(call):
         call([0.0])
     with pytest.raises(ValueError, match=r"must be a torch.float32 tensor of shape \(3, 4, 2\)"):
         call(torch.empty(3, 2, 4))
+
+
+F32, F64 = torch.ones(3, 2), torch.ones(3, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "call, names",
+    [
+        (lambda: goodfellow.linear_factors(F32, F64), ("inputs", "grad_outputs")),
+        (lambda: goodfellow.kfac_factors(F32, F64), ("inputs", "grad_outputs")),
+        (lambda: goodfellow.batched_outer(F64, F32), ("grad_outputs", "inputs")),
+        (lambda: goodfellow.goodfellow_backprop([F32], [F64]),
+         ("layer 1: activations", "linear_grads")),
+        (lambda: goodfellow.gradient_norms(
+            goodfellow.LinearFactors(F32[:, None], F64[:, None], True)),
+         ("layer 0: LinearFactors.inputs", "grad_outputs")),
+        (lambda: goodfellow.gradient_norms([F32, F64]),
+         ("per_example_grads entry [1]", "entry [0]")),
+    ],
+    ids=["linear_factors", "kfac_factors", "batched_outer", "goodfellow_backprop",
+         "factors_source", "materialized_source"],
+)  # fmt: skip
+def test_mixed_dtypes_are_refused_with_one_wording(call, names):
+    first, second = names
+    first_dtype, second_dtype = ("float64", "float32") if first in (
+        "grad_outputs", "per_example_grads entry [1]"
+    ) else ("float32", "float64")  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(first)} is torch\.{first_dtype} on cpu but {re.escape(second)} is "
+        rf"torch\.{second_dtype} on cpu; ",
+    ):
+        call()

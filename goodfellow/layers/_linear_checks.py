@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from goodfellow._buffer_checks import check_buffer, overlap
-from goodfellow._checks import check_feature_tensor
+from goodfellow._checks import check_feature_tensor, check_same_kind
 
 
 def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None) -> None:
@@ -24,11 +24,7 @@ def _check_outer_arguments(grad_outputs: Tensor, inputs: Tensor, out: Tensor | N
             "must be (n, ..., d_out) and (n, ..., d_in) with the same n and the same middle "
             "dimensions (the layer's output gradient and its input, example by example)."
         )
-    if grad_outputs.dtype != inputs.dtype or grad_outputs.device != inputs.device:
-        raise ValueError(
-            f"grad_outputs is {grad_outputs.dtype} on {grad_outputs.device} but inputs is "
-            f"{inputs.dtype} on {inputs.device}; cast both to one dtype on one device."
-        )
+    check_same_kind(grad_outputs, "grad_outputs", inputs, "inputs")
     if out is None:
         return
     shape = (g_shape[0], g_shape[-1], a_shape[-1])
@@ -75,9 +71,6 @@ def _check_factor_arguments(inputs: object, grad_outputs: object) -> None:
 
 def _check_laid_out(A: Tensor, G: Tensor) -> None:
     """Refuse laid-out factors ``(n, T, d)`` of two dtypes or devices, or of an empty batch."""
-    if A.dtype != G.dtype or A.device != G.device:
-        raise ValueError(
-            f"inputs are {A.dtype} on {A.device} but grad_outputs are {G.dtype} on {G.device}."
-        )
+    check_same_kind(A, "inputs", G, "grad_outputs")
     if A.shape[0] == 0:
         raise ValueError("the batch is empty (n = 0).")
