@@ -76,7 +76,13 @@ def assemble(pe: PerExampleGradients, out: Mapping[str, Tensor] | None) -> dict[
     require_backward(pe)
     graph = differentiable(pe)
     if out is not None:
-        check_out_buffers(out, result_specs(pe), graph)
+        recorded = [
+            t
+            for record in pe.layers.values()
+            for t in (*record.inputs, *record.grad_outputs)
+            if isinstance(t, Tensor)
+        ]
+        check_out_buffers(out, result_specs(pe), graph, recorded)
     params = pe._params
     grads: dict[str, Tensor] = {}
     with torch.set_grad_enabled(graph):
@@ -96,7 +102,8 @@ def assemble(pe: PerExampleGradients, out: Mapping[str, Tensor] | None) -> dict[
             ]
             per_example = record.gradients(graph).per_example(buffers)
             for p_name, g in zip(full, per_example):
-                g = g.to(params[p_name].dtype)  # like .grad, also under autocast
+                dtype = params[p_name].dtype
+                g = g if g.dtype == dtype else g.to(dtype)  # like .grad, also under autocast
                 grads[p_name] = g if p_name not in grads else grads[p_name] + g
     for p_name, buffer in (out or {}).items():
         if grads[p_name] is not buffer:  # shared parameters were summed out of place

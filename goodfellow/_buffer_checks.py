@@ -89,8 +89,13 @@ def check_out_buffers(
     out: Mapping[str, Tensor],
     specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
     differentiable: bool,
+    recorded: Sequence[Tensor] = (),
 ) -> None:
-    """Validate a workspace passed as ``out=`` against the results it must hold."""
+    """Validate a workspace passed as ``out=`` against the results it must hold.
+
+    ``recorded``: the tensors the results are computed from (the layers' recorded inputs and
+    output gradients), which no buffer may share memory with.
+    """
     if not isinstance(out, Mapping):
         raise TypeError(
             f"out must be a dict from parameter name to tensor, got {type(out).__name__}."
@@ -108,11 +113,13 @@ def check_out_buffers(
     for p_name, (shape, dtype, device) in specs.items():
         check_buffer(out[p_name], f"out[{p_name!r}]", shape, dtype, device)
     names = list(specs)
-    aliased = aliased_buffer([out[p_name] for p_name in names])
-    if aliased is not None:  # one buffer for two results: the first would be overwritten
+    # one buffer for two results, or for a result and what a later one is computed from:
+    # entries would be overwritten before they are read
+    aliased = aliased_buffer([out[p_name] for p_name in names], recorded)
+    if aliased is not None:
         raise ValueError(
-            f"out[{names[aliased]!r}] shares memory with another entry of out; every "
-            "parameter needs a buffer of its own."
+            f"out[{names[aliased]!r}] shares memory with another entry of out or with a "
+            "recorded input or output gradient; every parameter needs a buffer of its own."
         )
 
 

@@ -36,7 +36,7 @@ from goodfellow._checks import (
     loss_reduction_of,
 )
 from goodfellow.layers.base import norm_from_squares
-from goodfellow.layers.linear import LinearFactors, batched_outer, outer_sq_from_row_norms
+from goodfellow.layers.linear import LinearFactors, _batched_outer, outer_sq_from_row_norms
 from goodfellow.reduction import batch_size_factor
 
 __all__ = [
@@ -182,12 +182,12 @@ def _outer_products(
     for layer, (a, g) in enumerate(zip(activations, linear_grads)):
         g = g * scale if scale != 1 else g  # (n, o): example i's own dL_i/dZ_i
         if out is None:
-            grads.append(batched_outer(g, a))  # (n, o, i)
+            grads.append(_batched_outer(g, a))  # (n, o, i)
             # a copy, never the caller's tensor: clipping the result in place must not change
             # linear_grads (nor fail on autograd's expanded gradient of a sum)
             grads.append(g if scale != 1 else g.clone())  # (n, o)
         else:
-            grads.append(batched_outer(g, a, out=out[2 * layer]))  # (n, o, i)
+            grads.append(_batched_outer(g, a, out=out[2 * layer]))  # (n, o, i)
             grads.append(out[2 * layer + 1].copy_(g))  # (n, o)
     return grads
 

@@ -81,7 +81,7 @@ from goodfellow._kronecker_checks import (
     _check_factors,
     _check_like_basis,
 )
-from goodfellow.layers.linear import batched_outer
+from goodfellow.layers.linear import _batched_outer
 
 __all__ = [
     "KroneckerEigenbasis",
@@ -275,7 +275,7 @@ def ekfac_scalings(inputs: Tensor, grad_outputs: Tensor, basis: KroneckerEigenba
     delta_rotated = grad_outputs @ U_G  # (n, ..., d_out): rows are (U_Gᵀ δ)ᵀ
     if inputs.dim() == 2:
         return delta_rotated.square().T @ a_rotated.square() / n  # (d_out, d_in + 1)
-    rotated_grads = batched_outer(delta_rotated, a_rotated)  # (n, d_out, d_in + 1)
+    rotated_grads = _batched_outer(delta_rotated, a_rotated)  # (n, d_out, d_in + 1)
     return rotated_grads.square().mean(0)  # (d_out, d_in + 1)
 
 

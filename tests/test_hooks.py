@@ -459,6 +459,19 @@ def test_out_buffers_may_be_views_of_one_flat_buffer_but_not_share_memory():
         pe.compute_grads(out=shared)
 
 
+def test_an_out_buffer_holding_a_recorded_input_is_refused():
+    # the layer's input lives in its own weight buffer: writing the first example's gradient
+    # would overwrite inputs of examples not yet written
+    model = torch.nn.Linear(4, 4).double()
+    buffer = torch.randn(3, 4, 4, dtype=torch.float64)
+    x = buffer[:, 0, :]  # (3, 4), a view of the buffer
+    with PerExampleGradients(model, loss_reduction="sum") as pe:
+        model(x).square().sum().backward()
+        out = {"weight": buffer, "bias": torch.empty(3, 4, dtype=torch.float64)}
+        with pytest.raises(ValueError, match=r"out\['weight'\] shares memory .* recorded input"):
+            pe.compute_grads(out=out)
+
+
 # ----------------------------------------------------------------------------- mixed precision
 
 

@@ -67,6 +67,15 @@ def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = Non
             shares memory with an input.
     """
     _check_outer_arguments(grad_outputs, inputs, out)
+    return _batched_outer(grad_outputs, inputs, out)
+
+
+def _batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
+    """:func:`batched_outer` for arguments already checked where they came in.
+
+    The rules, :func:`goodfellow.goodfellow_backprop` and KFAC call it once per layer and
+    batch; their entry points have checked the shapes, dtypes and buffers.
+    """
     n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
     if grad_outputs.dim() == 2:
         # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
@@ -158,11 +167,11 @@ class LinearFactors(NamedTuple):
         out = [None, None] if out is None else list(out)
         if A.shape[1] == 1:  # one position: the broadcast product, not a bmm of inner size 1
             A, G = A[:, 0], G[:, 0]  # (n, i), (n, o)
-            result = [batched_outer(G, A, out=out[0])]  # (n, o, i)
+            result = [_batched_outer(G, A, out=out[0])]  # (n, o, i)
             if has_bias:
                 result.append(G.clone() if out[1] is None else out[1].copy_(G))  # (n, o)
             return result
-        result = [batched_outer(G, A, out=out[0])]  # (n, o, i)
+        result = [_batched_outer(G, A, out=out[0])]  # (n, o, i)
         if has_bias:
             bias = G.sum(dim=1)  # (n, o)
             result.append(bias if out[1] is None else out[1].copy_(bias))
@@ -210,10 +219,14 @@ class LinearFactors(NamedTuple):
         return A, G
 
 
-def _positions(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
+def _as_uses(tensors: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A layer's recorded tensors as a list with one entry per use."""
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def _positions(tensors: Tensor | Sequence[Tensor]) -> Tensor:
     """Reshape one use ``(n, ..., d)`` or several uses of a layer into ``(n, T, d)``."""
-    uses = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    _check_uses(uses, name)
+    uses = _as_uses(tensors)
     n = uses[0].shape[0]
     # views where the layout allows; the sizes are explicit, as -1 is ambiguous when n = 0
     laid_out = [t.reshape(n, math.prod(t.shape[1:-1]), t.shape[-1]) for t in uses]
@@ -253,8 +266,10 @@ def linear_factors(
         ValueError: If the shapes, batch sizes, dtypes or numbers of uses do not fit together.
     """
     _check_factor_arguments(inputs, grad_outputs)
-    A = _positions(inputs, "inputs")  # (n, T, d_in)
-    G = _positions(grad_outputs, "grad_outputs")  # (n, T, d_out)
+    _check_uses(_as_uses(inputs), "inputs")
+    _check_uses(_as_uses(grad_outputs), "grad_outputs")
+    A = _positions(inputs)  # (n, T, d_in)
+    G = _positions(grad_outputs)  # (n, T, d_out)
     _check_laid_out(A, G)
     scale = batch_size_factor(loss_reduction, A.shape[0])
     return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
@@ -311,7 +326,8 @@ def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
     n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
     step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
     chunks = [
-        _sum_of_squares(batched_outer(G[s : s + step], A[s : s + step])) for s in range(0, n, step)
+        _sum_of_squares(_batched_outer(G[s : s + step], A[s : s + step]))
+        for s in range(0, n, step)
     ]  # (chunk,) each; a cat of a single chunk would only copy it
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks) if chunks else A.new_zeros(0)
 
@@ -350,7 +366,7 @@ def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:
     if A.shape[1] == 1:
         weight = G[:, 0].square().T @ A[:, 0].square()  # (o, i)
     else:
-        weight = batched_outer(G, A).square().sum(dim=0)  # (n, o, i) -> (o, i)
+        weight = _batched_outer(G, A).square().sum(dim=0)  # (n, o, i) -> (o, i)
     return [weight, G.sum(dim=1).square().sum(dim=0)] if has_bias else [weight]  # (o,)
 
 
@@ -378,9 +394,9 @@ class LinearRule(LayerRule):
             grad_outputs = [g.to(weight.dtype) for g in grad_outputs]
         # Under autocast the layer computed in g's dtype from its input rounded to it: round the
         # input the same way, as the layer's own backward does.
-        inputs = [a.to(g.dtype) for a, g in zip(inputs, grad_outputs)]
-        A = _positions(inputs, "inputs")  # (n, T, d_in)
-        G = _positions(grad_outputs, "grad_outputs")  # (n, T, d_out)
+        inputs = [a if a.dtype == g.dtype else a.to(g.dtype) for a, g in zip(inputs, grad_outputs)]
+        A = _positions(inputs)  # (n, T, d_in)
+        G = _positions(grad_outputs)  # (n, T, d_out)
         has_bias = module.bias is not None and module.bias.requires_grad
         if not weight.requires_grad:  # a frozen weight with a trained bias: only sum_t G_t
             return MaterializedGradients([G.sum(dim=1)], ("bias",))  # (n, o)
