@@ -40,6 +40,8 @@ rank's. Times are medians; the check's references and tolerances are those of :f
 full run repeats all of this in ``--launches`` fresh pairs of rank processes: a ratio is taken
 inside each launch, and the reported one is the median over the launches (a whole launch can be
 lucky or unlucky: six single launches of the same code gave the noise-scale hook 1.02-1.17).
+Inside a launch every method has ``--instances`` instances (models, DDP reducers, buckets),
+timed in turns: two instances of one method can differ by several percent for a whole launch.
 
 Bytes each rank sends per step: every ``torch.distributed`` collective issued from Python (the
 library's all-reduces and the noise-scale hook's) is counted by wrapping the functions of
