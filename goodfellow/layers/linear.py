@@ -306,19 +306,31 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     else:
         key = ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
         weight = fastest(key, routes, A.device)
-    if has_bias:
-        weight = weight + G.sum(dim=1).square().sum(dim=1)  # (n,)
-    return weight
+    return weight + _bias_sq_norms(G) if has_bias else weight
 
 
-def _gram_sq_norms(A: Tensor, G: Tensor) -> Tensor:
-    """``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``."""
+def _bias_sq_norms(G: Tensor) -> Tensor:
+    r""":math:`\|\sum_t G_t\|^2` per example, ``(n,)``: the bias gradient's squared norm."""
+    return G.sum(dim=1).square().sum(dim=1)
+
+
+def _gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
+    r"""``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``.
+
+    Several output gradients :math:`G_l` of layers that read the same input :math:`A` (q, k, v:
+    :mod:`goodfellow.layers.shared_inputs`) add their Grams before the one dot, since
+    :math:`\sum_l \langle G_l G_l^\top, A A^\top\rangle = \langle \sum_l G_l G_l^\top,
+    A A^\top\rangle`.
+    """
+    first, *more = [G] if isinstance(G, Tensor) else G
     n = A.shape[0]
-    gram_G = torch.bmm(G, G.transpose(1, 2)).view(n, -1)  # (n, t s)
-    gram_A = torch.bmm(A, A.transpose(1, 2)).view(n, -1)  # (n, t s)
+    gram_G = torch.bmm(first, first.transpose(1, 2))  # (n, t, s)
+    for G_l in more:
+        gram_G.baddbmm_(G_l, G_l.transpose(1, 2))  # (n, t, s), summed over the layers
+    gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, s)
     # a batched dot, no (n, t, s) product formed; vecdot, not a bmm of (1, ts) by (ts, 1)
     # blocks, which was 20x slower (0.66 vs 0.03 ms at n = 32, T = 64)
-    return torch.linalg.vecdot(gram_G, gram_A)  # (n,)
+    return torch.linalg.vecdot(gram_G.view(n, -1), gram_A.view(n, -1))  # (n,)
 
 
 def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-import torch
 from torch import Tensor
 
-from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.linear import LinearFactors, _bias_sq_norms, _gram_sq_norms
 from goodfellow.layers.routes import fastest
 
 __all__ = ["summed_sq_norms"]
@@ -84,16 +83,5 @@ def _group_sq_norms(group: list[LinearFactors]) -> Tensor:
 
 def _shared_gram_sq_norms(group: list[LinearFactors]) -> Tensor:
     r"""``einsum("nts,nts->n", sum_l G_l G_l^T, A A^T)`` plus the biases' :math:`\|\sum_t G\|^2`."""
-    A = group[0].inputs  # (n, T, d_in)
-    n = A.shape[0]
-    gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, s)
-    grams_G = None
-    bias = A.new_zeros(n)
-    for G, has_bias in ((layer.grad_outputs, layer.bias) for layer in group):
-        if grams_G is None:
-            grams_G = torch.bmm(G, G.transpose(1, 2))  # (n, t, s)
-        else:
-            grams_G.baddbmm_(G, G.transpose(1, 2))  # (n, t, s), summed over l
-        if has_bias:
-            bias = bias + G.sum(dim=1).square().sum(dim=1)  # (n,)
-    return torch.linalg.vecdot(grams_G.view(n, -1), gram_A.view(n, -1)) + bias  # (n,)
+    weight = _gram_sq_norms(group[0].inputs, [layer.grad_outputs for layer in group])  # (n,)
+    return sum((_bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias), weight)
