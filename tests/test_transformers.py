@@ -24,6 +24,7 @@ from goodfellow import (
     torch_func_per_example_grads,
 )
 from goodfellow.layers import embedding as embedding_rule
+from goodfellow.layers import routes
 from goodfellow.layers.embedding import EmbeddingGradients, _gram_sq_norms
 from tests.conftest import TOLERANCES
 
@@ -283,7 +284,10 @@ def test_embedding_norms_both_ways_and_sums_against_materialized(t):
     squares = naive.square().sum(dim=(1, 2))
     torch.testing.assert_close(_gram_sq_norms(x, G), squares, **F64)
     torch.testing.assert_close(layer._unique_sq_norms(), squares, **F64)
-    torch.testing.assert_close(layer.sq_norms(), squares, **F64)
+    for route in ("gram", "unique"):
+        with routes.forced(route):
+            torch.testing.assert_close(layer.sq_norms(), squares, **F64)
+    torch.testing.assert_close(layer.sq_norms(), squares, **F64)  # the timed choice
     w = torch.randn(3, dtype=torch.float64)
     torch.testing.assert_close(layer.weighted_sum(w)[0], torch.einsum("n,nvd->vd", w, naive), **F64)
     torch.testing.assert_close(layer.square_sum()[0], naive.square().sum(dim=0), **F64)
