@@ -24,16 +24,23 @@ def _all_reduce(tensors: list[Tensor], group: object) -> list[Tensor]:
     return [piece.reshape(t.shape) for piece, t in zip(torch.split(flat, sizes), tensors)]
 
 
-def _sums(layers: list, weights: Tensor | None, group: object, *extra: Tensor) -> tuple:
+def _sums(
+    layers: list, weights: Tensor | None, group: object, *extra: Tensor,
+    done: dict[int, list[Tensor]] | None = None,
+) -> tuple:
     r""":math:`\sum_i w_i g_i` per layer (``w = 1`` when ``None``), the global ``n``, ``extra``.
 
-    All summed over the ranks of ``group`` in one all-reduce.
+    All summed over the ranks of ``group`` in one all-reduce. ``done``: the local sums of some
+    layers, by index, already computed (the clipped sum's formed layers).
     """
     like = _example_tensor(layers[0])
     n = layers[0].batch_size
     if weights is None:
         weights = torch.ones(n, dtype=like.dtype, device=like.device)  # (n,)
-    per_layer = [layer.weighted_sum(weights) for layer in layers]
+    done = done or {}
+    per_layer = [
+        done[k] if k in done else layer.weighted_sum(weights) for k, layer in enumerate(layers)
+    ]
     flat = [t for results in per_layer for t in results]
     if group is None:  # no tensor for the count: no host sync, and meta tensors work
         sums, total, extra = flat, n, list(extra)

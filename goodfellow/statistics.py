@@ -20,6 +20,7 @@ from torch import Tensor
 from goodfellow._ranks import _all_reduce, _global_count, _sums
 from goodfellow._statistics_checks import check_finite_norms, refuse_empty
 from goodfellow.layers.base import norm_from_squares
+from goodfellow.layers.formed_clipping import norms_and_formed_sums
 from goodfellow.layers.shared_inputs import summed_sq_norms
 from goodfellow.sources import (  # noqa: F401  (recorded_factors: a statistic's source)
     Source,
@@ -103,9 +104,9 @@ def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None
     max_norm = _check_max_norm(max_norm)
     layout, layers, _ = _layers(source, allow_empty=True)
     # gradient norms have derivative 0 at a zero gradient, so the clamp's 0 stays 0 (no NaN)
-    norms = norm_from_squares(summed_sq_norms(layers))  # (n,)
+    norms, formed = norms_and_formed_sums(layers, max_norm, _clip_factors)  # (n,)
     check_finite_norms(norms)
-    sums, total, _ = _sums(layers, _clip_factors(norms, max_norm), group)
+    sums, total, _ = _sums(layers, _clip_factors(norms, max_norm), group, done=formed)
     return layout.pack(sums), total
 
 
@@ -119,9 +120,12 @@ def clipped_mean(
     weighted sum :math:`\sum_i w_i g_i` with :math:`w_i = \min(1, C/\|g_i\|)/n`. In factored
     form that is one contraction per layer, ``einsum("n,nto,nti->oi", w, G, A)``: the rows of
     :math:`G` are rescaled before the usual batch-gradient product, and no ``n * P`` tensor
-    is formed (the norms come from :func:`gradient_norms`, layer by layer: where a layer's
-    norms are cheaper from its formed per-example gradients than from the Gram form, a
-    convolution keeps those, ``n`` times its parameters, for its weighted sum). Abadi et al. 2016,
+    is formed (the norms come from :func:`gradient_norms`, layer by layer). Where a layer's
+    norms are cheaper from its formed per-example gradients than from the Gram form, the
+    weighted sum reuses them instead of a second product: linear layers at several positions
+    are formed a chunk of examples at a time, all together, and each chunk's clipped sum taken
+    before the next (:mod:`goodfellow.layers.formed_clipping`); a convolution keeps its formed
+    gradients, ``n`` times its parameters, for its weighted sum. Abadi et al. 2016,
     arXiv:1607.00133; the noise DP-SGD adds afterwards is not part of this function.
 
     Args:

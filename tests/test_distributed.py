@@ -83,11 +83,26 @@ def recorded_source(part: slice) -> dict:
     return gf.recorded_factors(pe)
 
 
+def sequence_source(part: slice) -> dict:
+    # Linear layers at 8 positions of widths 2 and 3: their norms are formed per example (the
+    # Gram count is over 4x larger), so the clipped mean takes the one-pass formed sums
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(N, 8, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (N, 8), generator=g)
+    with gf.PerExampleGradients(model, loss_reduction="sum") as pe:
+        logits = model(x[part])  # (n, 8, 2)
+        F.cross_entropy(logits.flatten(0, 1), y[part].flatten(), reduction="sum").backward()
+    return gf.recorded_factors(pe)
+
+
 SOURCES: dict[str, Callable[[slice], object]] = {
     "list": materialized_list,
     "dict": materialized_dict,
     "mlp_factors": mlp_source,
     "recorded_factors": recorded_source,
+    "sequence_factors": sequence_source,
 }
 
 STATISTICS: dict[str, Callable[..., object]] = {

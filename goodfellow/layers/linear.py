@@ -38,7 +38,7 @@ from goodfellow.layers.base import (  # noqa: F401  (norm_from_squares: read fro
     norm_from_squares,
     register_rule,
 )
-from goodfellow.layers.routes import fastest
+from goodfellow.layers.routes import decided, fastest, forced_route
 from goodfellow.reduction import batch_size_factor
 
 
@@ -293,20 +293,45 @@ def _layer_sq_norms(layer: LinearFactors) -> Tensor:
     both are timed once per shape (:func:`goodfellow.layers.routes.fastest`).
     """
     A, G, has_bias = layer
-    n, positions, d_in = A.shape
-    d_out = G.shape[2]
-    if positions == 1:
+    if A.shape[1] == 1:
         return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
-    gram, materialized = positions * (d_in + d_out), d_in * d_out
     routes = {"gram": lambda: _gram_sq_norms(A, G), "materialized": lambda: _formed_sq_norms(A, G)}
-    if 4 * gram <= materialized:
-        weight = routes["gram"]()
-    elif 4 * materialized <= gram:
-        weight = routes["materialized"]()
-    else:
-        key = ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
-        weight = fastest(key, routes, A.device)
+    by_count = _route_by_count(A, G)
+    weight = routes[by_count]() if by_count else fastest(_norms_key(A, G), routes, A.device)
     return weight + _bias_sq_norms(G) if has_bias else weight
+
+
+def _route_by_count(A: Tensor, G: Tensor) -> str | None:
+    """``"gram"`` or ``"materialized"`` where one count is under a quarter of the other."""
+    positions, d_in, d_out = A.shape[1], A.shape[2], G.shape[2]
+    gram, materialized = positions * (d_in + d_out), d_in * d_out
+    if 4 * gram <= materialized:
+        return "gram"
+    if 4 * materialized <= gram:
+        return "materialized"
+    return None
+
+
+def _norms_key(A: Tensor, G: Tensor) -> tuple:
+    return ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
+
+
+def _forms_its_norms(layer: LinearFactors) -> bool:
+    """Whether :func:`_layer_sq_norms` forms this layer's per-example gradients for its norms.
+
+    Where the counts leave it to timing and this shape was not timed yet, it is timed now.
+    """
+    A, G, _ = layer
+    if A.shape[1] == 1:
+        return False
+    by_count = _route_by_count(A, G)
+    if by_count:
+        return by_count == "materialized"
+    if forced_route() in ("gram", "materialized"):
+        return forced_route() == "materialized"
+    if decided(_norms_key(A, G)) is None:
+        _layer_sq_norms(layer)  # times both routes for this shape
+    return decided(_norms_key(A, G)) == "materialized"
 
 
 def _bias_sq_norms(G: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["chosen", "fastest", "forced"]
+__all__ = ["chosen", "decided", "fastest", "forced", "forced_route"]
 
 _CHOSEN: dict[Hashable, str] = {}
 _TIMED_ROUNDS = 3
@@ -70,6 +70,16 @@ def fastest(key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torc
 def chosen() -> dict[Hashable, str]:
     """The route chosen for each key seen so far (a copy)."""
     return dict(_CHOSEN)
+
+
+def decided(key: Hashable) -> str | None:
+    """The route chosen for ``key``, ``None`` before its first timing."""
+    return _CHOSEN.get(key)
+
+
+def forced_route() -> str | None:
+    """The route name :func:`forced` is forcing now, if any."""
+    return _FORCED[-1] if _FORCED else None
 
 
 @contextmanager
