@@ -5,7 +5,7 @@ The per-example squared norm of a layer applied at ``L`` positions,
 positions, :math:`\\sum_{t,s}(G_t\\cdot G_s)(A_t\\cdot A_s)` (``L^2 (d_in + d_out)`` multiply-adds
 per example), or by forming the ``(d_out, d_in)`` gradient and squaring it (``L d_in d_out``).
 Counting operations the Gram route wins when ``L (d_in + d_out) < d_in d_out``, the rule of
-``goodfellow.layers.linear._layer_sq_norms``; the published rule (Li et al. 2022, "Large
+``goodfellow.layers.position_norms``; the published rule (Li et al. 2022, "Large
 language models can be strong differentially private learners") is ``2 L^2 < d_in d_out``. This
 script measures which route is faster on this machine and which rule picks it.
 

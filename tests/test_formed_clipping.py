@@ -11,7 +11,7 @@ from torch import nn
 import goodfellow as gf
 from goodfellow.layers import formed_clipping, routes
 from goodfellow.layers.formed_clipping import SEPARATE, norms_and_formed_sums
-from goodfellow.layers.linear import _forms_its_norms
+from goodfellow.layers.position_norms import forms_its_norms
 from goodfellow.reference import torch_func_per_example_grads
 from goodfellow.sources import _layers
 from goodfellow.transforms import _clip_factors
@@ -89,7 +89,8 @@ def test_the_formed_layers_are_those_whose_norms_are_formed():
     norms, sums = norms_and_formed_sums(layers, 0.5, _clip_factors)
     kinds = [type(layer).__name__ for layer in layers]
     formed = {k for k, layer in enumerate(layers) if kinds[k] == "LinearFactors"}
-    assert set(sums) == formed and all(_forms_its_norms(layers[k]) for k in formed)
+    assert set(sums) == formed
+    assert all(forms_its_norms(layers[k].inputs, layers[k].grad_outputs) for k in formed)
     torch.testing.assert_close(norms, gf.gradient_norms(factors), **EXACT)
     *_, factors = _case(8, 8, 2, bias=True)  # Gram by count: nothing formed
     _, layers, _ = _layers(factors)

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from goodfellow._checks import display_name
 from goodfellow.layers._projections import _compare_projections, _random_directions
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
-from goodfellow.layers.linear import LinearFactors, _sum_of_squares
+from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.position_norms import sum_of_squares
 from goodfellow.layers.routes import fastest
 
 __all__ = ["ConvFactors", "ConvRule", "pad_like", "unfold_patches"]
@@ -219,8 +220,9 @@ class ConvFactors:
     def sq_norms(self) -> Tensor:
         r""":math:`\|g_i\|^2`, ``(n,)``.
 
-        Where the linear rule would take the Gram route (``_layer_sq_norms``: few positions
-        for the weight's size), the groups' Gram norms, a chunk of examples at a time;
+        Where the linear rule would take the Gram route
+        (:mod:`goodfellow.layers.position_norms`: few positions for the weight's size), the
+        groups' Gram norms, a chunk of examples at a time;
         otherwise the squared entries of the per-example gradients, one layer at a time.
         """
         n, g = self.batch_size, self.groups
@@ -230,7 +232,7 @@ class ConvFactors:
             chunks = [self._linear_rows(start, stop).sq_norms() for start, stop in self._chunks()]
             return torch.cat(chunks).reshape(n, g).sum(dim=1)
         self._formed = self.per_example()  # kept: the weighted sum that follows reuses them
-        return sum(_sum_of_squares(t) for t in self._formed)  # (n,)
+        return sum(sum_of_squares(t) for t in self._formed)  # (n,)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`: the convolution's weight gradient for :math:`w_i G_i`.

@@ -31,12 +31,8 @@ import torch
 from torch import Tensor
 
 from goodfellow.layers.base import norm_from_squares
-from goodfellow.layers.linear import (
-    LinearFactors,
-    _batched_outer,
-    _forms_its_norms,
-    _sum_of_squares,
-)
+from goodfellow.layers.linear import LinearFactors, _batched_outer
+from goodfellow.layers.position_norms import forms_its_norms, sum_of_squares
 from goodfellow.layers.routes import forced_route
 from goodfellow.layers.shared_inputs import summed_sq_norms
 
@@ -68,7 +64,7 @@ def norms_and_formed_sums(
     """
     formed = [
         k for k, layer in enumerate(layers)
-        if isinstance(layer, LinearFactors) and _forms_its_norms(layer)
+        if isinstance(layer, LinearFactors) and _is_formed(layer)
     ]  # fmt: skip
     differentiable = any(t.requires_grad for k in formed for t in layers[k][:2])
     if not formed or differentiable or layers[0].batch_size == 0 or forced_route() == SEPARATE:
@@ -89,7 +85,7 @@ def norms_and_formed_sums(
         stop = min(start + step, n)
         grads = [_batched_outer(L.grad_outputs[start:stop], L.inputs[start:stop]) for L in group]
         chunk_squares = squares[start:stop] if isinstance(squares, Tensor) else 0
-        chunk_norms = norm_from_squares(chunk_squares + sum(_sum_of_squares(g) for g in grads))
+        chunk_norms = norm_from_squares(chunk_squares + sum(sum_of_squares(g) for g in grads))
         w = clip_factors(chunk_norms, max_norm).to(A0.dtype)  # (c,)
         for total, g in zip(sums, grads):
             total.view(-1).addmv_(g.flatten(1).T, w)  # (o i,) += (o i, c) @ (c,)
@@ -101,6 +97,11 @@ def norms_and_formed_sums(
         for k, total, bias in zip(formed, sums, biases)
     }
     return torch.cat(norms), results
+
+
+def _is_formed(layer: LinearFactors) -> bool:
+    """A layer at several positions whose norms are cheapest from its formed gradients."""
+    return layer.inputs.shape[1] > 1 and forms_its_norms(layer.inputs, layer.grad_outputs)
 
 
 def _bias_terms(layer: LinearFactors) -> Tensor | None:

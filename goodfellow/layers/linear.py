@@ -12,7 +12,8 @@ convolution) has the per-example gradient
 
 Index letters in this file: ``n`` example, ``t`` and ``s`` position, ``o`` output feature,
 ``i`` input feature. Everything else in the package that needs a linear layer's per-example
-gradient, norm, weighted sum or second moment calls the functions here.
+gradient, norm, weighted sum or second moment calls the functions here (the norms at several
+positions, Gram or formed, are in :mod:`goodfellow.layers.position_norms`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from goodfellow.layers.base import (  # noqa: F401  (norm_from_squares: read fro
     norm_from_squares,
     register_rule,
 )
-from goodfellow.layers.routes import decided, fastest, forced_route
+from goodfellow.layers.position_norms import positions_sq_norms
 from goodfellow.reduction import batch_size_factor
 
 
@@ -180,10 +181,13 @@ class LinearFactors(NamedTuple):
     def sq_norms(self) -> Tensor:
         r""":math:`\|g_i\|^2` over weight and bias, ``(n,)``.
 
-        The Gram or the materialized form, whichever costs less; derived at
-        ``_layer_sq_norms`` in this module.
+        For one position the factored :func:`outer_sq_norms`; for several the Gram or the
+        formed route, whichever costs less (:mod:`goodfellow.layers.position_norms`).
         """
-        return _layer_sq_norms(self)
+        A, G, has_bias = self
+        if A.shape[1] == 1:
+            return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
+        return positions_sq_norms(A, G, has_bias)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`; one contraction, ``_layer_weighted_sum`` in this module."""
@@ -273,106 +277,6 @@ def linear_factors(
     _check_laid_out(A, G)
     scale = batch_size_factor(loss_reduction, A.shape[0])
     return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
-
-
-_CHUNK_BYTES = 8 * 2**20
-"""Materialized norms form the per-example gradients of this many bytes of examples at a
-time: a buffer's worth, not ``n`` times the layer."""
-
-
-def _layer_sq_norms(layer: LinearFactors) -> Tensor:
-    r"""Squared norms :math:`\|g_i\|^2` of one layer's per-example gradients, ``(n,)``.
-
-    The weight part is :math:`\|\sum_t G_t A_t^\top\|_F^2 = \sum_{t,s} (G_t \cdot G_s)
-    (A_t \cdot A_s)`: the two Gram matrices over positions, multiplied entrywise and summed,
-    ``einsum("nts,nts->n", G G^T, A A^T)``. For one position it is
-    :math:`\|G\|^2 \|A\|^2`. The Gram route costs :math:`T^2 (d_{in} + d_{out})` per example,
-    the materialized one (form :math:`\sum_t G_t A_t^\top`, square, add up)
-    :math:`T d_{in} d_{out}`. Where one count is less than a quarter of the other that route is
-    taken; in between, where the speed of small batched products decides more than the count,
-    both are timed once per shape (:func:`goodfellow.layers.routes.fastest`).
-    """
-    A, G, has_bias = layer
-    if A.shape[1] == 1:
-        return outer_sq_norms(G[:, 0], A[:, 0], bias=has_bias)  # (n,)
-    routes = {"gram": lambda: _gram_sq_norms(A, G), "materialized": lambda: _formed_sq_norms(A, G)}
-    by_count = _route_by_count(A, G)
-    weight = routes[by_count]() if by_count else fastest(_norms_key(A, G), routes, A.device)
-    return weight + _bias_sq_norms(G) if has_bias else weight
-
-
-def _route_by_count(A: Tensor, G: Tensor) -> str | None:
-    """``"gram"`` or ``"materialized"`` where one count is under a quarter of the other."""
-    positions, d_in, d_out = A.shape[1], A.shape[2], G.shape[2]
-    gram, materialized = positions * (d_in + d_out), d_in * d_out
-    if 4 * gram <= materialized:
-        return "gram"
-    if 4 * materialized <= gram:
-        return "materialized"
-    return None
-
-
-def _norms_key(A: Tensor, G: Tensor) -> tuple:
-    return ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
-
-
-def _forms_its_norms(layer: LinearFactors) -> bool:
-    """Whether :func:`_layer_sq_norms` forms this layer's per-example gradients for its norms.
-
-    Where the counts leave it to timing and this shape was not timed yet, it is timed now.
-    """
-    A, G, _ = layer
-    if A.shape[1] == 1:
-        return False
-    by_count = _route_by_count(A, G)
-    if by_count:
-        return by_count == "materialized"
-    if forced_route() in ("gram", "materialized"):
-        return forced_route() == "materialized"
-    if decided(_norms_key(A, G)) is None:
-        _layer_sq_norms(layer)  # times both routes for this shape
-    return decided(_norms_key(A, G)) == "materialized"
-
-
-def _bias_sq_norms(G: Tensor) -> Tensor:
-    r""":math:`\|\sum_t G_t\|^2` per example, ``(n,)``: the bias gradient's squared norm."""
-    return G.sum(dim=1).square().sum(dim=1)
-
-
-def _gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
-    r"""``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``.
-
-    Several output gradients :math:`G_l` of layers that read the same input :math:`A` (q, k, v:
-    :mod:`goodfellow.layers.shared_inputs`) add their Grams before the one dot, since
-    :math:`\sum_l \langle G_l G_l^\top, A A^\top\rangle = \langle \sum_l G_l G_l^\top,
-    A A^\top\rangle`.
-    """
-    first, *more = [G] if isinstance(G, Tensor) else G
-    n = A.shape[0]
-    gram_G = torch.bmm(first, first.transpose(1, 2))  # (n, t, s)
-    for G_l in more:
-        gram_G.baddbmm_(G_l, G_l.transpose(1, 2))  # (n, t, s), summed over the layers
-    gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, s)
-    # a batched dot, no (n, t, s) product formed; vecdot, not a bmm of (1, ts) by (ts, 1)
-    # blocks, which was 20x slower (0.66 vs 0.03 ms at n = 32, T = 64)
-    return torch.linalg.vecdot(gram_G.view(n, -1), gram_A.view(n, -1))  # (n,)
-
-
-def _formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
-    r"""The squared entries of :math:`\sum_t G_t A_t^\top`, a chunk of examples at a time."""
-    n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
-    step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
-    chunks = [
-        _sum_of_squares(_batched_outer(G[s : s + step], A[s : s + step]))
-        for s in range(0, n, step)
-    ]  # (chunk,) each; a cat of a single chunk would only copy it
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks) if chunks else A.new_zeros(0)
-
-
-def _sum_of_squares(per_example: Tensor) -> Tensor:
-    """Each example's sum of squared entries, ``(chunk,)``: one vecdot, no square root taken."""
-    flat = per_example.flatten(1)  # (chunk, o i)
-    return torch.linalg.vecdot(flat, flat)
 
 
 def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:

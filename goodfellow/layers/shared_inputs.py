@@ -23,7 +23,8 @@ from collections.abc import Hashable, Sequence
 
 from torch import Tensor
 
-from goodfellow.layers.linear import LinearFactors, _bias_sq_norms, _gram_sq_norms
+from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.position_norms import bias_sq_norms, gram_sq_norms
 from goodfellow.layers.routes import fastest
 
 __all__ = ["summed_sq_norms"]
@@ -83,5 +84,5 @@ def _group_sq_norms(group: list[LinearFactors]) -> Tensor:
 
 def _shared_gram_sq_norms(group: list[LinearFactors]) -> Tensor:
     r"""``einsum("nts,nts->n", sum_l G_l G_l^T, A A^T)`` plus the biases' :math:`\|\sum_t G\|^2`."""
-    weight = _gram_sq_norms(group[0].inputs, [layer.grad_outputs for layer in group])  # (n,)
-    return sum((_bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias), weight)
+    weight = gram_sq_norms(group[0].inputs, [layer.grad_outputs for layer in group])  # (n,)
+    return sum((bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias), weight)

@@ -1,0 +1,131 @@
+r"""Per-example norms of a layer applied at several positions: the Gram form or the formed gradient.
+
+A linear layer applied to example :math:`i` at positions :math:`t` (the tokens of a sequence,
+the output pixels of a convolution) has the weight gradient :math:`g_i = \sum_t G_t A_t^\top`,
+whose squared norm has two exact forms:
+
+.. math::
+
+    \Big\|\sum_t G_t A_t^\top\Big\|_F^2 = \sum_{t,s} (G_t \cdot G_s)(A_t \cdot A_s),
+
+the right-hand side from the two Gram matrices over positions (:math:`T^2 (d_{in} + d_{out})`
+multiply-adds per example, no :math:`(d_{out}, d_{in})` tensor), the left-hand side by forming
+:math:`g_i` and squaring it (:math:`T d_{in} d_{out}`). Where one count is under a quarter of
+the other that form is taken; in between, where the speed of many small batched products
+decides more than their count, both are timed once per shape
+(:func:`goodfellow.layers.routes.fastest`; ``benchmarks/README.md``, "Gram or materialize",
+has the measured crossover). The linear rule (:mod:`goodfellow.layers.linear`) asks this file
+for its norms, the shared-input grouping (:mod:`goodfellow.layers.shared_inputs`) for its Gram
+form, the clipped sum (:mod:`goodfellow.layers.formed_clipping`) whether a layer is formed.
+
+Index letters: ``n`` example, ``t`` and ``s`` position, ``o`` output and ``i`` input feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from goodfellow.layers.routes import decided, fastest, forced_route
+
+__all__ = [
+    "bias_sq_norms",
+    "formed_sq_norms",
+    "forms_its_norms",
+    "gram_sq_norms",
+    "positions_sq_norms",
+    "sum_of_squares",
+]
+
+_CHUNK_BYTES = 8 * 2**20
+"""Materialized norms form the per-example gradients of this many bytes of examples at a
+time: a buffer's worth, not ``n`` times the layer."""
+
+
+def positions_sq_norms(A: Tensor, G: Tensor, has_bias: bool) -> Tensor:
+    r"""Squared norms :math:`\|g_i\|^2` of a layer at ``T > 1`` positions, ``(n,)``.
+
+    Args:
+        A: The inputs, ``(n, T, d_in)``.
+        G: The output gradients, ``(n, T, d_out)``.
+        has_bias: Add the bias gradient's :math:`\|\sum_t G_t\|^2`.
+    """
+    routes = {"gram": lambda: gram_sq_norms(A, G), "materialized": lambda: formed_sq_norms(A, G)}
+    by_count = _route_by_count(A, G)
+    weight = routes[by_count]() if by_count else fastest(_norms_key(A, G), routes, A.device)
+    return weight + bias_sq_norms(G) if has_bias else weight
+
+
+def _route_by_count(A: Tensor, G: Tensor) -> str | None:
+    """``"gram"`` or ``"materialized"`` where one count is under a quarter of the other."""
+    positions, d_in, d_out = A.shape[1], A.shape[2], G.shape[2]
+    gram, materialized = positions * (d_in + d_out), d_in * d_out
+    if 4 * gram <= materialized:
+        return "gram"
+    if 4 * materialized <= gram:
+        return "materialized"
+    return None
+
+
+def _norms_key(A: Tensor, G: Tensor) -> tuple:
+    return ("linear sq norms", tuple(A.shape), tuple(G.shape), A.dtype, A.device)
+
+
+def forms_its_norms(A: Tensor, G: Tensor) -> bool:
+    """Whether :func:`positions_sq_norms` forms the per-example gradients for these shapes.
+
+    Where the counts leave it to timing and this shape was not timed yet, it is timed now.
+    """
+    by_count = _route_by_count(A, G)
+    if by_count:
+        return by_count == "materialized"
+    if forced_route() in ("gram", "materialized"):
+        return forced_route() == "materialized"
+    if decided(_norms_key(A, G)) is None:
+        positions_sq_norms(A, G, has_bias=False)  # times both routes for this shape
+    return decided(_norms_key(A, G)) == "materialized"
+
+
+def bias_sq_norms(G: Tensor) -> Tensor:
+    r""":math:`\|\sum_t G_t\|^2` per example, ``(n,)``: the bias gradient's squared norm."""
+    return G.sum(dim=1).square().sum(dim=1)
+
+
+def gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
+    r"""``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``.
+
+    Several output gradients :math:`G_l` of layers that read the same input :math:`A` (q, k, v:
+    :mod:`goodfellow.layers.shared_inputs`) add their Grams before the one dot, since
+    :math:`\sum_l \langle G_l G_l^\top, A A^\top\rangle = \langle \sum_l G_l G_l^\top,
+    A A^\top\rangle`.
+    """
+    first, *more = [G] if isinstance(G, Tensor) else G
+    n = A.shape[0]
+    gram_G = torch.bmm(first, first.transpose(1, 2))  # (n, t, s)
+    for G_l in more:
+        gram_G.baddbmm_(G_l, G_l.transpose(1, 2))  # (n, t, s), summed over the layers
+    gram_A = torch.bmm(A, A.transpose(1, 2))  # (n, t, s)
+    # a batched dot, no (n, t, s) product formed; vecdot, not a bmm of (1, ts) by (ts, 1)
+    # blocks, which was 20x slower (0.66 vs 0.03 ms at n = 32, T = 64)
+    return torch.linalg.vecdot(gram_G.view(n, -1), gram_A.view(n, -1))  # (n,)
+
+
+def formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
+    r"""The squared entries of :math:`\sum_t G_t A_t^\top`, a chunk of examples at a time."""
+    from goodfellow.layers.linear import _batched_outer  # here: linear imports this module
+
+    n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
+    step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
+    chunks = [
+        sum_of_squares(_batched_outer(G[s : s + step], A[s : s + step]))
+        for s in range(0, n, step)
+    ]  # (chunk,) each; a cat of a single chunk would only copy it
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks) if chunks else A.new_zeros(0)
+
+
+def sum_of_squares(per_example: Tensor) -> Tensor:
+    """Each example's sum of squared entries, ``(chunk,)``: one vecdot, no square root taken."""
+    flat = per_example.flatten(1)  # (chunk, o i)
+    return torch.linalg.vecdot(flat, flat)
