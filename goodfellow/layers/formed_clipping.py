@@ -4,7 +4,7 @@ The clipped sum :math:`\sum_i w_i g_i` with :math:`w_i = \min(1, C/\|g_i\|)` nee
 example's norm over *all* layers before any weight is known. A linear layer applied at many
 positions whose norms are cheapest from its formed per-example gradients
 :math:`g_i = \sum_t G_{i,t} A_{i,t}^\top` (the "materialized" route of
-:mod:`goodfellow.layers.linear`: ``T d_in d_out`` per example, below the Gram route's
+:mod:`goodfellow.layers.position_norms`: ``T d_in d_out`` per example, below the Gram route's
 ``T^2 (d_in + d_out)``) would form them for the norms, drop them, and compute the weighted sum
 as a second product of the same size, :math:`(w G)^\top A`.
 
