@@ -41,6 +41,8 @@ def check_accounted(
     parameter is also used outside the module's forward (``F.linear(x, layer.weight)``):
     then the recorder would silently return part of each example's gradient.
     """
+    if not accounting_due(recorder):
+        return
     names = list(getattr(layer, "names", ()))
     full = [recorder._param_names.get((record.name, suffix)) for suffix in names]
     # shared (tied) parameters add up over their owners: checked as a whole elsewhere
@@ -49,8 +51,6 @@ def check_accounted(
         for p in full
     ]
     if all(t is None for t in totals):
-        return
-    if not accounting_due(recorder):
         return
     if any(t is not None and t.device.type == "meta" for t in totals):
         return  # a shape-only run (device="meta") has no values to compare
