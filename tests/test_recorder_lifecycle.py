@@ -185,6 +185,45 @@ def test_a_conv_weight_used_outside_its_module_is_refused():
         _ = pe.grads
 
 
+def _constant_rows(n: int) -> torch.Tensor:
+    # every position's features equal: LayerNorm standardizes each row to exactly 0
+    return torch.randn(n, 5, 1, dtype=torch.float64).expand(n, 5, 3).contiguous()
+
+
+def _equal_pairs(n: int) -> torch.Tensor:
+    # (n, 4, 1, 1) with channels 0, 1 and 2, 3 equal: a GroupNorm of 2 groups standardizes to 0
+    return torch.randn(n, 2, 1, 1, dtype=torch.float64).repeat_interleave(2, dim=1)
+
+
+@pytest.mark.parametrize(
+    "norm, inputs",
+    [
+        (lambda: nn.LayerNorm(1), lambda n: torch.randn(n, 5, 1, dtype=torch.float64)),
+        (lambda: nn.LayerNorm(3), _constant_rows),
+        (lambda: nn.GroupNorm(2, 4), _equal_pairs),
+    ],
+    ids=["layernorm_one_feature", "layernorm_equal_features", "groupnorm_equal_groups"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_norm_whose_standardized_input_is_zero_is_not_refused(norm, inputs, dtype):
+    # its weight gradient is exactly 0 and autograd's rounding noise (about 1e-14 in float64):
+    # the two noises differ by a relative 1, and before the rounding-level floor that was
+    # refused as a parameter used outside its module
+    torch.manual_seed(0)
+    model = nn.Sequential(norm(), nn.Flatten(), nn.LazyLinear(2)).to(dtype)
+    x = inputs(3).to(dtype)
+    model(x)  # materializes the lazy layer
+    with PerExampleGradients(model) as pe:
+        model(x).square().sum().backward()
+        grads = pe.grads
+    expected = torch_func_per_example_grads(model, lambda p, t: p.square().sum(), x, x)
+    # the standardized inputs are 0 up to rounding (about 300 eps), which differs between the
+    # batch forward and torch.func's one-example forwards: the layer after sees that noise
+    tolerance = TOLERANCES[dtype] if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    for got, want in zip(grads.values(), expected):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
 def test_ordinary_models_pass_the_accounting_check_under_autocast_and_mean():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
