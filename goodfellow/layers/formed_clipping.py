@@ -32,7 +32,7 @@ from torch import Tensor
 
 from goodfellow.layers.base import norm_from_squares
 from goodfellow.layers.linear import LinearFactors, _batched_outer
-from goodfellow.layers.position_norms import forms_its_norms, sum_of_squares
+from goodfellow.layers.position_norms import bias_sq_norms, forms_its_norms, sum_of_squares
 from goodfellow.layers.routes import forced_route
 from goodfellow.layers.shared_inputs import summed_sq_norms
 
@@ -69,23 +69,23 @@ def norms_and_formed_sums(
     differentiable = any(t.requires_grad for k in formed for t in layers[k][:2])
     if not formed or differentiable or layers[0].batch_size == 0 or forced_route() == SEPARATE:
         return norm_from_squares(summed_sq_norms(layers)), {}
-    chosen = set(formed)
-    rest = [layer for k, layer in enumerate(layers) if k not in chosen]
-    squares = summed_sq_norms(rest) if rest else 0  # (n,)
     group = [layers[k] for k in formed]
+    rest = [layer for k, layer in enumerate(layers) if k not in formed]  # a few layers
     A0 = group[0].inputs
     n = A0.shape[0]
-    biases = [_bias_terms(layer) for layer in group]  # (n, o) or None
-    squares = squares + sum(_bias_sq(b) for b in biases if b is not None)
+    # everything but the formed weights, for the whole batch first: the other layers and the
+    # formed layers' biases
+    squares = summed_sq_norms(rest) if rest else A0.new_zeros(n)  # (n,)
+    squares = squares + sum(bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias)
     sums = [A0.new_zeros((layer.grad_outputs.shape[2], layer.inputs.shape[2])) for layer in group]
-    per_example = sum(s.numel() for s in sums) * A0.element_size()
-    step = max(1, _CHUNK_BYTES // per_example)
+    step = max(1, _CHUNK_BYTES // (sum(t.numel() for t in sums) * A0.element_size()))
     norms, factors = [], []
     for start in range(0, n, step):
         stop = min(start + step, n)
         grads = [_batched_outer(L.grad_outputs[start:stop], L.inputs[start:stop]) for L in group]
-        chunk_squares = squares[start:stop] if isinstance(squares, Tensor) else 0
-        chunk_norms = norm_from_squares(chunk_squares + sum(sum_of_squares(g) for g in grads))
+        chunk_norms = norm_from_squares(
+            squares[start:stop] + sum(sum_of_squares(g) for g in grads)
+        )  # (c,)
         w = clip_factors(chunk_norms, max_norm).to(A0.dtype)  # (c,)
         for total, g in zip(sums, grads):
             total.view(-1).addmv_(g.flatten(1).T, w)  # (o i,) += (o i, c) @ (c,)
@@ -93,8 +93,8 @@ def norms_and_formed_sums(
         factors.append(w)
     w = torch.cat(factors)  # (n,)
     results = {
-        k: [total] if bias is None else [total, w @ bias]
-        for k, total, bias in zip(formed, sums, biases)
+        k: [total, w @ layer.grad_outputs.sum(dim=1)] if layer.bias else [total]  # (o, i), (o,)
+        for k, layer, total in zip(formed, group, sums)
     }
     return torch.cat(norms), results
 
@@ -102,12 +102,3 @@ def norms_and_formed_sums(
 def _is_formed(layer: LinearFactors) -> bool:
     """A layer at several positions whose norms are cheapest from its formed gradients."""
     return layer.inputs.shape[1] > 1 and forms_its_norms(layer.inputs, layer.grad_outputs)
-
-
-def _bias_terms(layer: LinearFactors) -> Tensor | None:
-    r"""The per-example bias gradients :math:`\sum_t G_t`, ``(n, o)``, or ``None``."""
-    return layer.grad_outputs.sum(dim=1) if layer.bias else None
-
-
-def _bias_sq(bias: Tensor) -> Tensor:
-    return bias.square().sum(dim=1)  # (n,)
