@@ -155,15 +155,7 @@ class MultiheadAttentionRule(FallbackRule):
         if not module.batch_first:  # (L, n, E) -> (n, L, E)
             query, key, value, G = (t.transpose(0, 1) for t in (query, key, value, G))
         h = module.num_heads
-        if module._qkv_same_embed_dim:
-            w_q, w_k, w_v = module.in_proj_weight.detach().chunk(3)
-            names = ["in_proj_weight"] * 3
-        else:
-            w_q, w_k, w_v = (p.detach() for p in (module.q_proj_weight, module.k_proj_weight,
-                                                  module.v_proj_weight))  # fmt: skip
-            names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-        b_q, b_k, b_v = (None,) * 3 if b_in is None else b_in.chunk(3)
         bias = None if module.in_proj_bias is None else "in_proj_bias"
         out_bias = None if module.out_proj.bias is None else "out_proj.bias"
         has_bias = bias is not None
@@ -174,6 +166,8 @@ class MultiheadAttentionRule(FallbackRule):
                 leaves = (qkv,)
                 q, k, v = qkv.chunk(3, dim=-1)  # (n, L, E) each
             else:
+                (w_q, w_k, w_v), names = _projection_weights(module)
+                b_q, b_k, b_v = (None,) * 3 if b_in is None else b_in.chunk(3)
                 q = F.linear(query, w_q, b_q).requires_grad_()  # (n, L, E)
                 k = F.linear(key, w_k, b_k).requires_grad_()  # (n, S, E)
                 v = F.linear(value, w_v, b_v).requires_grad_()  # (n, S, E)
@@ -246,6 +240,14 @@ def _additive_mask(bound: dict, q: Tensor, k: Tensor, module: nn.Module) -> Tens
         part = part.to(q.dtype).reshape(shape)
         mask = part if mask is None else mask + part
     return mask
+
+
+def _projection_weights(module: nn.MultiheadAttention) -> tuple[list[Tensor], list[str]]:
+    """The query, key and value weights (detached) and the parameter each lives in."""
+    if module._qkv_same_embed_dim:
+        return list(module.in_proj_weight.detach().chunk(3)), ["in_proj_weight"] * 3
+    weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    return [w.detach() for w in weights], ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
 
 
 def _core(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:
