@@ -68,3 +68,16 @@ def test_forced_runs_that_route_without_timing_and_nests(monkeypatch):
         assert routes.fastest("key", candidates, torch.device("cpu")) == "b"
     assert calls[:2] == ["b", "a"]
     assert "key" in routes.chosen()  # the unoffered name fell through to timing
+
+
+def test_choice_names_the_route_fastest_runs_and_times_only_once(monkeypatch):
+    monkeypatch.setattr(routes, "_CHOSEN", {})
+    calls: list[str] = []
+    candidates = {"slow": _route(calls, "slow", 0.02), "fast": _route(calls, "fast", 0.0)}
+    assert routes.choice("key", candidates, torch.device("cpu")) == "fast"
+    timed = len(calls)
+    assert routes.choice("key", candidates, torch.device("cpu")) == "fast"
+    assert len(calls) == timed  # remembered, nothing run again
+    with routes.forced("slow"):
+        assert routes.choice("key", candidates, torch.device("cpu")) == "slow"
+    assert routes.fastest("key", candidates, torch.device("cpu")) == "fast"

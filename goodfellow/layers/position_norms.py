@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from goodfellow.layers.routes import decided, fastest, forced_route
+from goodfellow.layers.routes import choice, fastest
 
 __all__ = [
     "bias_sq_norms",
@@ -52,10 +52,14 @@ def positions_sq_norms(A: Tensor, G: Tensor, has_bias: bool) -> Tensor:
         G: The output gradients, ``(n, T, d_out)``.
         has_bias: Add the bias gradient's :math:`\|\sum_t G_t\|^2`.
     """
-    routes = {"gram": lambda: gram_sq_norms(A, G), "materialized": lambda: formed_sq_norms(A, G)}
+    routes = _routes(A, G)
     by_count = _route_by_count(A, G)
     weight = routes[by_count]() if by_count else fastest(_norms_key(A, G), routes, A.device)
     return weight + bias_sq_norms(G) if has_bias else weight
+
+
+def _routes(A: Tensor, G: Tensor) -> dict:
+    return {"gram": lambda: gram_sq_norms(A, G), "materialized": lambda: formed_sq_norms(A, G)}
 
 
 def _route_by_count(A: Tensor, G: Tensor) -> str | None:
@@ -81,11 +85,7 @@ def forms_its_norms(A: Tensor, G: Tensor) -> bool:
     by_count = _route_by_count(A, G)
     if by_count:
         return by_count == "materialized"
-    if forced_route() in ("gram", "materialized"):
-        return forced_route() == "materialized"
-    if decided(_norms_key(A, G)) is None:
-        positions_sq_norms(A, G, has_bias=False)  # times both routes for this shape
-    return decided(_norms_key(A, G)) == "materialized"
+    return choice(_norms_key(A, G), _routes(A, G), A.device) == "materialized"
 
 
 def bias_sq_norms(G: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["chosen", "decided", "fastest", "forced", "forced_route"]
+__all__ = ["choice", "chosen", "fastest", "forced", "forced_route"]
 
 _CHOSEN: dict[Hashable, str] = {}
 _TIMED_ROUNDS = 3
@@ -48,11 +48,30 @@ def fastest(key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torc
     Returns:
         The result of the chosen route (of the last one timed, on the first call).
     """
+    name = _known_choice(key, routes)
+    return routes[name]() if name is not None else _time_routes(key, routes, device)
+
+
+def choice(key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torch.device) -> str:
+    """The name of the route :func:`fastest` runs for ``key``, timing them the first time."""
+    name = _known_choice(key, routes)
+    if name is None:
+        _time_routes(key, routes, device)
+        name = _CHOSEN[key]
+    return name
+
+
+def _known_choice(key: Hashable, routes: Mapping[str, Callable[[], Any]]) -> str | None:
+    """The forced route where it is a candidate, else the remembered winner (or ``None``)."""
     if _FORCED and _FORCED[-1] in routes:
-        return routes[_FORCED[-1]]()
-    name = _CHOSEN.get(key)
-    if name is not None:
-        return routes[name]()
+        return _FORCED[-1]
+    return _CHOSEN.get(key)
+
+
+def _time_routes(
+    key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torch.device
+) -> Any:
+    """Time every route in turns, remember the fastest for ``key``; the last result."""
     for route in routes.values():
         route()  # the first run pays allocations and kernel set-up
     timings = dict.fromkeys(routes, math.inf)
@@ -70,11 +89,6 @@ def fastest(key: Hashable, routes: Mapping[str, Callable[[], Any]], device: torc
 def chosen() -> dict[Hashable, str]:
     """The route chosen for each key seen so far (a copy)."""
     return dict(_CHOSEN)
-
-
-def decided(key: Hashable) -> str | None:
-    """The route chosen for ``key``, ``None`` before its first timing."""
-    return _CHOSEN.get(key)
 
 
 def forced_route() -> str | None:
