@@ -143,27 +143,13 @@ def refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
             "example's output depends on every other example and per-example gradients are "
             "undefined"
             if module.training
-            else "its parameters are trainable and PerExampleGradients records only nn.Linear"
+            else "its parameters are trainable, and no rule covers BatchNorm (its training "
+            "mode mixes the examples, and its eval mode differs from training)"
         )
         raise ValueError(
             f"{display_module(name)} ({type(module).__name__}) cannot be recorded: {why}. "
             "Use GroupNorm or LayerNorm without trainable parameters, or put the BatchNorm in "
             "eval mode with frozen parameters."
-        )
-
-
-def refuse_unruled(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> None:
-    """A module with trainable parameters of its own and no rule: they would be missing."""
-    trainable = [p_name for p_name, p in own.items() if p.requires_grad]
-    if trainable:
-        raise ValueError(
-            f"{display_module(name)} ({type(module).__name__}) holds trainable parameters "
-            f"{trainable}, but PerExampleGradients has no rule for "
-            f"{type(module).__name__} (it records only nn.Linear, nn.Conv1d/2d/3d and "
-            "the layers listed in goodfellow.layers.registered_rules()), so their "
-            "per-example gradients would be missing; freeze them "
-            "(requires_grad_(False)), register a rule (goodfellow.layers.register_rule), "
-            "or use goodfellow.torch_func_per_example_grads for such models."
         )
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from goodfellow._checks import refuse_training_batchnorm, refuse_uninitialized, refuse_unruled
+from goodfellow._checks import refuse_training_batchnorm, refuse_uninitialized
 from goodfellow.layers.base import rule_for
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.records import LayerRecord
@@ -46,8 +46,9 @@ def claim_modules(pe: PerExampleGradients) -> Claims:
 
     Raises:
         ValueError: If a rule refuses a module's settings, a module is not initialized, a
-            BatchNorm is in training mode or has trainable parameters, a module with
-            parameters cannot be recorded, or no module has a rule.
+            BatchNorm is in training mode or has trainable parameters, or no module has a
+            rule. (Any other module with trainable parameters of its own and no rule gets
+            the ``torch.func`` fallback rule.)
     """
     layers: dict[str, LayerRecord] = {}
     batchnorms: list[tuple[str, _BatchNorm]] = []
@@ -71,8 +72,6 @@ def claim_modules(pe: PerExampleGradients) -> Claims:
             kept = pe.layers.get(name)
             fits = kept is not None and kept.module is module
             layers[name] = kept if fits else LayerRecord(name, module, rule, pe)
-            continue
-        refuse_unruled(name, module, own)
     if not layers:
         raise ValueError(
             f"the model ({type(pe.model).__name__}) has no nn.Linear layer or other "

@@ -1,9 +1,14 @@
-r"""Per-example gradients of any model made of ``nn.Linear`` layers, recorded by hooks.
+r"""Per-example gradients of any model, recorded by hooks during its own backward.
 
 :class:`goodfellow.MLP` hands out its layers' inputs and outputs because its ``forward`` was
 written to. Any other model can be made to do the same without touching its code: a *forward
-hook* on every ``nn.Linear`` keeps the layer's input :math:`a`, and a *tensor hook* on the layer's
+hook* on every module with a rule keeps the module's input :math:`a`, and a *tensor hook* on its
 output :math:`Z` receives :math:`\partial \mathcal{L} / \partial Z` during ``loss.backward()``.
+The recorder holds no formula: each module's rule (:mod:`goodfellow.layers`: Linear,
+convolutions, Embedding, the normalization layers, MultiheadAttention, and a ``torch.func``
+fallback for any other module with parameters) turns what was recorded for it into per-example
+gradients, norms, weighted sums and Kronecker factors. The Linear rule is the one to learn
+first; the others reduce to it or follow its pattern.
 
 A Linear layer may be applied at several positions ``t`` of an example (an input of shape
 ``(n, ..., d_in)``) and several times in one forward (calls ``c``). Example :math:`i` only touches
@@ -112,7 +117,7 @@ __all__ = ["LayerRecord", "PerExampleGradients"]
 
 
 class PerExampleGradients:
-    r"""Record per-example gradients of every ``nn.Linear`` of a model during its own backward.
+    r"""Record per-example gradients of every layer of a model during its own backward.
 
     Used as a context manager around the ordinary training code::
 
@@ -126,7 +131,7 @@ class PerExampleGradients:
         pe = PerExampleGradients(model).attach()
         for x, y in loader:
             loss_fn(model(x), y).backward()   # the first forward after a backward: new batch
-            use(pe.layers)                    # inputs and output gradients of every Linear
+            use(pe.layers)                    # inputs and output gradients of every layer
         pe.detach()
 
     Batches. A batch is everything between a backward and the next one: it starts at
@@ -171,7 +176,7 @@ class PerExampleGradients:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
-                "whose Linear layers should be recorded."
+                "whose layers should be recorded."
             )
         batch_size_factor(loss_reduction, 1)  # raises ValueError for an unknown reduction
         if not isinstance(reuse_buffers, bool):
@@ -180,7 +185,7 @@ class PerExampleGradients:
         self.loss_reduction = loss_reduction
         self.reuse_buffers = reuse_buffers
         self.layers: dict[str, LayerRecord] = {}
-        """Module name -> :class:`LayerRecord`, one per ``nn.Linear``, filled at :meth:`attach`."""
+        """Module name -> :class:`LayerRecord`, one per claimed module, filled at :meth:`attach`."""
         self._owners: dict[str, list[tuple[LayerRecord, str]]] = {}
         self._param_names: dict[tuple[str, str], str] = {}
         self._batchnorms: list[tuple[str, _BatchNorm]] = []
@@ -342,7 +347,7 @@ class PerExampleGradients:
 
         Returns:
             Dict from parameter name (as in ``model.named_parameters()``, in that order, for
-            every trainable parameter of every ``nn.Linear``) to a tensor of shape
+            every trainable parameter the recorder claims) to a tensor of shape
             ``(n, *param.shape)`` in the parameter's dtype whose row ``i`` is
             :math:`\nabla L_i` (under autocast the products are formed in the dtype the layer
             ran in, from its input rounded to it, as the layer's own backward does). With
@@ -360,11 +365,13 @@ class PerExampleGradients:
     def compute_grads(self, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Compute the per-example gradients of the current batch (uncached).
 
-        For each parameter, all calls of all Linear layers that use it are stacked along the
-        position axis and reduced by one :func:`goodfellow.batched_outer`
-        (``einsum("nto,nti->noi")``: ``n`` example, ``t`` position or call, ``o`` output,
-        ``i`` input feature); the bias gradient is the sum of the scaled output gradients
-        over ``t``.
+        Each recorded module's rule gives its parameters' per-example gradients. For a
+        Linear, all its calls are stacked along the position axis and reduced by one
+        :func:`goodfellow.batched_outer` (``einsum("nto,nti->noi")``: ``n`` example, ``t``
+        position or call, ``o`` output, ``i`` input feature) and the bias gradient is the sum
+        of the scaled output gradients over ``t``; a convolution is that product on its
+        unfolded patches, per group; the other kinds are in :mod:`goodfellow.layers`. A
+        parameter shared by several modules (tied weights) gets the sum of their parts.
 
         If the backward ran with ``create_graph=True``, the result is differentiable (it depends
         on the recorded inputs and output gradients through autograd), also while attached:
@@ -394,6 +401,6 @@ class PerExampleGradients:
         state = "attached" if self._attached else "detached"
         return (
             f"PerExampleGradients({type(self.model).__name__}, "
-            f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} Linear layers, {state})"
+            f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} recorded layers, {state})"
         )
 

@@ -213,9 +213,10 @@ def check_per_example_gradients(
     parameters the mixing reaches.
 
     Args:
-        model: A model :class:`goodfellow.PerExampleGradients` can record (trainable
-            parameters in ``nn.Linear`` layers only), in the mode it is trained in but without
-            random operations (``model.eval()`` for Dropout).
+        model: A model :class:`goodfellow.PerExampleGradients` can record (every trainable
+            parameter in a module with a rule, or in one the ``torch.func`` fallback rule
+            takes), in the mode it is trained in but without random operations
+            (``model.eval()`` for Dropout).
         loss_fn: ``loss_fn(prediction, targets) -> scalar`` over the batch; applied to a batch
             of one for the reference.
         inputs: A batch of inputs, shape ``(n, ...)``.

@@ -28,12 +28,15 @@ Source = object
 __all__ = ["recorded_factors"]
 
 
-def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
-    """The factored per-example gradients of every ``nn.Linear`` a recorder saw in its batch.
+def recorded_factors(recorder: object) -> dict[str, object]:
+    """The per-example gradients of every layer a recorder saw in its batch, in each rule's form.
 
     Reads ``recorder.layers`` of a :class:`goodfellow.PerExampleGradients` after the batch's
-    ``loss.backward()``: each layer's inputs and per-example output gradients (all calls of the
-    layer). Statistics computed from the result are dicts keyed like
+    backward: each layer's inputs and output gradients (all calls of the layer), handed to the
+    layer's rule, which keeps them in the form that is cheapest for its kind (a Linear's
+    :class:`goodfellow.LinearFactors`, a convolution's unfolded factors, an Embedding's token
+    ids; :mod:`goodfellow.layers`); nothing ``(n, P)`` is formed here. Statistics computed from
+    the result are dicts keyed like
     ``model.named_parameters()`` (``"fc1.weight"``, ``"fc1.bias"``, ...), ready for
     :func:`goodfellow.assign_grads`::
 
@@ -46,14 +49,15 @@ def recorded_factors(recorder: object) -> dict[str, LinearFactors]:
             backward.
 
     Returns:
-        Module name to :class:`goodfellow.LinearFactors`, for every Linear with a trainable weight,
-        in the
-        order of ``model.named_modules()``. A frozen bias is left out of the layer's results.
+        Module name to that module's gradients in its rule's form, for every recorded module
+        with a trainable parameter, in the order of ``model.named_modules()``. A frozen
+        parameter (a frozen bias, say) is left out of its layer's results.
 
     Raises:
         TypeError: If ``recorder`` has no ``layers`` dict of records.
-        ValueError: If a layer's weight is frozen while its bias is trained, or a weight is
-            shared by several Linear modules (use ``recorder.grads`` for those).
+        ValueError: If a Linear's or convolution's weight is frozen while its bias is
+            trained, or its weight is shared by several modules (use ``recorder.grads`` for
+            those).
         RuntimeError: If no forward and backward were recorded for the batch.
     """
     layers = getattr(recorder, "layers", None)
