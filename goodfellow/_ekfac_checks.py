@@ -152,6 +152,11 @@ def _is_kronecker_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
 
 
+def _kind(module: nn.Module) -> str:
+    """``Linear`` or the convolution's class name, as messages name a layer."""
+    return "Linear" if isinstance(module, nn.Linear) else type(module).__name__
+
+
 def _widths(module: nn.Module) -> str:
     """A preconditioned layer's widths, as its constructor names them."""
     if isinstance(module, nn.Linear):
@@ -190,27 +195,28 @@ def _check_layers(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> Non
     if not linears:
         raise ValueError(
             f"the model ({type(model).__name__}) has no nn.Linear layer with trainable "
-            "weights: EKFAC preconditions nn.Linear and ungrouped nn.Conv1d/2d/3d layers "
-            "only."
+            "weights, nor an ungrouped convolution: EKFAC preconditions nn.Linear and ungrouped "
+            "nn.Conv1d/2d/3d layers only."
         )
     owner: dict[int, str] = {}
     for name, module in linears:
         for param in module.parameters():
             if id(param) in owner:
                 raise ValueError(
-                    f"Linear {name!r} shares a parameter with Linear {owner[id(param)]!r}; "
+                    f"{_kind(module)} {name!r} shares a parameter with "
+                    f"{owner[id(param)]}; "
                     "the Fisher of a tied weight is not one Kronecker product per layer, "
                     "so EKFAC does not handle tied weights (untie them, or apply one "
                     "Linear module twice instead)."
                 )
-            owner[id(param)] = name
+            owner[id(param)] = f"{_kind(module)} {name!r}"
 
 
 def _refuse_param_group() -> None:
     """Refuse a parameter group added to a built EKFAC (it would never be preconditioned)."""
     raise ValueError(
         "EKFAC cannot take another parameter group: it is built from a model and "
-        "preconditions that model's Linear layers, one group whose curvature it records. "
+        "optimizes that model's parameters as one group whose curvature it records. "
         "Give other parameters an optimizer of their own (torch.optim.SGD, say), and change "
         "lr or damping through optimizer.param_groups[0]."
     )

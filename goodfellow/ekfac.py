@@ -41,7 +41,7 @@ __all__ = ["EKFAC", "KFAC"]
 
 
 class EKFAC(torch.optim.Optimizer):
-    r"""EKFAC (or KFAC) preconditioned gradient descent for models made of ``nn.Linear`` layers.
+    r"""EKFAC (or KFAC) preconditioned gradient descent: Linear and convolution layers.
 
     Used like any ``torch.optim`` optimizer, with one forward and one ``loss.backward()`` of
     the model per step::
@@ -54,10 +54,11 @@ class EKFAC(torch.optim.Optimizer):
             optimizer.step()
 
     The optimizer keeps a :class:`goodfellow.PerExampleGradients` attached to the model (remove
-    it with :meth:`remove_hooks`) and reads, for every Linear, its inputs :math:`a` and the
-    per-example output gradients :math:`\delta` of the step's batch; no per-example gradient is
-    materialized. Calls of a Linear whose output did not reach the loss (a forward run with
-    gradients enabled but never differentiated) are left out of the statistics.
+    it with :meth:`remove_hooks`) and reads, for every Linear and ungrouped convolution, its
+    inputs :math:`a` (a convolution's unfolded patches) and the per-example output gradients
+    :math:`\delta` of the step's batch; no per-example gradient is materialized. Calls of a
+    layer whose output did not reach the loss (a forward run with gradients enabled but never
+    differentiated) are left out of the statistics.
 
     Each step uses the curvature of **one batch**, the one whose ``backward()`` came last, so
     :meth:`step` refuses what would mix batches or lose one, instead of stepping wrongly:
@@ -125,8 +126,9 @@ class EKFAC(torch.optim.Optimizer):
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, or ``lr`` or ``damping`` is not a
             number.
-        ValueError: If the model has no trainable ``nn.Linear``, holds other trainable
-            parameters, ties weights between Linear layers, or an argument is out of range.
+        ValueError: If the model has no trainable Linear or ungrouped convolution, the
+            recorder refuses one of its modules, a layer ties its weight to another's or
+            trains its bias with its weight frozen, or an argument is out of range.
     """
 
     def __init__(
@@ -205,7 +207,7 @@ class EKFAC(torch.optim.Optimizer):
         self._batches_at_step = self.recorder.batches_started
 
     def add_param_group(self, param_group: dict) -> None:
-        """Refused: EKFAC preconditions the Linear layers of its model, as one parameter group.
+        """Refused: EKFAC optimizes its model's parameters as one group, built from the model.
 
         Raises:
             ValueError: Always, once the optimizer is built (a group added later would never
@@ -237,7 +239,10 @@ class EKFAC(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Update every Linear layer with its preconditioned gradient.
+        """Update every Linear and convolution layer with its preconditioned gradient.
+
+        The other trainable parameters (norm layers, embeddings, grouped convolutions, layers
+        the ``torch.func`` fallback records) take a plain gradient-descent step with ``lr``.
 
         Args:
             closure: Optional function that clears the gradients, runs the forward and
