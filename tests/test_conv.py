@@ -28,6 +28,7 @@ from goodfellow import (
     torch_func_per_example_grads,
 )
 from goodfellow.layers import conv as conv_rule
+from goodfellow.layers import position_norms
 from goodfellow.layers.conv import unfold_patches
 from goodfellow.layers.routes import forced
 from tests.conftest import TOLERANCES
@@ -144,6 +145,21 @@ def test_unfold_reproduces_the_convolution(case):
         out = out + conv.bias
     expected = conv(x).flatten(2).transpose(1, 2)  # (n, L, C_out)
     torch.testing.assert_close(out, expected, **F64)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 250, 10**9], ids=["row", "two-rows", "whole"])
+def test_squares_summed_in_pieces_equal_the_norms(chunk_bytes, monkeypatch):
+    """The formed route's squares in pieces of rows: the norms of torch.func's gradients."""
+    monkeypatch.setattr(position_norms, "_SQUARES_CHUNK_BYTES", chunk_bytes)
+    g = torch.randn(7, 3, 5, dtype=torch.float64)  # 120 bytes per row: pieces of 1, 2, 7
+    want = torch.einsum("noi,noi->n", g, g)
+    torch.testing.assert_close(position_norms.sum_of_squares(g), want, rtol=1e-13, atol=0)
+    # 49 positions, 18 inputs and 3 outputs per group: the conv's norms take the formed route
+    model, x, y = next(c for c in CASES if c.name == "2d-groups-reflect").make()
+    pe = record(model, x, y, "sum")
+    grads = reference(model, x, y, "sum").values()
+    expected = torch.cat([t.flatten(1) for t in grads], dim=1).norm(dim=1)  # (n,)
+    torch.testing.assert_close(gradient_norms(recorded_factors(pe)), expected, **F64)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

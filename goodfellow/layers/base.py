@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from goodfellow.layers.position_norms import sum_of_squares
+
 __all__ = [
     "LayerRule",
     "MaterializedGradients",
@@ -92,8 +94,7 @@ class MaterializedGradients:
 
     def sq_norms(self) -> Tensor:
         r""":math:`\|g_i\\|^2`, shape ``(n,)``: every row flattened and squared."""
-        rows = [g.reshape(self.batch_size, math.prod(g.shape[1:])) for g in self.tensors]
-        return sum(torch.linalg.vecdot(r, r) for r in rows)  # (n,)
+        return sum(sum_of_squares(g) for g in self.tensors)  # (n,)
 
     def weighted_sum(self, weights: Tensor) -> list[Tensor]:
         r""":math:`\sum_i w_i g_i`: ``einsum("n,n...->...")`` as a vector-matrix product."""

@@ -23,6 +23,7 @@ Index letters: ``n`` example, ``t`` and ``s`` position, ``o`` output and ``i`` i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,8 @@ __all__ = [
 _CHUNK_BYTES = 8 * 2**20
 """Materialized norms form the per-example gradients of this many bytes of examples at a
 time: a buffer's worth, not ``n`` times the layer."""
+_SQUARES_CHUNK_BYTES = 4 * 2**20
+""":func:`sum_of_squares` squares and sums this many bytes of examples at a time."""
 
 
 def positions_sq_norms(A: Tensor, G: Tensor, has_bias: bool) -> Tensor:
@@ -126,6 +129,19 @@ def formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
 
 
 def sum_of_squares(per_example: Tensor) -> Tensor:
-    """Each example's sum of squared entries, ``(chunk,)``: one vecdot, no square root taken."""
-    flat = per_example.flatten(1)  # (chunk, o i)
-    return torch.linalg.vecdot(flat, flat)
+    """Each example's sum of squared entries, ``(n,)``: vecdots, no square root taken.
+
+    ``vecdot`` squares into a temporary before it sums, so the examples go a few MiB at a
+    time (``_SQUARES_CHUNK_BYTES``): a temporary of the whole batch is fresh memory at every
+    step (3c3d's second convolution, ``(64, 55296)``: 4.1 ms of a ``norms_only`` step in
+    the profile, and the step 5% faster in pieces, measured interleaved in one process).
+    ``vector_norm`` needs no temporary but sums less accurately (1e-6 relative against 1e-7
+    for the squares of 55,296 float32 entries).
+    """
+    n = per_example.shape[0]
+    flat = per_example.reshape(n, math.prod(per_example.shape[1:]))  # (n, P), also for P = 1
+    step = max(1, _SQUARES_CHUNK_BYTES // max(1, flat.shape[1] * flat.element_size()))
+    if step >= n:
+        return torch.linalg.vecdot(flat, flat)
+    pieces = [torch.linalg.vecdot(rows, rows) for rows in flat.split(step)]  # (step,) each
+    return torch.cat(pieces)
