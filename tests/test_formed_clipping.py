@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import goodfellow as gf
-from goodfellow.layers import formed_clipping, routes
+from goodfellow.layers import position_norms, routes
 from goodfellow.layers.formed_clipping import SEPARATE, norms_and_formed_sums
 from goodfellow.layers.position_norms import forms_its_norms
 from goodfellow.reference import torch_func_per_example_grads
@@ -101,7 +101,7 @@ def test_the_formed_layers_are_those_whose_norms_are_formed():
 def test_chunks_of_any_size_give_the_same_clipped_mean(chunk_bytes, monkeypatch):
     model, tokens, targets, factors = _case(2, 3, 12, bias=True, n=7)
     expected = _reference_clipped_mean(model, tokens, targets, 0.5)
-    monkeypatch.setattr(formed_clipping, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(position_norms, "_CHUNK_BYTES", chunk_bytes)
     clipped = gf.clipped_mean(factors, 0.5)
     for got, want in zip(_in_parameter_order(model, clipped), expected):
         torch.testing.assert_close(got, want, **EXACT)

@@ -18,7 +18,8 @@ over the gradients just formed:
     \sum_i w_i g_i = \sum_{\text{chunks } c} \sum_{i \in c} w_i g_i,
 
 the second product replaced by one read of each chunk. Memory: one chunk, about
-``_CHUNK_BYTES`` of per-example gradients of all these layers together.
+``position_norms._CHUNK_BYTES`` of per-example gradients of all these layers together (the
+budget of the norms' formed route, one layer at a time).
 
 Index letters: ``n`` example, ``c`` example of a chunk, ``o`` output and ``i`` input feature.
 """
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from goodfellow.layers import position_norms
 from goodfellow.layers.base import norm_from_squares
 from goodfellow.layers.linear import LinearFactors, _batched_outer
 from goodfellow.layers.position_norms import bias_sq_norms, forms_its_norms, sum_of_squares
@@ -41,10 +43,6 @@ __all__ = ["SEPARATE", "norms_and_formed_sums"]
 SEPARATE = "separate clipped sum"
 """Route name that turns the one-pass sum off (``goodfellow.layers.routes.forced``, for tests):
 every layer's norms first, then every layer's weighted sum."""
-
-_CHUNK_BYTES = 8 * 2**20
-"""Per-example gradients of all formed layers together, for this many bytes of examples."""
-
 
 def norms_and_formed_sums(
     layers: Sequence, max_norm: float, clip_factors: Callable[[Tensor, float], Tensor]
@@ -78,7 +76,9 @@ def norms_and_formed_sums(
     squares = summed_sq_norms(rest) if rest else A0.new_zeros(n)  # (n,)
     squares = squares + sum(bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias)
     sums = [A0.new_zeros((layer.grad_outputs.shape[2], layer.inputs.shape[2])) for layer in group]
-    step = max(1, _CHUNK_BYTES // (sum(t.numel() for t in sums) * A0.element_size()))
+    # the budget of the norms' own formed route, for all these layers' gradients together
+    chunk_bytes = position_norms._CHUNK_BYTES
+    step = max(1, chunk_bytes // (sum(t.numel() for t in sums) * A0.element_size()))
     norms, factors = [], []
     for start in range(0, n, step):
         stop = min(start + step, n)
