@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import goodfellow as gf
-from benchmarks.run import PRIMING_STEPS, _versions, device_name, wait_for_quiet
+from benchmarks.run import _versions, device_name, prime, wait_for_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -504,10 +504,7 @@ def _measure(args: argparse.Namespace) -> None:
             # one emptied)
             for k in order.sample(range(len(methods)), len(methods)):
                 method = methods[k][run % args.instances]
-                for _ in range(PRIMING_STEPS):  # untimed: the timed step follows steps of its own
-                    method.reset()
-                    method.step()
-                method.reset()
+                prime(method)  # untimed: the timed step follows steps of its own
                 dist.barrier()  # both ranks start the step together
                 start = time.perf_counter()
                 method.step()

@@ -55,11 +55,11 @@ from torch import Tensor, nn
 import goodfellow as gf
 from benchmarks.run import (
     ORDER_SEED,
-    PRIMING_STEPS,
     ForeignLoad,
     _synchronize,
     _versions,
     device_name,
+    prime,
     wait_for_quiet,
 )
 from goodfellow.privacy import private_mean
@@ -401,10 +401,7 @@ def benchmark_config(
     try:
         for _ in range(runs):
             for method in order.sample(methods, len(methods)):  # a new order every round
-                for _ in range(PRIMING_STEPS):  # untimed: the timed step follows steps of its own
-                    method.reset()
-                    method.step()
-                method.reset()
+                prime(method)  # untimed: the timed step follows steps of its own
                 _synchronize(device)
                 start = time.perf_counter()
                 method.step()

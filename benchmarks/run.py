@@ -59,6 +59,20 @@ two steps per round every such batch was a timed one (3 of 15 timed steps, twice
 training loop sees); with three steps per round a check falls on a timed step once in ten."""
 
 
+def prime(method: bm.Method) -> None:  # or any object with reset() and step()
+    """The :data:`PRIMING_STEPS` untimed steps before a timed one, and the reset before it.
+
+    The timed step then finds the caches and the allocator's free lists as its own previous
+    step left them, as in a training loop: timed right after another method, a light step
+    pays for what a heavy one left behind. (``dpsgd`` and ``ddp`` time their steps the same
+    way.)
+    """
+    for _ in range(PRIMING_STEPS):
+        method.reset()
+        method.step()
+    method.reset()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -246,15 +260,9 @@ def benchmark_config(
     order = random.Random(ORDER_SEED)
     try:
         for _ in range(runs):
-            # every round in a new order, against drift; and before each timed step two
-            # untimed steps of the same method, so that it finds the caches and the allocator's
-            # free lists as its own previous step left them, as in a training loop (timed right
-            # after another method, a light step pays for what a heavy one left behind)
+            # every round in a new order, against drift; each timed step after primed ones
             for method in order.sample(methods, len(methods)):
-                for _ in range(PRIMING_STEPS):
-                    method.reset()
-                    method.step()
-                method.reset()
+                prime(method)
                 _synchronize(device)
                 faults_before = _minor_faults()
                 start = time.perf_counter()
