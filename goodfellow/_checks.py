@@ -143,8 +143,8 @@ def refuse_training_batchnorm(name: str, module: _BatchNorm) -> None:
             "example's output depends on every other example and per-example gradients are "
             "undefined"
             if module.training
-            else "its parameters are trainable, and no rule covers BatchNorm (its training "
-            "mode mixes the examples, and its eval mode differs from training)"
+            else "its parameters are trainable, and PerExampleGradients has no rule for "
+            "BatchNorm"
         )
         raise ValueError(
             f"{display_module(name)} ({type(module).__name__}) cannot be recorded: {why}. "
