@@ -97,11 +97,34 @@ def test_the_formed_layers_are_those_whose_norms_are_formed():
     assert norms_and_formed_sums(layers, 0.5, _clip_factors)[1] == {}
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 200, 10**9], ids=["one_example", "a_few", "all"])
+# one example's formed weight gradients of _case(2, 3, 12): 2x2 + 3x2 + 2x3 float64 = 128 bytes
+ONE_EXAMPLE_BYTES = 128
+
+
+@pytest.mark.parametrize(
+    "chunk_bytes", [ONE_EXAMPLE_BYTES, 2 * ONE_EXAMPLE_BYTES + 50, 10**9],
+    ids=["one_example", "two_examples", "all"],
+)  # fmt: skip
 def test_chunks_of_any_size_give_the_same_clipped_mean(chunk_bytes, monkeypatch):
     model, tokens, targets, factors = _case(2, 3, 12, bias=True, n=7)
     expected = _reference_clipped_mean(model, tokens, targets, 0.5)
     monkeypatch.setattr(position_norms, "_CHUNK_BYTES", chunk_bytes)
+    clipped = gf.clipped_mean(factors, 0.5)
+    for got, want in zip(_in_parameter_order(model, clipped), expected):
+        torch.testing.assert_close(got, want, **EXACT)
+
+
+def test_a_budget_below_one_example_takes_two_passes(monkeypatch):
+    """Memory stays within the budget: no chunk of one example's gradients above it."""
+    model, tokens, targets, factors = _case(2, 3, 12, bias=True, n=7)
+    _, layers, _ = _layers(factors)
+    monkeypatch.setattr(position_norms, "_CHUNK_BYTES", ONE_EXAMPLE_BYTES)
+    assert norms_and_formed_sums(layers, 0.5, _clip_factors)[1] != {}  # one pass, fits
+    monkeypatch.setattr(position_norms, "_CHUNK_BYTES", ONE_EXAMPLE_BYTES - 1)
+    norms, sums = norms_and_formed_sums(layers, 0.5, _clip_factors)
+    assert sums == {}  # two passes
+    torch.testing.assert_close(norms, gf.gradient_norms(factors), **EXACT)
+    expected = _reference_clipped_mean(model, tokens, targets, 0.5)
     clipped = gf.clipped_mean(factors, 0.5)
     for got, want in zip(_in_parameter_order(model, clipped), expected):
         torch.testing.assert_close(got, want, **EXACT)

@@ -19,7 +19,9 @@ over the gradients just formed:
 
 the second product replaced by one read of each chunk. Memory: one chunk, about
 ``position_norms._CHUNK_BYTES`` of per-example gradients of all these layers together (the
-budget of the norms' formed route, one layer at a time).
+budget of the norms' formed route, one layer at a time). Where a single example's gradients of
+these layers exceed it, the clipped sum takes two passes instead (norms, then each layer's
+weighted sum), so that the memory stays within the budget for models of any size.
 
 Index letters: ``n`` example, ``c`` example of a chunk, ``o`` output and ``i`` input feature.
 """
@@ -68,17 +70,21 @@ def norms_and_formed_sums(
     if not formed or differentiable or layers[0].batch_size == 0 or forced_route() == SEPARATE:
         return norm_from_squares(summed_sq_norms(layers)), {}
     group = [layers[k] for k in formed]
-    rest = [layer for k, layer in enumerate(layers) if k not in formed]  # a few layers
     A0 = group[0].inputs
+    # one example's formed gradients of all these layers must fit the budget: a large model
+    # would otherwise hold a whole example's worth, O(P), where two passes hold one layer's
+    per_example = sum(L.grad_outputs.shape[2] * L.inputs.shape[2] for L in group)
+    chunk_bytes = position_norms._CHUNK_BYTES
+    if per_example * A0.element_size() > chunk_bytes:
+        return norm_from_squares(summed_sq_norms(layers)), {}
+    rest = [layer for k, layer in enumerate(layers) if k not in formed]  # a few layers
     n = A0.shape[0]
     # everything but the formed weights, for the whole batch first: the other layers and the
     # formed layers' biases
     squares = summed_sq_norms(rest) if rest else A0.new_zeros(n)  # (n,)
     squares = squares + sum(bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias)
     sums = [A0.new_zeros((layer.grad_outputs.shape[2], layer.inputs.shape[2])) for layer in group]
-    # the budget of the norms' own formed route, for all these layers' gradients together
-    chunk_bytes = position_norms._CHUNK_BYTES
-    step = max(1, chunk_bytes // (sum(t.numel() for t in sums) * A0.element_size()))
+    step = chunk_bytes // (per_example * A0.element_size())  # examples per chunk, >= 1
     norms, factors = [], []
     for start in range(0, n, step):
         stop = min(start + step, n)
