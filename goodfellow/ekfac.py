@@ -55,10 +55,9 @@ class EKFAC(torch.optim.Optimizer):
 
     The optimizer keeps a :class:`goodfellow.PerExampleGradients` attached to the model (remove
     it with :meth:`remove_hooks`) and reads, for every Linear and ungrouped convolution, its
-    inputs :math:`a` (a convolution's unfolded patches) and the per-example output gradients
-    :math:`\delta` of the step's batch; no per-example gradient is materialized. Calls of a
-    layer whose output did not reach the loss (a forward run with gradients enabled but never
-    differentiated) are left out of the statistics.
+    inputs :math:`a` (unfolded patches) and per-example output gradients :math:`\delta`; no
+    per-example gradient is materialized. Calls of a layer whose output did not reach the loss
+    (a forward with gradients enabled, never differentiated) are left out of the statistics.
 
     Each step uses the curvature of **one batch**, the one whose ``backward()`` came last, so
     :meth:`step` refuses what would mix batches or lose one, instead of stepping wrongly:
@@ -127,8 +126,7 @@ class EKFAC(torch.optim.Optimizer):
         TypeError: If ``model`` is not an ``nn.Module``, or ``lr`` or ``damping`` is not a
             number.
         ValueError: If the model has no trainable Linear or ungrouped convolution, the
-            recorder refuses one of its modules, a layer ties its weight to another's or
-            trains its bias with its weight frozen, or an argument is out of range.
+            recorder refuses a module, weights are tied, or an argument is out of range.
     """
 
     def __init__(
@@ -239,10 +237,7 @@ class EKFAC(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Update every Linear and convolution layer with its preconditioned gradient.
-
-        The other trainable parameters (norm layers, embeddings, grouped convolutions, layers
-        the ``torch.func`` fallback records) take a plain gradient-descent step with ``lr``.
+        """Precondition every Linear and convolution layer; every other parameter: plain SGD.
 
         Args:
             closure: Optional function that clears the gradients, runs the forward and

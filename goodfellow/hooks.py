@@ -4,11 +4,8 @@ r"""Per-example gradients of any model, recorded by hooks during its own backwar
 written to. Any other model can be made to do the same without touching its code: a *forward
 hook* on every module with a rule keeps the module's input :math:`a`, and a *tensor hook* on its
 output :math:`Z` receives :math:`\partial \mathcal{L} / \partial Z` during ``loss.backward()``.
-The recorder holds no formula: each module's rule (:mod:`goodfellow.layers`: Linear,
-convolutions, Embedding, the normalization layers, MultiheadAttention, and a ``torch.func``
-fallback for any other module with parameters) turns what was recorded for it into per-example
-gradients, norms, weighted sums and Kronecker factors. The Linear rule is the one to learn
-first; the others reduce to it or follow its pattern.
+The recorder holds no formula: each module's rule (:mod:`goodfellow.layers`) turns what was
+recorded for it into per-example gradients, norms, weighted sums and Kronecker factors.
 
 A Linear layer may be applied at several positions ``t`` of an example (an input of shape
 ``(n, ..., d_in)``) and several times in one forward (calls ``c``). Example :math:`i` only touches
@@ -365,13 +362,11 @@ class PerExampleGradients:
     def compute_grads(self, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Compute the per-example gradients of the current batch (uncached).
 
-        Each recorded module's rule gives its parameters' per-example gradients. For a
-        Linear, all its calls are stacked along the position axis and reduced by one
-        :func:`goodfellow.batched_outer` (``einsum("nto,nti->noi")``: ``n`` example, ``t``
-        position or call, ``o`` output, ``i`` input feature) and the bias gradient is the sum
-        of the scaled output gradients over ``t``; a convolution is that product on its
-        unfolded patches, per group; the other kinds are in :mod:`goodfellow.layers`. A
-        parameter shared by several modules (tied weights) gets the sum of their parts.
+        Each recorded module's rule gives its parameters' per-example gradients: a Linear's
+        calls stacked along the position axis and reduced by one :func:`goodfellow.batched_outer`
+        (``einsum("nto,nti->noi")``: ``n`` example, ``t`` position or call, ``o`` output, ``i``
+        input feature), a convolution's on its unfolded patches per group, the other kinds as
+        :mod:`goodfellow.layers` says. Tied weights add their parts.
 
         If the backward ran with ``create_graph=True``, the result is differentiable (it depends
         on the recorded inputs and output gradients through autograd), also while attached:
@@ -403,4 +398,3 @@ class PerExampleGradients:
             f"PerExampleGradients({type(self.model).__name__}, "
             f"loss_reduction={self.loss_reduction!r}, {len(self.layers)} recorded layers, {state})"
         )
-
