@@ -68,9 +68,7 @@ def gradient_norms(source: Source) -> Tensor:
     return norm_from_squares(summed_sq_norms(layers))  # (n,)
 
 
-def gradient_mean(
-    source: Source, *, group: object = None
-) -> PerExampleGrads:
+def gradient_mean(source: Source, *, group: object = None) -> PerExampleGrads:
     r"""The batch gradient :math:`\bar g = \frac1n\sum_i g_i` (of the per-example losses' mean).
 
     Args:
@@ -110,10 +108,7 @@ def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None
     return layout.pack(sums), total
 
 
-def clipped_mean(
-    source: Source, max_norm: float
-, *, group: object = None
-) -> PerExampleGrads:
+def clipped_mean(source: Source, max_norm: float, *, group: object = None) -> PerExampleGrads:
     r"""The DP-SGD clipped mean :math:`\frac1n\sum_i g_i\min(1, C/\|g_i\|)`, by reweighting.
 
     Clipping multiplies each example's gradient by a scalar, so the clipped mean is the
@@ -150,9 +145,7 @@ def clipped_mean(
     return type(clipped)(t / total for t in clipped)
 
 
-def gradient_second_moment(
-    source: Source, *, group: object = None
-) -> PerExampleGrads:
+def gradient_second_moment(source: Source, *, group: object = None) -> PerExampleGrads:
     r"""The entrywise second moment :math:`\frac1n\sum_i g_i \odot g_i`.
 
     In factored form, for plain vector inputs, :math:`\frac1n (G^{\circ 2})^\top A^{\circ 2}`
@@ -197,8 +190,7 @@ def _mean_and_total(layers: list, group: object) -> tuple[list[list[Tensor]], in
 
 
 def gradient_variance(
-    source: Source, unbiased: bool = False
-, *, group: object = None
+    source: Source, unbiased: bool = False, *, group: object = None
 ) -> PerExampleGrads:
     r"""The entrywise variance of the per-example gradients: the diagonal of their covariance.
 
@@ -282,8 +274,7 @@ def _trace_mean_total(
 
 
 def gradient_variance_trace(
-    source: Source, unbiased: bool = False
-, *, group: object = None
+    source: Source, unbiased: bool = False, *, group: object = None
 ) -> Tensor:
     r"""The trace of the per-example gradients' covariance, :math:`\operatorname{tr}\Sigma`.
 
@@ -313,8 +304,7 @@ def gradient_variance_trace(
 
 
 def noise_scale_parts(
-    source: Source, unbiased: bool = True
-, *, group: object = None
+    source: Source, unbiased: bool = True, *, group: object = None
 ) -> tuple[Tensor, Tensor]:
     r"""Estimates of :math:`\operatorname{tr}\Sigma` and :math:`|G|^2` from one batch.
 
@@ -348,10 +338,7 @@ def noise_scale_parts(
     return trace, squared_norm  # type: ignore[return-value]
 
 
-def gradient_noise_scale(
-    source: Source, unbiased: bool = True
-, *, group: object = None
-) -> Tensor:
+def gradient_noise_scale(source: Source, unbiased: bool = True, *, group: object = None) -> Tensor:
     r"""The simple gradient noise scale, :math:`\mathcal{B} = \operatorname{tr}\Sigma / |G|^2`.
 
     McCandlish et al. 2018 (arXiv:1812.06162) show it predicts the critical batch size: batches
