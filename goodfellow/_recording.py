@@ -27,7 +27,9 @@ from torch.autograd.graph import GradientEdge
 from goodfellow._checks import check_call_batch, describe, refuse_training_batchnorm
 from goodfellow._hooking import (
     RECORDED_OUTPUTS,
+    ModuleHook,
     hookable,
+    in_backward,
     is_functorch,
     recorded_edges,
     refuse_other_output,
@@ -38,6 +40,7 @@ from goodfellow.records import LayerRecord, _Call
 
 if TYPE_CHECKING:
     from goodfellow.hooks import PerExampleGradients
+    from goodfellow.layers.base import CallCapture
 
 
 def on_model_forward(pe: PerExampleGradients, module: nn.Module, args: tuple) -> None:
@@ -115,14 +118,77 @@ def on_layer_forward(
     # its graph instead of keeping it until the next backward.
     pending = _Call(a, args, dict(kwargs)) if record.records_all_inputs else _Call(a)
     call = record._add_call(weakref.ref(pending), n, output)
-    hook = output_gradient_hook(pe, record, call, pe._generation, output.shape, pending)
+    _hook(pe, output, output_gradient_hook(pe, record, call, pe._generation, output.shape, pending))
+    capture, record._capture = record._capture, None
+    if capture is not None and capture.outputs:
+        pending.capture = capture
+        for j, inner in enumerate(capture.take_outputs()):
+            _hook(pe, inner, captured_gradient_hook(pe, capture, j, pe._generation, inner.shape))
+    for k, other in others:
+        refuse = refuse_other_output(record, k, pe._generation, pe)
+        pe._tensor_handles.append(other.register_hook(refuse))
+
+
+def register_layer_hooks(
+    pe: PerExampleGradients, name: str, record: LayerRecord
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """The module hooks of one recorded module: its forward hook, and its capture's if any.
+
+    The capture's forward hook is registered first, so that it has left the capture when
+    :func:`on_layer_forward` runs, and with ``always_call``, so that a forward that raises
+    leaves it too.
+    """
+    module, handles = record.module, []
+    if record.captures:
+        handles.append(module.register_forward_pre_hook(ModuleHook(pe, start_capture, name)))
+        end = ModuleHook(pe, end_capture, name)
+        handles.append(module.register_forward_hook(end, always_call=True))
+    layer_hook = ModuleHook(pe, on_layer_forward, name)
+    handles.append(module.register_forward_hook(layer_hook, with_kwargs=True))
+    return handles
+
+
+def _hook(pe: PerExampleGradients, output: Tensor, hook: Callable[[Tensor], None]) -> None:
+    """Register ``hook`` on ``output``; mark its node for :meth:`PerExampleGradients.backward`."""
     hooked = hookable(output)
     if hooked.grad_fn is not None:  # found there by backward(): no reference to the graph
         hooked.grad_fn.metadata.setdefault(RECORDED_OUTPUTS, set()).add(hooked.output_nr)
     pe._tensor_handles.append(hooked.register_hook(hook))
-    for k, other in others:
-        refuse = refuse_other_output(record, k, pe._generation, pe)
-        pe._tensor_handles.append(other.register_hook(refuse))
+
+
+def start_capture(pe: PerExampleGradients, name: str, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a module whose rule sees inside its calls: enter the capture."""
+    record = pe.layers[name]
+    record._capture = None
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if not torch.is_grad_enabled() or in_backward() or (first is not None and is_functorch(first)):
+        return  # no call the recorder keeps
+    record._open_capture = record.rule.capture(module)
+    if record._open_capture is not None:
+        record._open_capture.__enter__()
+
+
+def end_capture(
+    pe: PerExampleGradients, name: str, module: nn.Module, args: tuple, output: object
+) -> None:
+    """Forward hook, run also when the forward raised: leave the capture entered before it."""
+    record = pe.layers[name]
+    capture, record._open_capture = record._open_capture, None
+    if capture is not None:
+        capture.__exit__(None, None, None)
+        record._capture = capture  # for on_layer_forward, which runs next
+
+
+def captured_gradient_hook(
+    pe: PerExampleGradients, capture: CallCapture, j: int, generation: int, shape: torch.Size
+) -> Callable[[Tensor], None]:
+    """The tensor hook on a captured intermediate: keep its gradient, the first of the batch."""
+
+    def gradient_hook(grad: Tensor) -> None:
+        if pe._attached and generation == pe._generation and capture.grad_outputs[j] is None:
+            capture.grad_outputs[j] = grad.reshape(shape)
+
+    return gradient_hook
 
 
 def output_gradient_hook(

@@ -103,9 +103,9 @@ from goodfellow._hooking import (
 from goodfellow._recording import (
     after_model_forward,
     edges_to_recorded_outputs,
-    on_layer_forward,
     on_model_forward,
     on_parameter_gradient,
+    register_layer_hooks,
 )
 from goodfellow.records import LayerRecord
 from goodfellow.reduction import batch_size_factor
@@ -230,10 +230,7 @@ class PerExampleGradients:
             model.register_forward_hook(ModuleHook(self, after_model_forward))
         )
         for name, record in self.layers.items():
-            handle = record.module.register_forward_hook(
-                ModuleHook(self, on_layer_forward, name), with_kwargs=True
-            )
-            self._module_handles.append(handle)
+            self._module_handles += register_layer_hooks(self, name, record)
         params = dict(model.named_parameters())
         for p_name in self._owners:
             hook = ModuleHook(self, on_parameter_gradient, p_name)

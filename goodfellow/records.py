@@ -61,6 +61,10 @@ class LayerRecord:
         self._output_kinds: list[tuple[torch.dtype, torch.device]] = []
         self._n: int | None = None
         self.records_all_inputs = bool(getattr(rule, "records_all_inputs", False))
+        # a rule that sees inside its calls (LayerRule.capture) gets what it saw there too
+        self.captures = type(rule).capture is not LayerRule.capture
+        self._open_capture = None  # entered for the call running now (goodfellow._recording)
+        self._capture = None  # left, waiting for the call's forward hook
         self.batch_dim = _batch_dim(rule, module)
         self._owner = owner
 
@@ -147,7 +151,7 @@ class LayerRecord:
             A layer-gradients object (see :mod:`goodfellow.layers.base`).
         """
         scale = self.scale if self._calls else 1
-        inputs, deltas, calls = [], [], []
+        inputs, deltas, calls, captures = [], [], [], []
         for c, g in enumerate(self.grad_outputs):
             if g is None:
                 continue  # this call's output did not reach the loss: it contributes zero
@@ -156,12 +160,14 @@ class LayerRecord:
             deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
             if self.records_all_inputs:
                 calls.append((call.args, call.kwargs))
+            if self.captures:
+                captures.append(None if call.capture is None else call.capture.scaled(scale))
         if not deltas:
             return self.rule.zeros(self.module, self._owner._batch_size)
-        if self.records_all_inputs:
-            layer = self.rule.gradients(self.module, inputs, deltas, calls=calls)
-        else:
-            layer = self.rule.gradients(self.module, inputs, deltas)
+        extra = {"calls": calls} if self.records_all_inputs else {}
+        if self.captures:
+            extra["captures"] = captures
+        layer = self.rule.gradients(self.module, inputs, deltas, **extra)
         check_accounted(self._owner, self, layer, scale)
         return layer
 
@@ -197,14 +203,19 @@ class LayerRecord:
 
 
 class _Call:
-    """What one call of a recorded module keeps for its rule: its input (and all arguments)."""
+    """What one call of a recorded module keeps for its rule: its input (and all arguments).
 
-    __slots__ = ("__weakref__", "args", "input", "kwargs")
+    ``capture``: what the rule's :class:`goodfellow.layers.base.CallCapture` saw inside the
+    call, for rules that have one.
+    """
+
+    __slots__ = ("__weakref__", "args", "capture", "input", "kwargs")
 
     def __init__(self, input: Tensor, args: tuple | None = None, kwargs: dict | None = None):
         self.input = input
         self.args = args
         self.kwargs = kwargs
+        self.capture = None
 
 
 def _batch_dim(rule: LayerRule, module: nn.Module) -> int:

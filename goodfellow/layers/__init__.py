@@ -17,7 +17,8 @@ exactly one rule:
   :math:`\sum_t G`.
 - ``nn.MultiheadAttention``: :class:`~goodfellow.layers.attention.MultiheadAttentionRule`, all
   its parameters, ``out_proj``'s included (``out_proj`` is not recorded on its own): its
-  projections as linear blocks, the attention core recomputed on the batch.
+  projections as linear blocks, their inputs and output gradients captured inside the
+  module's forward (:mod:`~goodfellow.layers.attention_capture`).
 - Any other module with trainable parameters of its own (a custom layer, a bare
   ``nn.Parameter``): :class:`~goodfellow.layers.fallback.FallbackRule`, ``torch.func`` of that
   module alone, for its own parameters.

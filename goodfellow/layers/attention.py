@@ -15,19 +15,27 @@ dimension 1, and so they are in the output and its gradient. ``key_padding_mask`
 The attention weights (the second output) must not reach the loss: their gradient would have no
 place in the recorded vector-Jacobian product, and the recorder refuses such a backward.
 
-The factored route. When the module has none of the extras below, its gradients are formed
-without ``vmap``: every projection is a linear layer, so the rule recomputes, on the whole
-batch, :math:`q = x_q W_q^\top + b_q` (and ``k``, ``v``) and the attention core
-:math:`a = \operatorname{softmax}(q k^\top / \sqrt{d_h} + M) v` (heads merged), then runs one
-backward of the core from :math:`\partial L/\partial a = G W_o` to get every example's
-:math:`\partial L_i/\partial q_i, \partial k_i, \partial v_i` at once (the core never mixes
-examples). The four projections are then :class:`goodfellow.LinearFactors`: ``(a, G)`` for
-``out_proj``, ``(x_q, dq)``, ``(x_k, dk)``, ``(x_v, dv)`` for the blocks of ``in_proj_weight``
-(one ``(x, [dq dk dv])`` when query, key and value are the same tensor). Norms, clipped sums
-and second moments then come from the linear rule, with nothing ``n * P`` formed. The extras
-that send a module to the ``vmap`` route instead: ``add_bias_kv``, ``add_zero_attn`` and a
-frozen part of a projection. Dropout in training mode is refused on either route: its masks,
-drawn in the forward, cannot be drawn again.
+The factored route. When the module has none of the extras below, every projection is a
+linear layer and the rule hands its blocks to the linear rule as
+:class:`goodfellow.LinearFactors`: ``(a, G)`` for ``out_proj``, with :math:`a` the attention
+output before it, ``(x_q, dq)``, ``(x_k, dk)``, ``(x_v, dv)`` for the blocks of
+``in_proj_weight`` (one ``(x, [dq dk dv])`` when query, key and value are the same tensor).
+Norms, clipped sums and second moments then come from the linear rule, with nothing ``n * P``
+formed. Where the pairs come from:
+
+* captured (:mod:`goodfellow.layers.attention_capture`): while the recorder is attached the
+  module's functional forward runs as written there, the same operations in the same order,
+  and the recorder hooks the projections' outputs, so :math:`a`, :math:`dq, dk, dv` are those
+  of the forward that ran and nothing is recomputed;
+* recomputed, for the calls the capture leaves to torch's own function: the rule computes
+  :math:`q = x_q W_q^\top + b_q` (and ``k``, ``v``) and the core
+  :math:`a = \operatorname{softmax}(q k^\top / \sqrt{d_h} + M) v` (heads merged) again on the
+  whole batch and runs one backward of the core from :math:`\partial L/\partial a = G W_o`
+  (the core never mixes examples).
+
+The extras that send a module to the ``vmap`` route instead: ``add_bias_kv``,
+``add_zero_attn`` and a frozen part of a projection. Dropout in training mode is refused on
+either route: its masks, drawn in the forward, cannot be drawn again.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from goodfellow.layers.attention_capture import AttentionCapture
 from goodfellow.layers.base import MaterializedGradients, register_rule, sum_discrepancy
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.layers.linear import LinearFactors, _layer_square_sum
@@ -120,8 +129,13 @@ class MultiheadAttentionRule(FallbackRule):
         inputs: list[Tensor],
         grad_outputs: list[Tensor],
         calls: Sequence[tuple[tuple, dict]] | None = None,
+        captures: Sequence[AttentionCapture | None] | None = None,
     ) -> AttentionGradients | MaterializedGradients:
-        """The factored route where it applies (module docstring), else ``vmap``'s."""
+        """The factored route where it applies (module docstring), else ``vmap``'s.
+
+        ``captures``: what :meth:`capture` saw inside each call; where every call was
+        captured, the blocks come from it and nothing is recomputed.
+        """
         names = self.parameter_names(module)
         if module.training and module.dropout > 0:
             raise ValueError(
@@ -131,8 +145,11 @@ class MultiheadAttentionRule(FallbackRule):
             )
         if calls is None or not _factorable(module, names):
             return super().gradients(module, inputs, grad_outputs, calls)
-        per_call = [self._blocks(module, args, kwargs, g)
-                    for (args, kwargs), g in zip(calls, grad_outputs)]  # fmt: skip
+        if captures and all(c is not None and c.complete for c in captures):
+            per_call = [_captured_blocks(module, c, g) for c, g in zip(captures, grad_outputs)]
+        else:
+            per_call = [self._blocks(module, args, kwargs, g)
+                        for (args, kwargs), g in zip(calls, grad_outputs)]  # fmt: skip
         layouts = {tuple((w, b) for _, w, b in blocks) for blocks in per_call}
         if len(layouts) > 1:  # calls of different kinds (self- and cross-attention)
             return super().gradients(module, inputs, grad_outputs, calls)
@@ -141,6 +158,13 @@ class MultiheadAttentionRule(FallbackRule):
             for j, (_, w, b) in enumerate(per_call[0])
         ]  # calls laid end to end as positions, block by block
         return AttentionGradients(blocks, names)
+
+    def capture(self, module: nn.Module) -> AttentionCapture | None:
+        """An :class:`~goodfellow.layers.attention_capture.AttentionCapture` per call.
+
+        Only for a module the factored route covers: for the others it would capture nothing.
+        """
+        return AttentionCapture() if _factorable(module, self.parameter_names(module)) else None
 
     def _blocks(
         self, module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_output: Tensor
@@ -205,6 +229,27 @@ class MultiheadAttentionRule(FallbackRule):
         if key == "key_padding_mask":
             return 0
         return super().in_dim(module, key, value, n)
+
+
+def _captured_blocks(
+    module: nn.MultiheadAttention, capture: AttentionCapture, grad_output: Tensor
+) -> list[tuple[LinearFactors, str, str | None]]:
+    """One captured call's linear blocks: each projection's input and output gradient."""
+    bias = None if module.in_proj_bias is None else "in_proj_bias"
+    out_bias = None if module.out_proj.bias is None else "out_proj.bias"
+
+    def batch_first(t: Tensor) -> Tensor:  # (T, n, d), as the functional sees it -> (n, T, d)
+        return t.transpose(0, 1).contiguous()
+
+    blocks = [
+        (LinearFactors(batch_first(x), batch_first(d), bias is not None), weight, bias)
+        for x, d, weight in zip(capture.inputs, capture.grad_outputs, capture.weights)
+    ]
+    length, n = capture.inputs[0].shape[:2]
+    core = batch_first(capture.core_output.view(length, n, -1))  # (n, L, E)
+    G = grad_output.detach() if module.batch_first else batch_first(grad_output.detach())
+    out_proj = LinearFactors(core, G, out_bias is not None)
+    return [*blocks, (out_proj, "out_proj.weight", out_bias)]
 
 
 def _factorable(module: nn.MultiheadAttention, names: Sequence[str]) -> bool:

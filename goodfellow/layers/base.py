@@ -30,15 +30,18 @@ A rule for a layer of your own: subclass :class:`LayerRule`, implement :meth:`~L
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from goodfellow.layers.position_norms import sum_of_squares
 
 __all__ = [
+    "CallCapture",
     "LayerRule",
     "MaterializedGradients",
     "norm_from_squares",
@@ -155,6 +158,53 @@ def sum_discrepancy(layer: object, totals: Sequence[Tensor | None], scale: int) 
     return out
 
 
+class CallCapture(TorchFunctionMode):
+    r"""What a rule sees inside one call of its module, beyond the call's input and output.
+
+    A rule whose layer applies its parameters out of reach of any hook
+    (``nn.MultiheadAttention``: ``F.linear`` inside a functional) returns one of these from
+    :meth:`LayerRule.capture`. The recorder enters it right before the call and leaves it
+    right after; a subclass's ``__torch_function__`` sees the ``torch`` functions the call
+    runs, keeps what the rule needs, and appends to ``outputs`` the intermediate tensors
+    whose gradient it needs. The recorder hooks those as it hooks a layer's output and fills
+    ``grad_outputs`` during the backward; the rule gets the capture back with the
+    gradients multiplied by the batch-size factor (:meth:`scaled`).
+
+    Attributes:
+        outputs: Intermediate tensors to hook; the recorder takes them (:meth:`take_outputs`).
+        grad_outputs: :math:`\partial\mathcal L/\partial` each output, ``None`` until the
+            backward reaches it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[Tensor] = []
+        self.grad_outputs: list[Tensor | None] = []
+
+    def take_outputs(self) -> list[Tensor]:
+        """The tensors to hook, forgotten here.
+
+        A capture lives until the next batch (the rule reads it after the backward); an output
+        it held would keep that output's memory, and the graph behind it, alive until then.
+        """
+        outputs, self.outputs = self.outputs, []
+        self.grad_outputs = [None] * len(outputs)
+        return outputs
+
+    @property
+    def complete(self) -> bool:
+        """Whether every hooked output received its gradient."""
+        return bool(self.grad_outputs) and all(g is not None for g in self.grad_outputs)
+
+    def scaled(self, scale: int) -> CallCapture:
+        """A shallow copy with every gradient multiplied by ``scale``."""
+        if scale == 1:
+            return self
+        other = copy.copy(self)
+        other.grad_outputs = [None if g is None else g * scale for g in self.grad_outputs]
+        return other
+
+
 class LayerRule:
     """How one layer kind's per-example quantities follow from what the recorder saw of it.
 
@@ -205,6 +255,10 @@ class LayerRule:
             :meth:`parameter_names`.
         """
         raise NotImplementedError
+
+    def capture(self, module: nn.Module) -> CallCapture | None:
+        """A :class:`CallCapture` for one call of ``module``; ``None`` (the default): none."""
+        return None
 
     def zeros(self, module: nn.Module, batch_size: int) -> MaterializedGradients:
         """The gradients of a module that took no part in the loss: zeros."""
