@@ -219,3 +219,17 @@ def test_no_capture_for_a_module_whose_parts_are_frozen_and_none_under_no_grad()
         model(torch.randn(N, L, E, dtype=torch.float64))
     assert pe.layers["attention"].num_calls == 0
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+@pytest.mark.parametrize("name", ["self", "kdim-vdim", "key-is-value"])
+def test_per_example_gradients_are_written_into_given_buffers(name):
+    """Self-attention's blocks write straight into them; the others stack their rows there."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    model = Around(setting)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    with PerExampleGradients(model) as pe:
+        model(x).square().sum().backward()
+    out = {k: torch.full_like(v, float("nan")) for k, v in pe.grads.items()}
+    got = pe.compute_grads(out=out)
+    for key, value in pe.grads.items():
+        assert got[key] is out[key] and torch.equal(got[key], value)

@@ -90,8 +90,20 @@ class AttentionGradients:
                 for name, buffer in zip(self.names, out)]  # fmt: skip
 
     def per_example(self, out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
-        """One ``(n, *param.shape)`` tensor per name (into ``out`` where given)."""
-        return self._stacked([factors.per_example() for factors, _, _ in self.blocks], out)
+        """One ``(n, *param.shape)`` tensor per name (into ``out`` where given).
+
+        Where every parameter is one block (self-attention with the packed weight), each block
+        writes into its buffers directly, without a copy through ``cat``.
+        """
+        parts = [name for _, weight, bias in self.blocks for name in (weight, bias) if name]
+        if len(set(parts)) < len(parts):  # a parameter in several blocks: stack their rows
+            return self._stacked([factors.per_example() for factors, _, _ in self.blocks], out)
+        buffers = dict(zip(self.names, [None] * len(self.names) if out is None else out))
+        results = {}
+        for factors, weight, bias in self.blocks:
+            parts = factors.per_example(out=[buffers[weight], buffers.get(bias)])
+            results.update(zip([weight, bias], parts))  # bias: None where there is none
+        return [results[name] for name in self.names]
 
     def sq_norms(self) -> Tensor:
         r""":math:`\|g_i\|^2`: the blocks' linear norms added, ``(n,)``."""
