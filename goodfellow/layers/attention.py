@@ -76,6 +76,10 @@ class AttentionGradients:
         """The number of examples ``n``."""
         return self.blocks[0][0].batch_size
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.blocks[0][0].inputs.dtype
+
     def _stacked(self, parts: list[list[Tensor]], out: Sequence[Tensor | None] | None) -> list:
         """One result per name: the blocks' ``[weight, bias]`` parts concatenated along rows."""
         rows: dict[str, list[Tensor]] = {name: [] for name in self.names}
@@ -118,8 +122,9 @@ class AttentionGradients:
         return self._stacked([_layer_square_sum(f) for f, _, _ in self.blocks], None)
 
     def sum_discrepancy(self, totals: Sequence[Tensor | None], scale: int) -> list[float]:
-        """As :func:`goodfellow.layers.base.sum_discrepancy`."""
-        return sum_discrepancy(self, totals, scale)
+        """As :func:`goodfellow.layers.base.sum_discrepancy`, in the totals' dtype (autocast)."""
+        dtype = next(t for t in totals if t is not None).dtype
+        return sum_discrepancy(self if dtype == self._dtype else self.to(dtype), totals, scale)
 
     def to(self, dtype: torch.dtype) -> AttentionGradients:
         """The same blocks in another dtype."""
@@ -187,22 +192,25 @@ class MultiheadAttentionRule(FallbackRule):
         same = query is key and key is value  # self-attention: one input for the three
         if bound.get("attn_mask") is not None:
             self.in_dim(module, "attn_mask", bound["attn_mask"], 0)  # refuses a 3-d mask
-        query, key, value, G = (t.detach() for t in (query, key, value, grad_output))
+        # in the output gradient's dtype: under autocast the forward computed in it
+        dtype = grad_output.dtype
+        query, key, value, G = (t.detach().to(dtype) for t in (query, key, value, grad_output))
         if not module.batch_first:  # (L, n, E) -> (n, L, E)
             query, key, value, G = (t.transpose(0, 1) for t in (query, key, value, G))
         h = module.num_heads
-        b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+        b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach().to(dtype)
         bias = None if module.in_proj_bias is None else "in_proj_bias"
         out_bias = None if module.out_proj.bias is None else "out_proj.bias"
         has_bias = bias is not None
         packed = module._qkv_same_embed_dim and same  # one block: A A^T is formed once
         with torch.enable_grad():
             if packed:  # one product for q, k, v, and their gradients as one (n, L, 3E) tensor
-                qkv = F.linear(query, module.in_proj_weight.detach(), b_in).requires_grad_()
+                w_in = module.in_proj_weight.detach().to(dtype)
+                qkv = F.linear(query, w_in, b_in).requires_grad_()
                 leaves = (qkv,)
                 q, k, v = qkv.chunk(3, dim=-1)  # (n, L, E) each
             else:
-                (w_q, w_k, w_v), names = _projection_weights(module)
+                (w_q, w_k, w_v), names = _projection_weights(module, dtype)
                 b_q, b_k, b_v = (None,) * 3 if b_in is None else b_in.chunk(3)
                 q = F.linear(query, w_q, b_q).requires_grad_()  # (n, L, E)
                 k = F.linear(key, w_k, b_k).requires_grad_()  # (n, S, E)
@@ -210,7 +218,7 @@ class MultiheadAttentionRule(FallbackRule):
                 leaves = (q, k, v)
             mask = _additive_mask(bound, q, k, module)  # (n, 1, L, S) or None
             a = _core(q, k, v, h, mask)  # (n, L, E): heads merged, before out_proj
-            d_a = G @ module.out_proj.weight.detach()  # dL/da = G W_o, (n, L, E)
+            d_a = G @ module.out_proj.weight.detach().to(dtype)  # dL/da = G W_o, (n, L, E)
             grads = torch.autograd.grad(a, leaves, d_a)
         if packed:
             projections = [(LinearFactors(query, grads[0], has_bias), "in_proj_weight", bias)]
@@ -253,13 +261,14 @@ def _captured_blocks(
     def batch_first(t: Tensor) -> Tensor:  # (T, n, d), as the functional sees it -> (n, T, d)
         return t.transpose(0, 1).contiguous()
 
+    # under autocast the projection ran in its gradient's dtype on its input rounded to it
     blocks = [
-        (LinearFactors(batch_first(x), batch_first(d), bias is not None), weight, bias)
+        (LinearFactors(batch_first(x.to(d.dtype)), batch_first(d), bias is not None), weight, bias)
         for x, d, weight in zip(capture.inputs, capture.grad_outputs, capture.weights)
     ]
     length, n = capture.inputs[0].shape[:2]
-    core = batch_first(capture.core_output.view(length, n, -1))  # (n, L, E)
     G = grad_output.detach() if module.batch_first else batch_first(grad_output.detach())
+    core = batch_first(capture.core_output.view(length, n, -1).to(G.dtype))  # (n, L, E)
     out_proj = LinearFactors(core, G, out_bias is not None)
     return [*blocks, (out_proj, "out_proj.weight", out_bias)]
 
@@ -299,12 +308,15 @@ def _additive_mask(bound: dict, q: Tensor, k: Tensor, module: nn.Module) -> Tens
     return mask
 
 
-def _projection_weights(module: nn.MultiheadAttention) -> tuple[list[Tensor], list[str]]:
-    """The query, key and value weights (detached) and the parameter each lives in."""
+def _projection_weights(
+    module: nn.MultiheadAttention, dtype: torch.dtype
+) -> tuple[list[Tensor], list[str]]:
+    """The query, key and value weights (detached, in ``dtype``) and their parameters."""
     if module._qkv_same_embed_dim:
-        return list(module.in_proj_weight.detach().chunk(3)), ["in_proj_weight"] * 3
+        return list(module.in_proj_weight.detach().to(dtype).chunk(3)), ["in_proj_weight"] * 3
     weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
-    return [w.detach() for w in weights], ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return [w.detach().to(dtype) for w in weights], names
 
 
 def _core(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:
