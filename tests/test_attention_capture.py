@@ -256,3 +256,38 @@ def test_under_autocast_the_gradients_are_those_of_the_bfloat16_forward(name):
         # one to 0.2% of the largest entry)
         tolerance = {"rtol": 0.0, "atol": 2**-7 * want.abs().max().item()}
         torch.testing.assert_close(pe.grads[key], want, **tolerance, msg=key)
+
+
+def test_two_recorders_on_one_model_both_get_the_gradients_and_leave_no_mode():
+    """The later recorder's capture sees the call; the earlier one recomputes, same numbers."""
+    model = Around(SETTINGS[0])
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    y = torch.randn(N, E, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction="sum")
+    with PerExampleGradients(model) as first, PerExampleGradients(model) as second:
+        loss_fn(model(x), y).backward()
+        assert not torch.overrides._get_current_function_mode_stack()
+    names = [name for name, _ in model.named_parameters()]
+    expected = dict(zip(names, torch_func_per_example_grads(model, loss_fn, x, y)))
+    for pe in (first, second):
+        for name, value in expected.items():
+            torch.testing.assert_close(pe.grads[name], value, **F64)
+
+
+REFUSED_CALLS = {
+    "mask-of-one-row": {"attn_mask": torch.zeros(1, L)},  # would broadcast, torch refuses it
+    "mask-too-long": {"attn_mask": torch.zeros(L, L + 1)},
+    "padding-too-long": {"key_padding_mask": torch.zeros(N, L + 1, dtype=torch.bool)},
+    "padding-one-row": {"key_padding_mask": torch.zeros(1, L, dtype=torch.bool)},
+}
+
+
+@pytest.mark.parametrize("call", REFUSED_CALLS.values(), ids=list(REFUSED_CALLS))
+def test_calls_torch_refuses_get_torchs_own_error_under_the_capture(call):
+    module, inputs = build(SETTINGS[0])
+    with pytest.raises(Exception) as plain:
+        run(module, inputs, call)
+    capture = AttentionCapture()
+    with pytest.raises(type(plain.value)) as captured:
+        run(module, inputs, call, capture)
+    assert str(captured.value) == str(plain.value) and capture.core_output is None

@@ -83,19 +83,30 @@ class AttentionCapture(CallCapture):
 
 
 def capturable(arguments: dict) -> bool:
-    """Whether :func:`captured_attention` covers a call with these arguments."""
+    """Whether :func:`captured_attention` covers a call with these arguments.
+
+    Calls torch's function would refuse (shapes that do not fit) are left to it, so that they
+    get its own error, never a broadcast it would not have made.
+    """
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    mask = arguments["attn_mask"]
+    mask, padding = arguments["attn_mask"], arguments["key_padding_mask"]
     packed = not arguments["use_separate_proj_weight"]
+    if not (query.dim() == key.dim() == value.dim() == 3):
+        return False
+    (length, n, embed_dim), source = query.shape, key.shape[0]
     return (
-        query.dim() == 3
+        embed_dim == arguments["embed_dim_to_check"]
+        and embed_dim % arguments["num_heads"] == 0
+        and key.shape[:2] == value.shape[:2] == (source, n)
+        and (not packed or key.shape == value.shape)
+        and (mask is None or tuple(mask.shape) == (length, source))
+        and (padding is None or tuple(padding.shape) == (n, source))
         and arguments["bias_k"] is None
         and arguments["bias_v"] is None
         and not arguments["add_zero_attn"]
         and arguments["static_k"] is None
         and arguments["static_v"] is None
         and (arguments["dropout_p"] == 0.0 or not arguments["training"])
-        and (mask is None or mask.dim() == 2)
         and not (arguments["is_causal"] and mask is None)  # torch's own function refuses it
         and not (packed and key is value and query is not key)  # torch's two-block layout
     )
