@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from goodfellow.layers.attention_capture import AttentionCapture
+from goodfellow.layers.attention_capture import SEPARATE_WEIGHTS, AttentionCapture, float_mask
 from goodfellow.layers.base import MaterializedGradients, register_rule, sum_discrepancy
 from goodfellow.layers.fallback import FallbackRule
 from goodfellow.layers.linear import LinearFactors, _layer_square_sum
@@ -105,8 +105,8 @@ class AttentionGradients:
         buffers = dict(zip(self.names, [None] * len(self.names) if out is None else out))
         results = {}
         for factors, weight, bias in self.blocks:
-            parts = factors.per_example(out=[buffers[weight], buffers.get(bias)])
-            results.update(zip([weight, bias], parts))  # bias: None where there is none
+            tensors = factors.per_example(out=[buffers[weight], buffers.get(bias)])
+            results.update(zip([weight, bias], tensors))  # bias: None where there is none
         return [results[name] for name in self.names]
 
     def sq_norms(self) -> Tensor:
@@ -300,10 +300,7 @@ def _additive_mask(bound: dict, q: Tensor, k: Tensor, module: nn.Module) -> Tens
     for part, shape in ((attn_mask, (1, 1, length, source)), (padding, (n, 1, 1, source))):
         if part is None:
             continue
-        if part.dtype == torch.bool:
-            part = torch.zeros(part.shape, dtype=q.dtype, device=q.device).masked_fill(
-                part, float("-inf"))  # fmt: skip
-        part = part.to(q.dtype).reshape(shape)
+        part = float_mask(part, q.dtype).to(q.dtype).reshape(shape)
         mask = part if mask is None else mask + part
     return mask
 
@@ -314,9 +311,8 @@ def _projection_weights(
     """The query, key and value weights (detached, in ``dtype``) and their parameters."""
     if module._qkv_same_embed_dim:
         return list(module.in_proj_weight.detach().to(dtype).chunk(3)), ["in_proj_weight"] * 3
-    weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
-    names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-    return [w.detach().to(dtype) for w in weights], names
+    weights = [getattr(module, name) for name in SEPARATE_WEIGHTS]
+    return [w.detach().to(dtype) for w in weights], list(SEPARATE_WEIGHTS)
 
 
 def _core(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:

@@ -41,9 +41,11 @@ from torch import Tensor
 
 from goodfellow.layers.base import CallCapture
 
-__all__ = ["AttentionCapture", "capturable", "captured_attention"]
+__all__ = ["SEPARATE_WEIGHTS", "AttentionCapture", "capturable", "captured_attention", "float_mask"]
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+SEPARATE_WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+"""The parameters of the query, key and value weights when they are not packed in one."""
 
 
 class AttentionCapture(CallCapture):
@@ -112,7 +114,7 @@ def capturable(arguments: dict) -> bool:
     )
 
 
-def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A boolean mask as ``-inf`` where ``True`` (what torch's own canonical form is)."""
     if mask is None or mask.is_floating_point():
         return mask
@@ -154,11 +156,11 @@ def captured_attention(
     """
     tgt_len, n, embed_dim = query.shape
     heads, head_dim = num_heads, embed_dim // num_heads
-    key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+    key_padding_mask = float_mask(key_padding_mask, query.dtype)
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
     else:
-        attn_mask = _float_mask(attn_mask, query.dtype)
+        attn_mask = float_mask(attn_mask, query.dtype)
         is_causal = is_causal and key_padding_mask is None
     b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else in_proj_bias.chunk(3)
     if not use_separate_proj_weight and query is key and key is value:
@@ -169,8 +171,7 @@ def captured_attention(
         q, k, v = proj.contiguous()
     else:
         if use_separate_proj_weight:
-            weights = [q_proj_weight, k_proj_weight, v_proj_weight]
-            names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            weights, names = [q_proj_weight, k_proj_weight, v_proj_weight], SEPARATE_WEIGHTS
         else:
             weights, names = list(in_proj_weight.chunk(3)), ["in_proj_weight"] * 3
         q, k, v = (
