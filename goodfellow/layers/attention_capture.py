@@ -20,14 +20,19 @@ dropout in training mode, key and value the same tensor but not the query) run t
 function unchanged, and the rule recomputes.
 
 In ``(T, n, E)`` layout, as the function receives its inputs, with ``h`` heads of width
-``d = E / h``:
+``d = E / h``, the attention of head :math:`j` and the heads' outputs merged into :math:`a`:
 
 .. math::
 
-    [q\ k\ v] = x W_{in}^\top + b_{in}, \qquad
-    a = \operatorname{softmax}\!\big(q_j k_j^\top / \sqrt{d} + M\big)\, v_j
-    \ \text{(per head } j\text{, heads merged)}, \qquad
-    y = a W_o^\top + b_o.
+    [q\ k\ v] = x W_{in}^\top + b_{in}
+
+.. math::
+
+    a_j = \operatorname{softmax}\!\big(q_j k_j^\top / \sqrt{d} + M\big)\, v_j
+
+.. math::
+
+    y = a W_o^\top + b_o
 """
 
 from __future__ import annotations
