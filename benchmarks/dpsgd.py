@@ -22,11 +22,12 @@ Contenders, each timed from the input batch to updated parameters:
   per-example gradients, then a second, reweighted backward), the loss through its criterion.
 
 Every method is first checked with noise 0: the parameter change of one step must equal
-``-lr * sum_i clip_C(g_i) / B`` from a naive per-example loop (float32: 1e-4 relative to the
-largest entry, plus Opacus' own 1e-6 in its clip factor). Then, as in :mod:`benchmarks.run`, every
-method (with noise multiplier 1) is warmed up and timed in rounds, one step each, over and over
-(each round in a new random order, each timed step right after two untimed ones of the same method),
-with the previous step's gradients dropped outside the timer; times are medians. The target of
+``-lr * sum_i clip_C(g_i) / B`` from a naive per-example loop run in float64 (the methods, in
+float32, within 1e-4 relative to the largest entry, plus Opacus' own 1e-6 in its clip factor).
+Then, as in :mod:`benchmarks.run`, every method (with noise multiplier 1) is warmed up and timed
+in rounds, one step each, over and over (each round in a new random order, each timed step right
+after two untimed ones of the same method), with the previous step's gradients dropped outside
+the timer; times are medians. The target of
 the issue: goodfellow at least 1.5x faster than the fastest Opacus mode, per configuration.
 
 A configuration whose model a contender cannot handle yet (the recorder and convolutions, before
@@ -144,16 +145,19 @@ class Problem:
         self.inputs = torch.randn(config.n, *config.input_shape, generator=generator).to(device)
         self.targets = torch.randint(10, (config.n,), generator=generator).to(device)
         self.expected_batch_size = config.n  # a fixed batch: B = n, as Opacus infers it
+        # In float64, as benchmarks.methods.Problem's reference (max pooling, see there).
         per_example = gf.naive_per_example_grads(
-            self.model, nn.CrossEntropyLoss(reduction="sum"), self.inputs, self.targets
-        )  # [(n, *p.shape), ...]
+            copy.deepcopy(self.model).double(), nn.CrossEntropyLoss(reduction="sum"),
+            self.inputs.double(), self.targets,
+        )  # [(n, *p.shape), ...] in float64
         flat = torch.cat([g.flatten(1) for g in per_example], dim=1)  # (n, P)
         norms = flat.norm(dim=1)  # (n,)
         # Clip at the median norm, so that about half of the examples are clipped.
         self.max_norm = float(norms.median())
         factors = (self.max_norm / norms).clamp(max=1.0)  # (n,)
         self.reference_update = [
-            -LEARNING_RATE * torch.einsum("n,n...->...", factors, g) / self.expected_batch_size
+            (-LEARNING_RATE * torch.einsum("n,n...->...", factors, g) / self.expected_batch_size)
+            .float()
             for g in per_example
         ]  # [p.shape, ...]: the parameter change of one noiseless step
 

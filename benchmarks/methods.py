@@ -384,19 +384,26 @@ class Problem:
             self._compute_reference()
 
     def _compute_reference(self) -> None:
-        # The reference: one backward per example, on a Sequential copy of the same weights.
-        self.reference = gf.naive_per_example_grads(
-            self.sequential(), self.loss_fn, self.inputs, self.targets
-        )  # [(n, d_out, d_in), (n, d_out), ...]
-        flat = torch.cat([g.flatten(1) for g in self.reference], dim=1)  # (n, P)
-        self.reference_norms = flat.norm(dim=1)  # (n,)
+        # The reference: one backward per example, on a float64 copy of the same weights and
+        # inputs, rounded to the problem's dtype at the end. Not in float32: on a network with
+        # max pooling, a float32 forward of one example alone can route a pooling window to
+        # another entry than the batched forward does (see :func:`pooling_routes_differ`).
+        inputs = self.inputs.double() if self.inputs.is_floating_point() else self.inputs
+        reference = gf.naive_per_example_grads(
+            self.sequential().double(), self.loss_fn, inputs, self.targets
+        )  # [(n, d_out, d_in), (n, d_out), ...] in float64
+        flat = torch.cat([g.flatten(1) for g in reference], dim=1)  # (n, P)
+        norms = flat.norm(dim=1)  # (n,)
         # Clip at the median norm, so that about half of the examples are clipped.
-        self.max_norm = float(self.reference_norms.median())
-        factors = (self.max_norm / self.reference_norms).clamp(max=1.0)  # (n,)
+        self.max_norm = float(norms.median())
+        factors = (self.max_norm / norms).clamp(max=1.0)  # (n,)
+        self.reference = [g.to(self.dtype) for g in reference]
+        self.reference_norms = norms.to(self.dtype)
         self.reference_clipped_mean = [
-            (g * factors.view(-1, *[1] * (g.dim() - 1))).mean(0) for g in self.reference
+            (g * factors.view(-1, *[1] * (g.dim() - 1))).mean(0).to(self.dtype)
+            for g in reference
         ]  # [(d_out, d_in), (d_out,), ...]
-        self.reference_batch_grad = [g.sum(0) for g in self.reference]
+        self.reference_batch_grad = [g.sum(0).to(self.dtype) for g in reference]
 
     def sequential(self) -> nn.Module:
         """A fresh copy of the network with the problem's weights (Linear, ReLU, ... for an MLP)."""
@@ -441,6 +448,9 @@ class Method:
     description: ClassVar[str]
     approximation: ClassVar[float] = 0.0
     """Relative deviation the method makes on purpose, added to the check's tolerance."""
+    forwards_each_example_alone: ClassVar[bool] = False
+    """Whether the method runs each example's forward as a batch of one (the naive loop), so
+    that its max-pooling windows may pick another of two near-equal entries (:func:`check`)."""
     mlp_only: ClassVar[bool] = False
     """Whether the method needs a :class:`goodfellow.MLP` (the ``goodfellow_backprop`` route)."""
     families: ClassVar[frozenset[str]] = frozenset({"mlp", "cnn", "lm", "lm-mha"})
@@ -572,6 +582,7 @@ class NaiveLoop(_Reference):
     name = "naive_loop"
     description = "one forward and backward per example (goodfellow.naive_per_example_grads)"
     compute = staticmethod(gf.naive_per_example_grads)
+    forwards_each_example_alone = True
 
 
 @register
@@ -863,11 +874,55 @@ def _reference_for(method: Method) -> Callable[[], list[Tensor] | Tensor]:
     }[method.produces]
 
 
+def _pooling_routes(model: nn.Module, inputs: Tensor) -> list[Tensor]:
+    """The entry each max-pooling window of ``model`` picks on ``inputs``, pooling by pooling."""
+    routes: list[Tensor] = []
+    pool = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
+
+    def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        _, indices = pool[type(module)](
+            args[0], module.kernel_size, module.stride, module.padding, module.dilation,
+            ceil_mode=module.ceil_mode, return_indices=True,
+        )
+        routes.append(indices)
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if type(m) in pool]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return routes
+
+
+def pooling_routes_differ(problem: Problem, example: int) -> bool:
+    """Whether example ``example``'s forward, run alone in the problem's dtype, routes some
+    max-pooling window to another entry than the float64 forward of the whole batch does.
+
+    Max pooling is discontinuous where two entries of a window are equal: a last-bit difference
+    in the layer before it (here: the float32 convolution kernel that runs for a batch of one
+    differs from the batched one in the last bit on some CPUs) moves the window's whole gradient
+    to another position. Both results are then exact gradients of forwards that differ in the
+    last bit; measured on 3c3d/n64 (AMD EPYC, AVX-512), one example of 64 changes by 7% of the
+    largest entry of the first convolution's weight gradient.
+    """
+    model = problem.sequential()
+    alone = _pooling_routes(model, problem.inputs[example : example + 1])
+    inputs = problem.inputs.double() if problem.inputs.is_floating_point() else problem.inputs
+    batched = _pooling_routes(model.double(), inputs)
+    return any(not torch.equal(a, b[example : example + 1]) for a, b in zip(alone, batched))
+
+
 def check(method: Method, tolerance: float | None = None) -> float:
     """Compare the last step's result with the naive loop; raise ``AssertionError`` if it differs.
 
     The deviation is measured relative to the largest entry of the reference,
-    ``max|actual - expected| / max|expected|`` per tensor.
+    ``max|actual - expected| / max|expected|`` per tensor. The reference is the naive loop in
+    float64. For a method that runs each example's forward alone
+    (:attr:`Method.forwards_each_example_alone`) the deviation is taken example by example, and
+    an example may exceed the tolerance only where :func:`pooling_routes_differ` says its own
+    forward took another max-pooling route; those examples are left out of the returned number.
 
     Args:
         method: A method whose ``step()`` has run.
@@ -900,7 +955,16 @@ def check(method: Method, tolerance: float | None = None) -> float:
                 f"{method.name}: result {index} has shape {shape}, expected {tuple(e.shape)}."
             )
         scale = float(e.abs().max())
-        deviation = float((a.to(e.dtype) - e).abs().max()) / (scale if scale > 0 else 1.0)
+        error = (a.to(e.dtype) - e).abs() / (scale if scale > 0 else 1.0)
+        if method.forwards_each_example_alone and error.dim() > 0:
+            per_example = error.reshape(len(error), -1).amax(dim=1)  # (n,)
+            rerouted = [
+                i for i in (per_example > tolerance).nonzero().flatten().tolist()
+                if pooling_routes_differ(p, i)
+            ]
+            per_example[rerouted] = 0.0
+            error = per_example
+        deviation = float(error.max())
         worst = max(worst, deviation)
         if not deviation <= tolerance:
             raise AssertionError(

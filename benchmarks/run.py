@@ -11,8 +11,8 @@ CUDA only the default setting is run: the variable concerns host memory.
 
 Inside one subprocess, for each configuration:
 
-1. every method runs once and its result is checked against the naive per-example loop
-   (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
+1. every method runs once and its result is checked against the naive per-example loop run in
+   float64 (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed in rounds (one step of each, repeated
    ``--runs`` times), so that a change in the machine's load hits all of them alike; each round
    runs them in a new random order (seeded), and every timed step comes right after two untimed
