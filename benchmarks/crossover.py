@@ -2,12 +2,16 @@
 
 The per-example squared norm of a layer applied at ``L`` positions,
 :math:`\\|\\sum_t G_t A_t^\\top\\|_F^2`, is computed either from the two Gram matrices over
-positions, :math:`\\sum_{t,s}(G_t\\cdot G_s)(A_t\\cdot A_s)` (``L^2 (d_in + d_out)`` multiply-adds
-per example), or by forming the ``(d_out, d_in)`` gradient and squaring it (``L d_in d_out``).
-Counting operations the Gram route wins when ``L (d_in + d_out) < d_in d_out``, the rule of
-``goodfellow.layers.position_norms``; the published rule (Li et al. 2022, "Large
-language models can be strong differentially private learners") is ``2 L^2 < d_in d_out``. This
-script measures which route is faster on this machine and which rule picks it.
+positions, :math:`\\sum_{t,s}(G_t\\cdot G_s)(A_t\\cdot A_s)`, or by forming the ``(d_out, d_in)``
+gradient and squaring it (``L d_in d_out`` multiply-adds per example). Both routes are the
+library's own (``goodfellow.layers.position_norms``): the Gram route forms only the blocks on
+and above the diagonal of the symmetric Gram matrices, ``gram_count(L, d_in, d_out)``
+multiply-adds (``L^2 (d_in + d_out)`` for ``L <= 32``, about 5/8 of it from ``L = 128`` on).
+The library's count rule takes the Gram route when ``gram_count <= L d_in d_out`` (and times
+both routes where the counts are within 4x of each other); the published rule (Li et al. 2022,
+"Large language models can be strong differentially private learners") is
+``2 L^2 < d_in d_out``. This script measures which route is faster on this machine and which
+rule picks it.
 
 Usage, from the repository root::
 
@@ -22,21 +26,12 @@ import time
 
 import torch
 
-from goodfellow.layers.linear import batched_outer
+from goodfellow.layers.position_norms import formed_sq_norms, gram_count, gram_sq_norms
 
-POSITIONS = (4, 16, 49, 196, 784)
-LAYERS = ((25, 16), (75, 64), (400, 32), (576, 96), (864, 128), (1152, 512))
-"""``(d_in, d_out)``: the conv layers of cnn-mnist and 3c3d (C_in K, C_out), and a wide linear."""
-
-
-def gram_route(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` squared norms from the Gram matrices, ``(n, L, L)`` each."""
-    return (torch.bmm(G, G.transpose(1, 2)) * torch.bmm(A, A.transpose(1, 2))).sum(dim=(1, 2))
-
-
-def materialized_route(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` squared norms of the formed ``(n, d_out, d_in)`` gradients."""
-    return batched_outer(G, A).square().sum(dim=(1, 2))
+POSITIONS = (4, 16, 49, 64, 196, 256, 784)
+LAYERS = ((25, 16), (75, 64), (400, 32), (576, 96), (864, 128), (1152, 512), (768, 768))
+"""``(d_in, d_out)``: the conv layers of cnn-mnist and 3c3d (C_in K, C_out), a wide linear and
+a GPT-2-sized projection."""
 
 
 def _min_seconds(fn, repeats: int) -> float:
@@ -58,20 +53,20 @@ def measure(n: int, repeats: int) -> list[dict]:
     for positions, (d_in, d_out) in itertools.product(POSITIONS, LAYERS):
         A = torch.randn(n, positions, d_in, generator=generator)  # (n, L, d_in)
         G = torch.randn(n, positions, d_out, generator=generator)  # (n, L, d_out)
-        torch.testing.assert_close(gram_route(A, G), materialized_route(A, G), rtol=1e-3, atol=0)
-        gram = _min_seconds(lambda A=A, G=G: gram_route(A, G), repeats)
-        dense = _min_seconds(lambda A=A, G=G: materialized_route(A, G), repeats)
+        torch.testing.assert_close(gram_sq_norms(A, G), formed_sq_norms(A, G), rtol=1e-3, atol=0)
+        gram = _min_seconds(lambda A=A, G=G: gram_sq_norms(A, G), repeats)
+        dense = _min_seconds(lambda A=A, G=G: formed_sq_norms(A, G), repeats)
         rows.append({
             "L": positions, "d_in": d_in, "d_out": d_out,
             "gram_ms": 1e3 * gram, "materialized_ms": 1e3 * dense,
-            "current": positions * (d_in + d_out) <= d_in * d_out,
+            "current": gram_count(positions, d_in, d_out) <= positions * d_in * d_out,
             "published": 2 * positions**2 < d_in * d_out,
         })  # fmt: skip
     return rows
 
 
 def best_constant(rows: list[dict], candidates=(0.25, 0.5, 1, 2, 4, 8, 16)) -> tuple[float, float]:
-    """The ``c`` of "Gram when ``c L (d_in + d_out) <= d_in d_out``" that loses least time.
+    """The ``c`` of "Gram when ``c gram_count <= L d_in d_out``" that loses least time.
 
     Returns:
         ``(c, extra)``: the constant and the total time it loses against always picking the
@@ -80,7 +75,7 @@ def best_constant(rows: list[dict], candidates=(0.25, 0.5, 1, 2, 4, 8, 16)) -> t
     def lost(c: float) -> float:
         total = 0.0
         for r in rows:
-            gram = c * r["L"] * (r["d_in"] + r["d_out"]) <= r["d_in"] * r["d_out"]
+            gram = c * gram_count(r["L"], r["d_in"], r["d_out"]) <= r["L"] * r["d_in"] * r["d_out"]
             chosen = r["gram_ms"] if gram else r["materialized_ms"]
             total += chosen - min(r["gram_ms"], r["materialized_ms"])
         return total
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         lost = sum(abs(r["gram_ms"] - r["materialized_ms"]) for r in wrong)
         print(f"{rule} rule: slower route on {len(wrong)} of {len(rows)} shapes, {lost:.1f} ms")
     c, lost = best_constant(rows)
-    print(f"best c in 'Gram when c L (d_in + d_out) <= d_in d_out': {c} ({lost:.1f} ms lost)")
+    print(f"best c in 'Gram when c gram_count <= L d_in d_out': {c} ({lost:.1f} ms lost)")
 
 
 if __name__ == "__main__":

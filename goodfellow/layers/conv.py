@@ -40,7 +40,7 @@ from goodfellow._checks import display_name
 from goodfellow.layers._projections import _compare_projections, _random_directions
 from goodfellow.layers.base import LayerRule, MaterializedGradients, register_rule
 from goodfellow.layers.linear import LinearFactors
-from goodfellow.layers.position_norms import sum_of_squares
+from goodfellow.layers.position_norms import gram_count, sum_of_squares
 from goodfellow.layers.routes import fastest
 
 __all__ = ["ConvFactors", "ConvRule", "pad_like", "unfold_patches"]
@@ -228,7 +228,7 @@ class ConvFactors:
         n, g = self.batch_size, self.groups
         positions = sum(math.prod(delta.shape[2:]) for _, delta in self.calls)
         d_out, d_in = self.weight_shape[0] // g, math.prod(self.weight_shape[1:])
-        if positions * (d_in + d_out) <= d_in * d_out:
+        if gram_count(positions, d_in, d_out) <= positions * d_in * d_out:
             chunks = [self._linear_rows(start, stop).sq_norms() for start, stop in self._chunks()]
             return torch.cat(chunks).reshape(n, g).sum(dim=1)
         self._formed = self.per_example()  # kept: the weighted sum that follows reuses them

@@ -24,7 +24,7 @@ from collections.abc import Hashable, Sequence
 from torch import Tensor
 
 from goodfellow.layers.linear import LinearFactors
-from goodfellow.layers.position_norms import bias_sq_norms, gram_sq_norms
+from goodfellow.layers.position_norms import bias_sq_norms, gram_count, gram_sq_norms
 from goodfellow.layers.routes import fastest
 
 __all__ = ["summed_sq_norms"]
@@ -68,8 +68,10 @@ def _group_sq_norms(group: list[LinearFactors]) -> Tensor:
     A = group[0].inputs  # (n, T, d_in)
     n, positions, d_in = A.shape
     widths = [layer.grad_outputs.shape[2] for layer in group]
-    shared = positions * (d_in + sum(widths))
-    separate = sum(min(positions * (d_in + d_out), d_in * d_out) for d_out in widths)
+    shared = gram_count(positions, d_in, *widths)
+    separate = sum(
+        min(gram_count(positions, d_in, d_out), positions * d_in * d_out) for d_out in widths
+    )
     routes = {
         "shared gram": lambda: _shared_gram_sq_norms(group),
         "per layer": lambda: sum(layer.sq_norms() for layer in group),
