@@ -108,20 +108,19 @@ def gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
     A A^\top\rangle`.
 
     Both Gram matrices are symmetric, so only their blocks on and above the diagonal are
-    formed. With the positions cut into bands :math:`B_1, \dots, B_b`
-    (:func:`band_height`), band :math:`k` is multiplied with itself and every later band
-    only, :math:`R_k = [\,t \in B_k,\ s \ge \min B_k\,]`, and each off-diagonal block,
-    seen once, counts twice:
+    formed. Write :math:`S(X) = \sum_{(t,s) \in X} (G_t \cdot G_s)(A_t \cdot A_s)` for a set
+    :math:`X` of position pairs. With the positions cut into bands :math:`B_1, \dots, B_b`
+    (:func:`band_height`), band :math:`k` is multiplied with itself and every later band only,
+    :math:`R_k = \{(t, s) : t \in B_k,\ s \ge \min B_k\}`, which holds its diagonal block
+    :math:`B_k^2 = B_k \times B_k`; each off-diagonal block, seen once, counts twice:
 
     .. math::
 
-        \langle G G^\top, A A^\top\rangle
-        = \sum_k \big(2 \langle G G^\top, A A^\top\rangle_{R_k}
-        - \langle G G^\top, A A^\top\rangle_{B_k \times B_k}\big),
+        S(\text{all}) = \sum_k 2\, S(R_k) - \sum_k S(B_k^2),
 
     :math:`(b + 1) / 2b` of the multiply-adds of the full products (5/8 for four bands).
-    Measured here (float32, 2 cores): at ``n = 8, T = 256`` a 128 -> 512 layer's norms take
-    2.7 ms instead of 4.1.
+    Measured here (float32, 2 cores): at ``n = 8, T = 256`` the norms of a layer from 128 to
+    512 features take 2.7 ms instead of 4.1.
     """
     Gs = [G] if isinstance(G, Tensor) else list(G)
     n, positions = A.shape[:2]
