@@ -58,8 +58,12 @@ SETTINGS = [
     Setting("kdim-vdim-need-weights", module={"kdim": 6, "vdim": 7}, source="cross",
             call={"need_weights": True}),
     Setting("dropout-eval", module={"dropout": 0.5}),
+    Setting("key-is-value", source="kv"),  # torch's two-block layout: q, then [k v]
+    Setting("key-is-value-seq-first-no-bias", module={"batch_first": False, "bias": False},
+            source="kv"),
+    Setting("key-is-value-padding", source="kv",
+            call={"key_padding_mask": torch.tensor([[False] * (S - 1) + [True]] * N)}),
     # what the capture leaves to torch's own function (and the rule to its recomputation)
-    Setting("key-is-value", source="kv", captured=False),
     Setting("bias-kv", module={"add_bias_kv": True}, captured=False),
     Setting("zero-attn", module={"add_zero_attn": True}, captured=False),
 ]  # fmt: skip

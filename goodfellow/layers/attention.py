@@ -19,7 +19,8 @@ The factored route. When the module has none of the extras below, every projecti
 linear layer and the rule hands its blocks to the linear rule as
 :class:`goodfellow.LinearFactors`: ``(a, G)`` for ``out_proj``, with :math:`a` the attention
 output before it, ``(x_q, dq)``, ``(x_k, dk)``, ``(x_v, dv)`` for the blocks of
-``in_proj_weight`` (one ``(x, [dq dk dv])`` when query, key and value are the same tensor).
+``in_proj_weight`` (one ``(x, [dq dk dv])`` when query, key and value are the same tensor,
+``(x_q, dq)`` and ``(x_k, [dk dv])`` when only key and value are).
 Norms, clipped sums and second moments then come from the linear rule, with nothing ``n * P``
 formed. Where the pairs come from:
 

@@ -16,8 +16,7 @@ output, attention weights and every gradient with ``torch.equal`` on the torch v
 projection's input and the input of ``out_proj``, and hands the projections' outputs to the
 recorder, which hooks them like any layer's output. Calls with what the capture does not
 cover (``bias_k``, ``add_zero_attn``, static keys, unbatched inputs, a 3-d ``attn_mask``,
-dropout in training mode, key and value the same tensor but not the query) run torch's own
-function unchanged, and the rule recomputes.
+dropout in training mode) run torch's own function unchanged, and the rule recomputes.
 
 In ``(T, n, E)`` layout, as the function receives its inputs, with ``h`` heads of width
 ``d = E / h``, the attention of head :math:`j` and the heads' outputs merged into :math:`a`:
@@ -115,7 +114,6 @@ def capturable(arguments: dict) -> bool:
         and arguments["static_v"] is None
         and (arguments["dropout_p"] == 0.0 or not arguments["training"])
         and not (arguments["is_causal"] and mask is None)  # torch's own function refuses it
-        and not (packed and key is value and query is not key)  # torch's two-block layout
     )
 
 
@@ -174,6 +172,17 @@ def captured_attention(
         # as torch lays the three out: (3, L, n, E), contiguous
         proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
         q, k, v = proj.contiguous()
+    elif not use_separate_proj_weight and key is value:  # cross-attention to one memory
+        rows = [embed_dim, 2 * embed_dim]
+        w_q, w_kv = in_proj_weight.split(rows)
+        b_q, b_kv = (None, None) if in_proj_bias is None else in_proj_bias.split(rows)
+        q = F.linear(query, w_q, b_q)  # (L, n, E)
+        kv = F.linear(key, w_kv, b_kv)  # (S, n, 2E)
+        capture.keep_projection(query, q, "in_proj_weight")
+        capture.keep_projection(key, kv, "in_proj_weight")
+        # as torch lays the two out: (2, S, n, E), contiguous
+        kv = kv.unflatten(-1, (2, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
+        k, v = kv.contiguous()
     else:
         if use_separate_proj_weight:
             weights, names = [q_proj_weight, k_proj_weight, v_proj_weight], SEPARATE_WEIGHTS
