@@ -12,7 +12,9 @@ so the Gram matrix :math:`A A^\top` is formed once and the layers' output Grams 
 before the one batched dot: :math:`T^2 (d_{in} + \sum_l d_{out,l})` multiply-adds per example
 instead of :math:`\sum_l T^2 (d_{in} + d_{out,l})`. For q, k, v of width 128 at
 :math:`T = 64` that is :math:`T^2 \cdot 512` against three materialized weight gradients,
-:math:`3 T \cdot 128^2`: a third less.
+:math:`3 T \cdot 128^2`: a third less; half as many, since
+:func:`~goodfellow.layers.position_norms.gram_sq_norms` forms only the blocks on and above the
+diagonal (3/4 of the full products at this :math:`T`).
 
 Index letters: ``n`` example, ``t`` and ``s`` position, ``l`` layer.
 """
