@@ -124,6 +124,12 @@ def float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
+def _split_packed(proj: Tensor, parts: int, embed_dim: int) -> Tensor:
+    """``(T, n, parts E) -> (parts, T, n, E)``, contiguous, as torch lays packed projections out."""
+    split = proj.unflatten(-1, (parts, embed_dim))  # (T, n, parts, E)
+    return split.unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+
+
 def captured_attention(
     capture: AttentionCapture,
     query: Tensor,
@@ -169,9 +175,7 @@ def captured_attention(
     if not use_separate_proj_weight and query is key and key is value:
         proj = F.linear(query, in_proj_weight, in_proj_bias)  # (L, n, 3E)
         capture.keep_projection(query, proj, "in_proj_weight")
-        # as torch lays the three out: (3, L, n, E), contiguous
-        proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
-        q, k, v = proj.contiguous()
+        q, k, v = _split_packed(proj, 3, embed_dim)
     elif not use_separate_proj_weight and key is value:  # cross-attention to one memory
         rows = [embed_dim, 2 * embed_dim]
         w_q, w_kv = in_proj_weight.split(rows)
@@ -180,9 +184,7 @@ def captured_attention(
         kv = F.linear(key, w_kv, b_kv)  # (S, n, 2E)
         capture.keep_projection(query, q, "in_proj_weight")
         capture.keep_projection(key, kv, "in_proj_weight")
-        # as torch lays the two out: (2, S, n, E), contiguous
-        kv = kv.unflatten(-1, (2, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
-        k, v = kv.contiguous()
+        k, v = _split_packed(kv, 2, embed_dim)
     else:
         if use_separate_proj_weight:
             weights, names = [q_proj_weight, k_proj_weight, v_proj_weight], SEPARATE_WEIGHTS
