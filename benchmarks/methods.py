@@ -333,6 +333,11 @@ def config_by_label(label: str) -> Config:
     )
 
 
+def _float64(inputs: Tensor) -> Tensor:
+    """A batch for the float64 copy of a model: images in float64, tokens as they are."""
+    return inputs.double() if inputs.is_floating_point() else inputs
+
+
 class Problem:
     """A configuration's model and batch, and the naive-loop reference to check methods against.
 
@@ -388,9 +393,8 @@ class Problem:
         # inputs, rounded to the problem's dtype at the end. Not in float32: on a network with
         # max pooling, a float32 forward of one example alone can route a pooling window to
         # another entry than the batched forward does (see :func:`pooling_routes_differ`).
-        inputs = self.inputs.double() if self.inputs.is_floating_point() else self.inputs
         reference = gf.naive_per_example_grads(
-            self.sequential().double(), self.loss_fn, inputs, self.targets
+            self.sequential().double(), self.loss_fn, _float64(self.inputs), self.targets
         )  # [(n, d_out, d_in), (n, d_out), ...] in float64
         flat = torch.cat([g.flatten(1) for g in reference], dim=1)  # (n, P)
         norms = flat.norm(dim=1)  # (n,)
@@ -909,8 +913,7 @@ def pooling_routes_differ(problem: Problem, example: int) -> bool:
     """
     model = problem.sequential()
     alone = _pooling_routes(model, problem.inputs[example : example + 1])
-    inputs = problem.inputs.double() if problem.inputs.is_floating_point() else problem.inputs
-    batched = _pooling_routes(model.double(), inputs)
+    batched = _pooling_routes(model.double(), _float64(problem.inputs))
     return any(not torch.equal(a, b[example : example + 1]) for a, b in zip(alone, batched))
 
 

@@ -15,8 +15,9 @@ Inside one subprocess, for each configuration:
    float64 (:func:`benchmarks.methods.check`); a wrong method stops the benchmark;
 2. every method is warmed up, then the methods are timed in rounds (one step of each, repeated
    ``--runs`` times), so that a change in the machine's load hits all of them alike; each round
-   runs them in a new random order (seeded), and every timed step comes right after two untimed
-   steps of the same method, as in a training loop (:data:`PRIMING_STEPS`);
+   runs them in a new random order (seeded), and every timed step comes right after untimed
+   steps of the same method, as in a training loop: at least two, and at least 50 ms of them
+   (:func:`priming_steps`, counted from the warm-up's fastest step);
 3. one more step of each method measures its peak extra memory.
 
 A full run writes ``benchmarks/results.json`` and the figures and tables of the docs' Benchmarks
@@ -30,6 +31,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import methods as bm
+from goodfellow._accounting import CHECK_EVERY
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_RUNS, FULL_WARMUP = 15, 3
@@ -53,24 +56,55 @@ ALLOCATORS = {"default": None, "thp": "1"}
 """Allocator setting -> value of THP_MEM_ALLOC_ENABLE in the subprocess (None: unset)."""
 ORDER_SEED = 0  # of the random order of the methods in each timed round
 PRIMING_STEPS = 2
-"""Untimed steps of a method right before each of its timed steps. Two, not one: the recorder
-checks its sums against autograd's on every 10th batch (``goodfellow._accounting``), and with
-two steps per round every such batch was a timed one (3 of 15 timed steps, twice the rate a
-training loop sees); with three steps per round a check falls on a timed step once in ten."""
+"""The fewest untimed steps of a method right before each of its timed steps (see
+:func:`priming_steps` for how many more a fast method gets)."""
+PRIMING_SECONDS = 0.05
+"""Untimed work of a method's own before each of its timed steps, at least: on the machine of the
+2026-12-02 runs a step that writes tens of MiB right after other work (another method, a pause, a
+``gc.collect()``) runs up to 2.5x slower and takes 20-50 ms of its own steps to settle
+(``benchmarks/README.md``, "Checked before timed"), so two steps of a 1-3 ms method are not yet
+the training loop the timed step stands for."""
+MAX_PRIMING_STEPS = 200
+"""No more untimed steps than this, however fast the step (a shape-only run on ``meta``)."""
 
 
-def prime(method: bm.Method) -> None:  # or any object with reset() and step()
-    """The :data:`PRIMING_STEPS` untimed steps before a timed one, and the reset before it.
+def priming_steps(step_seconds: float, check_every: int = CHECK_EVERY) -> int:
+    """How many untimed steps come before each timed step of a method taking ``step_seconds``.
+
+    At least :data:`PRIMING_STEPS` and enough for :data:`PRIMING_SECONDS`, and a count ``k``
+    with ``k + 1`` coprime to ``check_every``: the recorder checks its sums against autograd's on
+    every ``check_every``-th batch (``goodfellow._accounting``), and with ``k + 1`` steps per
+    round a timed step then carries that check once in ``check_every`` rounds, as in training
+    (with ``k + 1 = 2`` or ``5``, one in two or five; with ``10``, every time or never).
+    """
+    counts = [
+        k for k in range(PRIMING_STEPS, MAX_PRIMING_STEPS + 1) if math.gcd(k + 1, check_every) == 1
+    ]
+    return next((k for k in counts if k * step_seconds >= PRIMING_SECONDS), counts[-1])
+
+
+def prime(method: bm.Method, steps: int = PRIMING_STEPS) -> None:  # or any reset() + step()
+    """``steps`` untimed steps before a timed one, and the reset before it.
 
     The timed step then finds the caches and the allocator's free lists as its own previous
     step left them, as in a training loop: timed right after another method, a light step
-    pays for what a heavy one left behind. (``dpsgd`` and ``ddp`` time their steps the same
-    way.)
+    pays for what a heavy one left behind. ``run`` gives each method :func:`priming_steps`;
+    ``dpsgd`` and ``ddp`` still use the fixed :data:`PRIMING_STEPS` (as their committed
+    results were measured; in ``ddp`` both ranks would have to agree on one count).
     """
-    for _ in range(PRIMING_STEPS):
+    for _ in range(steps):
         method.reset()
         method.step()
     method.reset()
+
+
+def _timed_step(method: bm.Method, device: torch.device) -> float:
+    """Seconds of one step of ``method`` (untimed in the results: for :func:`priming_steps`)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    method.step()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def _synchronize(device: torch.device) -> None:
@@ -236,19 +270,18 @@ def benchmark_config(
     """
     problem = bm.Problem(config, device)
     methods = [bm.METHODS[name](problem) for name in bm.methods_for(config, method_names)]
-    deviations = {}
+    deviations, fastest = {}, {}
     for method in methods:
         method.reset()
-        method.step()
-        _synchronize(device)
+        fastest[method.name] = _timed_step(method, device)
         deviations[method.name] = bm.check(method)
         method.reset()
     problem.reference = None  # n * P floats no longer needed: free them before timing
     for method in methods:
         for _ in range(warmup):
             method.reset()
-            method.step()
-    _synchronize(device)
+            fastest[method.name] = min(fastest[method.name], _timed_step(method, device))
+    priming = {name: priming_steps(seconds) for name, seconds in fastest.items()}
 
     times: dict[str, list[float]] = {method.name: [] for method in methods}
     faults: dict[str, list[int]] = {method.name: [] for method in methods}
@@ -262,7 +295,7 @@ def benchmark_config(
         for _ in range(runs):
             # every round in a new order, against drift; each timed step after primed ones
             for method in order.sample(methods, len(methods)):
-                prime(method)
+                prime(method, priming[method.name])
                 _synchronize(device)
                 faults_before = _minor_faults()
                 start = time.perf_counter()
@@ -306,6 +339,7 @@ def benchmark_config(
             "quiet_wait_s": waited,
             "times_s": samples,
             "minor_faults_per_step": statistics.median(faults[method.name]),
+            "priming_steps": priming[method.name],
         }
         if peaks[method.name] is not None:
             record["peak_mem_mb"] = peaks[method.name]

@@ -6,6 +6,7 @@ with an independent reference (``torch.func``) to ``TOLERANCES[torch.float64]``.
 
 import copy
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,15 @@ import benchmarks
 import goodfellow as gf
 from benchmarks import methods as bm
 from benchmarks import report
-from benchmarks.run import benchmark_config, parse_args, peak_extra_mb
+from benchmarks.run import (
+    MAX_PRIMING_STEPS,
+    PRIMING_SECONDS,
+    PRIMING_STEPS,
+    benchmark_config,
+    parse_args,
+    peak_extra_mb,
+    priming_steps,
+)
 from tests.conftest import TOLERANCES
 
 pytestmark = [
@@ -299,6 +308,7 @@ def test_records_have_the_schema_and_report_is_written(tmp_path):
         assert record["device"] == "cpu" and record["torch"] == torch.__version__
         assert record["check_deviation"] <= 1e-4
         assert record["minor_faults_per_step"] >= 0
+        assert PRIMING_STEPS <= record["priming_steps"] <= MAX_PRIMING_STEPS
         if "peak_mem_mb" in record:
             assert record["peak_mem_mb"] >= 0
     plain = records[0]
@@ -314,6 +324,26 @@ def test_records_have_the_schema_and_report_is_written(tmp_path):
     targets = report.evaluate_targets(results)
     assert {row["method"] for row in targets} >= {"goodfellow_backprop", "norms_only"}
     assert all(0 <= row["met"] <= row["checked"] for row in targets)
+
+
+@pytest.mark.parametrize("check_every", [10, 7, 4])
+@given(seconds=st.floats(0.0, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_priming_covers_its_time_and_keeps_the_check_off_the_beat(seconds, check_every):
+    k = priming_steps(seconds, check_every)
+    assert PRIMING_STEPS <= k <= MAX_PRIMING_STEPS
+    # k + 1 steps per round: the timed steps meet every residue mod check_every, so one in
+    # check_every of them carries the accounting check
+    assert {(k + 1) * r % check_every for r in range(check_every)} == set(range(check_every))
+    assert k * seconds >= PRIMING_SECONDS or k > MAX_PRIMING_STEPS - check_every
+    # and no more than needed: one valid count fewer would fall short of the time
+    fewer = [j for j in range(PRIMING_STEPS, k) if math.gcd(j + 1, check_every) == 1]
+    assert not fewer or fewer[-1] * seconds < PRIMING_SECONDS
+
+
+def test_priming_of_the_two_benchmark_cases():
+    assert priming_steps(0.040) == 2  # a language model: the two of earlier runs
+    assert priming_steps(0.0028) == 18  # 50 ms of hooks on deep-mlp/n256; 19 steps a round
 
 
 def test_workspace_counts_in_peak_memory():
