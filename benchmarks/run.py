@@ -62,7 +62,7 @@ PRIMING_SECONDS = 0.05
 """Untimed work of a method's own before each of its timed steps, at least: on the machine of the
 2026-12-02 runs a step that writes tens of MiB right after other work (another method, a pause, a
 ``gc.collect()``) runs up to 2.5x slower and takes 20-50 ms of its own steps to settle
-(``benchmarks/README.md``, "Checked before timed"), so two steps of a 1-3 ms method are not yet
+(``benchmarks/README.md``, "One process, in rounds"), so two steps of a 1-3 ms method are not yet
 the training loop the timed step stands for."""
 MAX_PRIMING_STEPS = 200
 """No more untimed steps than this, however fast the step (a shape-only run on ``meta``)."""
