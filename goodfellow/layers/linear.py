@@ -80,8 +80,10 @@ def _batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = No
     n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
     if grad_outputs.dim() == 2:
         # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
-        # `out`, at memory bandwidth; bmm with an inner dimension of 1 is about twice as slow on
-        # CPU, and einsum allocates. Bit for bit the same numbers: one product per entry.
+        # `out`, at the speed of a fill; einsum allocates. bmm with an inner dimension of 1 was
+        # about twice as slow on the earlier VMs; on an Intel one it is slower on cache-sized
+        # layers but 1.5x faster beyond the caches (benchmarks/README.md, twelfth session's
+        # run). Bit for bit the same numbers either way: one product per entry.
         left = grad_outputs.unsqueeze(2)  # (n, o, 1)
         right = inputs.unsqueeze(1)  # (n, 1, i)
         if out is None:
