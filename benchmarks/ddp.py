@@ -82,7 +82,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import goodfellow as gf
-from benchmarks.run import _versions, device_name, prime, wait_for_quiet
+from benchmarks.run import (
+    _versions,
+    device_name,
+    prime,
+    priming_steps,
+    wait_for_quiet,
+    warm_up,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -487,24 +494,27 @@ def _measure(args: argparse.Namespace) -> None:
         # whole launch (three ddp_plain instances of one launch: 0.88-1.08 of each other)
         methods.append([cls(problem) for _ in range(args.instances)])
     counts = {instances[0].name: count_bytes(instances[0]) for instances in methods}
-    for instances in methods:
-        for method in instances:
-            for _ in range(args.warmup):
-                method.reset()
-                method.step()
+    cpu = torch.device("cpu")
+    priming = torch.tensor(
+        [
+            priming_steps(min(warm_up(method, args.warmup, cpu) for method in instances))
+            for instances in methods
+        ]
+    )
+    dist.all_reduce(priming, op=dist.ReduceOp.MAX)  # both ranks run the same steps
     times = torch.zeros(len(methods), args.runs, dtype=torch.float64)
     gc.collect()
     gc.disable()
     order = random.Random(ORDER_SEED)  # the same rounds on both ranks
     try:
         for run in range(args.runs):
-            # every round in a new order, against drift; each timed step right after an untimed
-            # one of the same method, as in training (a fixed or rotated order put every method
+            # every round in a new order, against drift; each timed step right after untimed
+            # ones of the same method, as in training (a fixed or rotated order put every method
             # after the same other one, and a light step after EKFAC's paid for the caches that
             # one emptied)
             for k in order.sample(range(len(methods)), len(methods)):
                 method = methods[k][run % args.instances]
-                prime(method)  # untimed: the timed step follows steps of its own
+                prime(method, int(priming[k]))  # untimed: the timed step follows its own
                 dist.barrier()  # both ranks start the step together
                 start = time.perf_counter()
                 method.step()
@@ -525,6 +535,7 @@ def _measure(args: argparse.Namespace) -> None:
                     "description": instances[0].description,
                     "times_s": times[k].tolist(),
                     "check_deviation": deviations[instances[0].name],
+                    "priming_steps": int(priming[k]),
                     "ranks_max_param_difference": spreads[instances[0].name],
                     **counts[instances[0].name],
                 }
@@ -621,6 +632,7 @@ def build_records(args: argparse.Namespace, launches: list[dict]) -> list[dict]:
                 "max_s": max(samples),
                 "runs": args.runs,
                 "launches": len(launches),
+                "priming_steps": [c["priming_steps"] for c in checks],  # per launch
                 "ratio_to_ddp_plain": statistics.median(ratios[name]),
                 "launch_ratios": ratios[name],
                 "target_ratio": TARGETS.get(name),

@@ -88,9 +88,8 @@ def prime(method: bm.Method, steps: int = PRIMING_STEPS) -> None:  # or any rese
 
     The timed step then finds the caches and the allocator's free lists as its own previous
     step left them, as in a training loop: timed right after another method, a light step
-    pays for what a heavy one left behind. ``run`` gives each method :func:`priming_steps`;
-    ``dpsgd`` and ``ddp`` still use the fixed :data:`PRIMING_STEPS` (as their committed
-    results were measured; in ``ddp`` both ranks would have to agree on one count).
+    pays for what a heavy one left behind. ``run``, ``dpsgd`` and ``ddp`` give each method
+    :func:`priming_steps` (in ``ddp`` the larger count of the two ranks, which must agree).
     """
     for _ in range(steps):
         method.reset()
@@ -105,6 +104,18 @@ def _timed_step(method: bm.Method, device: torch.device) -> float:
     method.step()
     _synchronize(device)
     return time.perf_counter() - start
+
+
+def warm_up(method: bm.Method, steps: int, device: torch.device) -> float:
+    """``steps`` untimed steps (at least one) of ``method``; the fastest one's seconds.
+
+    What :func:`priming_steps` counts from (``dpsgd`` and ``ddp`` warm up with it).
+    """
+    fastest = float("inf")
+    for _ in range(max(steps, 1)):
+        method.reset()
+        fastest = min(fastest, _timed_step(method, device))
+    return fastest
 
 
 def _synchronize(device: torch.device) -> None:

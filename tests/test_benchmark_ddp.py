@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import ddp
+from benchmarks.run import MAX_PRIMING_STEPS, PRIMING_STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (64, 16, 10)
@@ -77,6 +78,9 @@ def test_every_method_has_a_record_with_positive_times(results):
         # checked against one process on the global batch, and the ranks stayed in step
         assert record["check_deviation"] <= 1e-4, name
         assert record["ranks_max_param_difference"] == 0.0, name
+        # one count per launch, agreed by the ranks (they would deadlock otherwise)
+        assert len(record["priming_steps"]) == LAUNCHES, name
+        assert all(PRIMING_STEPS <= k <= MAX_PRIMING_STEPS for k in record["priming_steps"])
     assert records["ddp_plain"]["ratio_to_ddp_plain"] == 1.0
 
 
