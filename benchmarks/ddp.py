@@ -82,14 +82,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import goodfellow as gf
-from benchmarks.run import (
-    _versions,
-    device_name,
-    prime,
-    priming_steps,
-    wait_for_quiet,
-    warm_up,
-)
+from benchmarks.run import _versions, device_name, prime, priming_steps, wait_for_quiet, warm_up
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
