@@ -61,7 +61,7 @@ PRIMING_STEPS = 2
 PRIMING_SECONDS = 0.05
 """Untimed work of a method's own before each of its timed steps, at least: on the machine of the
 2026-12-02 runs a step that writes tens of MiB right after other work (another method, a pause, a
-``gc.collect()``) runs up to 2.5x slower and takes 20-50 ms of its own steps to settle
+``gc.collect()``) runs up to 4x slower and takes 20-50 ms of its own steps to settle
 (``benchmarks/README.md``, "One process, in rounds"), so two steps of a 1-3 ms method are not yet
 the training loop the timed step stands for."""
 MAX_PRIMING_STEPS = 200
@@ -107,12 +107,13 @@ def _timed_step(method: bm.Method, device: torch.device) -> float:
 
 
 def warm_up(method: bm.Method, steps: int, device: torch.device) -> float:
-    """``steps`` untimed steps (at least one) of ``method``; the fastest one's seconds.
+    """``steps`` untimed steps of ``method``; the fastest one's seconds (``inf`` for none).
 
-    What :func:`priming_steps` counts from (``dpsgd`` and ``ddp`` warm up with it).
+    What :func:`priming_steps` counts from; with no warm-up a method gets the fewest,
+    :data:`PRIMING_STEPS`.
     """
     fastest = float("inf")
-    for _ in range(max(steps, 1)):
+    for _ in range(steps):
         method.reset()
         fastest = min(fastest, _timed_step(method, device))
     return fastest
@@ -289,9 +290,7 @@ def benchmark_config(
         method.reset()
     problem.reference = None  # n * P floats no longer needed: free them before timing
     for method in methods:
-        for _ in range(warmup):
-            method.reset()
-            fastest[method.name] = min(fastest[method.name], _timed_step(method, device))
+        fastest[method.name] = min(fastest[method.name], warm_up(method, warmup, device))
     priming = {name: priming_steps(seconds) for name, seconds in fastest.items()}
 
     times: dict[str, list[float]] = {method.name: [] for method in methods}
