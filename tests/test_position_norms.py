@@ -17,10 +17,10 @@ def _definition(A: torch.Tensor, Gs: list[torch.Tensor]) -> torch.Tensor:
     return sum(torch.einsum("nto,nti->noi", G, A).square().sum(dim=(1, 2)) for G in Gs)
 
 
-# (positions, widths of the output gradients): one band (T <= 32), bands that divide T, a
+# (positions, widths of the output gradients): one band (T <= 128), bands that divide T, a
 # short last band, and several layers sharing the input (q, k, v)
-CASES = [(1, [3]), (2, [5]), (31, [4]), (32, [4]), (33, [4]), (64, [6]), (100, [3, 5]),
-         (129, [4]), (256, [2, 2, 3])]  # fmt: skip
+CASES = [(1, [3]), (2, [5]), (64, [6]), (100, [3, 5]), (128, [4]), (129, [4]),
+         (256, [2, 2, 3]), (600, [3])]  # fmt: skip
 
 
 @pytest.mark.parametrize(("positions", "widths"), CASES, ids=str)
@@ -49,10 +49,23 @@ def test_banded_gram_on_any_shape(n, positions, d_in, d_out, seed):
     torch.testing.assert_close(gram_sq_norms(A, G), _definition(A, [G]), rtol=1e-11, atol=1e-12)
 
 
-def test_bands_are_four_and_at_least_32_rows():
-    assert [band_height(t) for t in (1, 32, 64, 128, 129, 256, 1024)] == [
-        32, 32, 32, 32, 33, 64, 256,
+def test_bands_are_four_and_at_least_128_rows():
+    assert [band_height(t) for t in (1, 64, 128, 129, 512, 513, 1024)] == [
+        128, 128, 128, 128, 128, 129, 256,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("positions", "widths"), CASES, ids=str)
+def test_gram_with_bias_adds_each_bias_gradient_norm(positions, widths):
+    # a bias is a weight on a constant input 1: the definition with a column of ones on A
+    generator = torch.Generator().manual_seed(positions + 1)
+    A = torch.randn(3, positions, 5, dtype=F64, generator=generator)
+    Gs = [torch.randn(3, positions, w, dtype=F64, generator=generator) for w in widths]
+    with_ones = torch.cat([A, A.new_ones(3, positions, 1)], dim=2)
+    expected = _definition(with_ones, Gs)
+    torch.testing.assert_close(gram_sq_norms(A, Gs, bias=True), expected, rtol=1e-12, atol=0)
+    biases = sum(G.sum(dim=1).square().sum(dim=1) for G in Gs)
+    torch.testing.assert_close(expected - _definition(A, Gs), biases, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("positions", [8, 32, 64, 128, 256, 1024])

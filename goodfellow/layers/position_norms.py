@@ -14,7 +14,7 @@ the diagonal that :func:`gram_sq_norms` forms; no :math:`(d_{out}, d_{in})` tens
 left-hand side by forming :math:`g_i` and squaring it (:math:`T d_{in} d_{out}`). Where one
 count is under a quarter of the other that form is taken; in between, where the speed of many
 small batched products decides more than their count, both are timed once per shape
-(:func:`goodfellow.layers.routes.fastest`; ``benchmarks/README.md``, "Gram or materialize",
+(:func:`goodfellow.layers.routes.choice`; ``benchmarks/README.md``, "Gram or materialize",
 has the measured crossover). The linear rule (:mod:`goodfellow.layers.linear`) asks this file
 for its norms, the shared-input grouping (:mod:`goodfellow.layers.shared_inputs`) for its Gram
 form, the clipped sum (:mod:`goodfellow.layers.formed_clipping`) whether a layer is formed.
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from goodfellow.layers.routes import choice, fastest
+from goodfellow.layers.routes import choice
 
 __all__ = [
     "band_height",
@@ -58,9 +58,10 @@ def positions_sq_norms(A: Tensor, G: Tensor, has_bias: bool) -> Tensor:
         G: The output gradients, ``(n, T, d_out)``.
         has_bias: Add the bias gradient's :math:`\|\sum_t G_t\|^2`.
     """
-    routes = _routes(A, G)
-    by_count = _route_by_count(A, G)
-    weight = routes[by_count]() if by_count else fastest(_norms_key(A, G), routes, A.device)
+    route = _route_by_count(A, G) or choice(_norms_key(A, G), _routes(A, G), A.device)
+    if route == "gram":
+        return gram_sq_norms(A, G, bias=has_bias)  # the bias from the Gram already formed
+    weight = formed_sq_norms(A, G)
     return weight + bias_sq_norms(G) if has_bias else weight
 
 
@@ -99,13 +100,19 @@ def bias_sq_norms(G: Tensor) -> Tensor:
     return G.sum(dim=1).square().sum(dim=1)
 
 
-def gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
+def gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor], bias: bool = False) -> Tensor:
     r"""``einsum("nts,nts->n", G G^T, A A^T)``: the Gram route, ``(n,)``.
 
     Several output gradients :math:`G_l` of layers that read the same input :math:`A` (q, k, v:
     :mod:`goodfellow.layers.shared_inputs`) add their Grams before the one dot, since
     :math:`\sum_l \langle G_l G_l^\top, A A^\top\rangle = \langle \sum_l G_l G_l^\top,
     A A^\top\rangle`.
+
+    With ``bias``, every layer's bias gradient :math:`\sum_t G_t` is included: a bias is a
+    weight on a constant input 1, so appending 1 to every :math:`A_t` adds 1 to every
+    :math:`A_t \cdot A_s`, and :math:`\sum_{t,s} G_t \cdot G_s = \|\sum_t G_t\|^2`. The
+    Gram of :math:`G` is formed anyway, so the bias costs ``(n, T, T)`` additions instead of
+    another pass over :math:`G` (``(n, T, d_out)``).
 
     Both Gram matrices are symmetric, so only their blocks on and above the diagonal are
     formed. Write :math:`S(X) = \sum_{(t,s) \in X} (G_t \cdot G_s)(A_t \cdot A_s)` for a set
@@ -132,6 +139,8 @@ def gram_sq_norms(A: Tensor, G: Tensor | Sequence[Tensor]) -> Tensor:
         for G_l in Gs[1:]:
             gram_G.baddbmm_(G_l[:, rows], G_l[:, start:].transpose(1, 2))  # summed over layers
         gram_A = torch.bmm(A[:, rows], A[:, start:].transpose(1, 2))  # (n, h, T - start)
+        if bias:
+            gram_A.add_(1)  # (A_t, 1) . (A_s, 1)
         h = gram_A.shape[1]
         # batched dots, no (n, h, T) product formed; vecdot, not a bmm of (1, ts) by (ts, 1)
         # blocks, which was 20x slower (0.66 vs 0.03 ms at n = 32, T = 64)
@@ -152,13 +161,17 @@ def _flat(gram: Tensor) -> Tensor:
 
 
 def band_height(positions: int) -> int:
-    """Rows per band of :func:`gram_sq_norms`: four bands, none under 32 rows.
+    """Rows per band of :func:`gram_sq_norms`: four bands, none under 128 rows.
 
-    Measured here (float32, 2 cores, ``n T = 2048``): bands of 16 rows or fewer make the
-    batched products slower than the multiply-adds they save; beyond four bands the saving
-    grows little ((b + 1) / 2b tends to 1/2) while the products get smaller.
+    Measured (float32, 2 cores, ``n T`` 2048-3136, widths 128 to 512 and 400 -> 32): on an
+    Intel Xeon, one band is fastest up to ``T = 128`` (``T = 64``, 128 -> 512: 0.84 ms against
+    1.01 for two bands of 32 rows), two or three bands win by 2-9% at ``T = 196, 256``, four
+    from ``T = 512`` on (784 positions: 8.3 against 11.0 ms for one band); smaller bands make
+    the batched products slower than the multiply-adds they save. On an earlier AMD VM bands
+    of 32 rows still paid. Beyond four bands the saving grows little ((b + 1) / 2b tends to
+    1/2) while the products get smaller.
     """
-    return max(32, -(-positions // 4))
+    return max(128, -(-positions // 4))
 
 
 def gram_count(positions: int, *widths: int) -> float:

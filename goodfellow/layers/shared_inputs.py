@@ -88,5 +88,8 @@ def _group_sq_norms(group: list[LinearFactors]) -> Tensor:
 
 def _shared_gram_sq_norms(group: list[LinearFactors]) -> Tensor:
     r"""``einsum("nts,nts->n", sum_l G_l G_l^T, A A^T)`` plus the biases' :math:`\|\sum_t G\|^2`."""
-    weight = gram_sq_norms(group[0].inputs, [layer.grad_outputs for layer in group])  # (n,)
+    A, Gs = group[0].inputs, [layer.grad_outputs for layer in group]
+    if all(layer.bias for layer in group):
+        return gram_sq_norms(A, Gs, bias=True)  # (n,), the biases from the summed Gram
+    weight = gram_sq_norms(A, Gs)  # (n,)
     return sum((bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias), weight)
