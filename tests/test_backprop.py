@@ -25,6 +25,8 @@ from goodfellow import (
     per_example_norms,
     torch_func_per_example_grads,
 )
+from goodfellow.layers import linear as linear_rule
+from goodfellow.layers import routes
 from tests.conftest import TOLERANCES
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -495,6 +497,29 @@ def test_batched_outer_reads_any_strides_and_writes_into_a_strided_out(positions
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])
     fresh = goodfellow.batched_outer(g, a)
     torch.testing.assert_close(fresh, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("kernel", ["broadcast product", "bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_both_outer_product_kernels_write_exactly_the_products(kernel, dtype, monkeypatch):
+    # every size is timed here (the threshold is lowered); each kernel forms one product per
+    # entry, so the two agree bit for bit, also into a strided out
+    monkeypatch.setattr(linear_rule, "_TIMED_OUTER_BYTES", 0)
+    monkeypatch.setattr(routes, "_CHOSEN", {})
+    generator = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 6, generator=generator, dtype=dtype).T  # (6, 3), not contiguous
+    a = torch.randn(6, 4, generator=generator, dtype=dtype)
+    expected = g[:, :, None] * a[:, None, :]  # (6, 3, 4)
+    with routes.forced(kernel):
+        fresh = goodfellow.batched_outer(g, a)
+        out = torch.full((6, 4, 3), float("nan"), dtype=dtype).transpose(1, 2)
+        written = goodfellow.batched_outer(g, a, out=out)
+    assert torch.equal(fresh, expected)
+    assert written.data_ptr() == out.data_ptr() and torch.equal(out, expected)
+    assert routes.chosen() == {}  # forced: nothing timed
+    timed = goodfellow.batched_outer(g, a)
+    assert torch.equal(timed, expected)
+    assert [key[0] for key in routes.chosen()] == ["outer product"]
 
 
 @pytest.mark.parametrize(

@@ -170,11 +170,16 @@ class EmbeddingRule(LayerRule):
         n = inputs[0].shape[0]
         d = module.embedding_dim
         dtype = module.weight.dtype
-        tokens = torch.cat([x.reshape(n, -1) for x in inputs], dim=1)  # (n, T)
-        G = torch.cat([g.to(dtype).reshape(n, -1, d) for g in grad_outputs], dim=1)  # (n, T, d)
+        tokens = _end_to_end([x.reshape(n, -1) for x in inputs])  # (n, T)
+        G = _end_to_end([g.to(dtype).reshape(n, -1, d) for g in grad_outputs])  # (n, T, d)
         if module.padding_idx is not None:  # the padding row receives no gradient
             G = G * (tokens != module.padding_idx).unsqueeze(-1).to(dtype)  # (n, T, d)
         return EmbeddingGradients(tokens, G, module.num_embeddings)
+
+
+def _end_to_end(calls: list[Tensor]) -> Tensor:
+    """The calls' positions laid end to end (dimension 1); one call as it is, not copied."""
+    return calls[0] if len(calls) == 1 else torch.cat(calls, dim=1)
 
 
 register_rule(nn.Embedding, EmbeddingRule())

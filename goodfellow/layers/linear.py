@@ -40,6 +40,7 @@ from goodfellow.layers.base import (  # noqa: F401  (norm_from_squares: read fro
     register_rule,
 )
 from goodfellow.layers.position_norms import positions_sq_norms
+from goodfellow.layers.routes import fastest
 from goodfellow.reduction import batch_size_factor
 
 
@@ -75,26 +76,53 @@ def _batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = No
     """:func:`batched_outer` for arguments already checked where they came in.
 
     The rules, :func:`goodfellow.goodfellow_backprop` and KFAC call it once per layer and
-    batch; their entry points have checked the shapes, dtypes and buffers.
+    batch; their entry points have checked the shapes, dtypes and buffers. For plain vectors
+    ``(n, d_in)`` the outer products are written by whichever of two exact kernels is faster
+    for the shape on this machine (``_TIMED_OUTER_BYTES``); at several positions by one
+    batched matrix product over them.
     """
     n, d_out, d_in = grad_outputs.shape[0], grad_outputs.shape[-1], inputs.shape[-1]
     if grad_outputs.dim() == 2:
-        # A broadcast product (n, o, 1) * (n, 1, i) writes each entry exactly once, straight into
-        # `out`, at the speed of a fill; einsum allocates. bmm with an inner dimension of 1 was
-        # about twice as slow on the earlier VMs; on an Intel one it is slower on cache-sized
-        # layers but 1.5x faster beyond the caches (benchmarks/README.md, twelfth session's
-        # run). Bit for bit the same numbers either way: one product per entry.
         left = grad_outputs.unsqueeze(2)  # (n, o, 1)
         right = inputs.unsqueeze(1)  # (n, 1, i)
-        if out is None:
-            return torch.mul(left, right)  # (n, o, i)
-        return torch.mul(left, right, out=out)  # (n, o, i)
+        if n * d_out * d_in * grad_outputs.element_size() < _TIMED_OUTER_BYTES:
+            return _broadcast_outer(left, right, out)
+        kernels = {
+            "broadcast product": lambda: _broadcast_outer(left, right, out),
+            "bmm": lambda: _bmm(left, right, out),
+        }
+        device = grad_outputs.device
+        key = ("outer product", n, d_out, d_in, grad_outputs.dtype, device, out is None)
+        return fastest(key, kernels, device)
     positions = math.prod(inputs.shape[1:-1])  # explicit: -1 is ambiguous when n = 0
     left = grad_outputs.reshape(n, positions, d_out).transpose(1, 2)  # (n, o, t)
     right = inputs.reshape(n, positions, d_in)  # (n, t, i)
     if out is None:
         return torch.bmm(left, right)  # (n, o, i)
     return torch.bmm(left, right, out=out)  # (n, o, i)
+
+
+_TIMED_OUTER_BYTES = 16 * 2**20
+"""Outer products of at least this many bytes time both kernels once per shape
+(:func:`goodfellow.layers.routes.fastest`); smaller ones take the broadcast product.
+
+Both write each entry once, as one product, so their numbers are the same bit for bit; their
+speed beyond the caches depends on the machine. The broadcast product ``(n, o, 1) * (n, 1, i)``
+writes straight into ``out`` at the speed of a fill, and was the faster one on the AMD VMs of
+the earlier sessions (``bmm`` with an inner size of 1 about twice as slow). On an Intel Xeon
+(twelfth session) a fill and the broadcast product write about 16 GB/s beyond the caches and
+``bmm`` about 1.5x faster (512 MiB: 22 against 32 ms), from about 24 MiB per layer up; at
+4 MiB the broadcast product is the faster (0.85 against 1.02 ms)."""
+
+
+def _broadcast_outer(left: Tensor, right: Tensor, out: Tensor | None) -> Tensor:
+    """``(n, o, 1) * (n, 1, i)``, into ``out`` where given; einsum would allocate."""
+    return torch.mul(left, right) if out is None else torch.mul(left, right, out=out)
+
+
+def _bmm(left: Tensor, right: Tensor, out: Tensor | None) -> Tensor:
+    """``(n, o, 1) @ (n, 1, i)``: the same products by the batched matrix kernel."""
+    return torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
 
 
 def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
