@@ -25,7 +25,11 @@ from goodfellow import (
 )
 from goodfellow.layers import embedding as embedding_rule
 from goodfellow.layers import routes
-from goodfellow.layers.embedding import EmbeddingGradients, _gram_sq_norms
+from goodfellow.layers.embedding import (
+    EmbeddingGradients,
+    _gram_sq_norms,
+    shared_gradient_sq_norms,
+)
 from tests.conftest import TOLERANCES
 
 F64 = TOLERANCES[torch.float64]
@@ -203,6 +207,9 @@ CASES = [
     Case("tiny-lm", lambda: nn.Sequential(TinyLM(), nn.Flatten()), lambda: tokens()),
     Case("tiny-lm-seq-first", lambda: nn.Sequential(TinyLM(batch_first=False), nn.Flatten()),
          lambda: tokens()),  # fmt: skip
+    # no padding row: the token and position embeddings receive the same gradient tensor
+    Case("tiny-lm-no-padding", lambda: nn.Sequential(TinyLM(padding_idx=None), nn.Flatten()),
+         lambda: tokens()),  # fmt: skip
     Case("tiny-lm-frozen-embedding",
          lambda: nn.Sequential(_frozen(TinyLM(), "tok.weight"), nn.Flatten()),
          lambda: tokens()),  # fmt: skip
@@ -292,6 +299,32 @@ def test_embedding_norms_both_ways_and_sums_against_materialized(t):
     torch.testing.assert_close(layer.weighted_sum(w)[0], torch.einsum("n,nvd->vd", w, naive), **F64)
     torch.testing.assert_close(layer.square_sum()[0], naive.square().sum(dim=0), **F64)
     assert embedding_rule.GRAM_MAX_POSITIONS < 70  # both paths of sq_norms() are exercised
+
+
+@pytest.mark.parametrize("t", [3, 70])
+def test_embeddings_sharing_a_gradient_share_its_gram(t):
+    # a token embedding and a position embedding added together get the same G
+    torch.manual_seed(2)
+    G = torch.randn(3, t, 5, dtype=torch.float64)
+    layers = [
+        EmbeddingGradients(tokens(n=3, t=t, vocab=4), G, 4),
+        EmbeddingGradients(torch.arange(t).expand(3, t), G, t),
+    ]
+    squares = sum(layer.per_example()[0].square().sum(dim=(1, 2)) for layer in layers)
+    for route in ("shared gram", "per embedding"):
+        with routes.forced(route):
+            torch.testing.assert_close(shared_gradient_sq_norms(layers), squares, **F64)
+    torch.testing.assert_close(shared_gradient_sq_norms(layers), squares, **F64)  # timed
+
+
+def test_a_token_and_a_position_embedding_are_normed_together(monkeypatch):
+    monkeypatch.setattr(routes, "_CHOSEN", {})
+    case = next(c for c in CASES if c.name == "tiny-lm-no-padding")
+    _, pe, expected = setup(case, "sum")
+    torch.testing.assert_close(
+        gradient_norms(recorded_factors(pe)), gradient_norms(expected), **F64
+    )
+    assert "shared-gradient embedding sq norms" in [key[0] for key in routes.chosen()]
 
 
 def test_padding_row_gets_no_gradient():

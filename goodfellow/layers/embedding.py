@@ -37,7 +37,7 @@ from goodfellow._checks import display_name
 from goodfellow.layers.base import LayerRule, register_rule
 from goodfellow.layers.routes import fastest
 
-__all__ = ["EmbeddingGradients", "EmbeddingRule"]
+__all__ = ["EmbeddingGradients", "EmbeddingRule", "shared_gradient_sq_norms"]
 
 #: Up to this many positions per example the Gram form is used for the norms.
 GRAM_MAX_POSITIONS = 64
@@ -128,11 +128,53 @@ class EmbeddingGradients:
         return None
 
 
-def _gram_sq_norms(tokens: Tensor, grad_outputs: Tensor) -> Tensor:
-    r""":math:`\sum_{t,s} [x_t = x_s]\, G_t \cdot G_s` per example, ``(n,)``."""
-    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)  # (n, T, T)
+def _gram_sq_norms(tokens: Tensor | Sequence[Tensor], grad_outputs: Tensor) -> Tensor:
+    r""":math:`\sum_{t,s} [x_t = x_s]\, G_t \cdot G_s` per example, ``(n,)``.
+
+    ``tokens`` may hold the token ids of several embeddings whose outputs received the same
+    gradient ``G``: their equality masks add up, one Gram serves all (see
+    :func:`shared_gradient_sq_norms`).
+    """
+    token_sets = [tokens] if isinstance(tokens, Tensor) else list(tokens)
+    masks = [x.unsqueeze(2) == x.unsqueeze(1) for x in token_sets]  # (n, T, T) each
+    same = masks[0] if len(masks) == 1 else sum(m.to(grad_outputs.dtype) for m in masks)
     gram = torch.bmm(grad_outputs, grad_outputs.transpose(1, 2))  # (n, T, T)
     return (gram * same).sum(dim=(1, 2))  # (n,)
+
+
+def shared_gradient_sq_norms(group: Sequence[EmbeddingGradients]) -> Tensor:
+    r"""The summed squared norms of embeddings whose outputs got the same gradient, ``(n,)``.
+
+    A token and a position embedding added at a transformer's input both receive the
+    gradient :math:`G` of their sum. Their squared norms add up to
+
+    .. math::
+
+        \sum_l \sum_{t,s} [x_{l,t} = x_{l,s}]\, G_t \cdot G_s
+        = \sum_{t,s} \Big(\sum_l [x_{l,t} = x_{l,s}]\Big)\, G_t \cdot G_s,
+
+    one Gram of :math:`G` for all of them. Where the Gram form applies (up to
+    ``GRAM_MAX_POSITIONS``), this and each embedding's own :meth:`~EmbeddingGradients.sq_norms`
+    are timed once per shape and the faster kept.
+
+    Args:
+        group: Embeddings of one batch whose ``grad_outputs`` are the same tensor.
+    """
+    G = group[0].grad_outputs
+
+    def shared() -> Tensor:
+        return _gram_sq_norms([layer.tokens for layer in group], G)
+
+    def one_by_one() -> Tensor:
+        return sum(layer.sq_norms() for layer in group)
+
+    if G.shape[1] > GRAM_MAX_POSITIONS:
+        return one_by_one()
+    if G.is_meta:
+        return shared()
+    routes = {"shared gram": shared, "per embedding": one_by_one}
+    key = ("shared-gradient embedding sq norms", tuple(G.shape), len(group), G.dtype, G.device)
+    return fastest(key, routes, G.device)
 
 
 class EmbeddingRule(LayerRule):

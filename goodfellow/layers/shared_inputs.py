@@ -12,9 +12,9 @@ so the Gram matrix :math:`A A^\top` is formed once and the layers' output Grams 
 before the one batched dot: :math:`T^2 (d_{in} + \sum_l d_{out,l})` multiply-adds per example
 instead of :math:`\sum_l T^2 (d_{in} + d_{out,l})`. For q, k, v of width 128 at
 :math:`T = 64` that is :math:`T^2 \cdot 512` against three materialized weight gradients,
-:math:`3 T \cdot 128^2`: a third less; half as many, since
-:func:`~goodfellow.layers.position_norms.gram_sq_norms` forms only the blocks on and above the
-diagonal (3/4 of the full products at this :math:`T`).
+:math:`3 T \cdot 128^2`: a third less (:func:`~goodfellow.layers.position_norms.gram_sq_norms`
+forms all of both Grams at this :math:`T`, and only the blocks on and above their diagonal
+from 129 positions on).
 
 Index letters: ``n`` example, ``t`` and ``s`` position, ``l`` layer.
 """
@@ -25,6 +25,7 @@ from collections.abc import Hashable, Sequence
 
 from torch import Tensor
 
+from goodfellow.layers.embedding import EmbeddingGradients, shared_gradient_sq_norms
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.layers.position_norms import bias_sq_norms, gram_count, gram_sq_norms
 from goodfellow.layers.routes import fastest
@@ -38,7 +39,10 @@ def summed_sq_norms(layers: Sequence) -> Tensor:
     Linear layers (:class:`goodfellow.LinearFactors`) whose inputs are the same tensor and
     that are applied at several positions are taken together, by the shared Gram above or one
     by one, whichever is faster (timed once per shape where neither count is four times the
-    other); every other layer gives its own ``sq_norms()``. The same numbers as adding up each
+    other); so are embeddings whose output gradients are the same tensor (a token and a
+    position embedding added together:
+    :func:`goodfellow.layers.embedding.shared_gradient_sq_norms`); every other layer gives its
+    own ``sq_norms()``. The same numbers as adding up each
     layer's ``sq_norms()``, up to the order of the sums.
 
     Args:
@@ -48,15 +52,23 @@ def summed_sq_norms(layers: Sequence) -> Tensor:
         Tensor of shape ``(n,)``.
     """
     groups: dict[Hashable, list[LinearFactors]] = {}
+    embeddings: dict[Hashable, list[EmbeddingGradients]] = {}
     alone = []
     for layer in layers:
         if isinstance(layer, LinearFactors) and layer.inputs.shape[1] > 1:
             groups.setdefault(_same_tensor_key(layer.inputs), []).append(layer)
+        elif isinstance(layer, EmbeddingGradients):
+            embeddings.setdefault(_same_tensor_key(layer.grad_outputs), []).append(layer)
         else:
             alone.append(layer)
     parts = [layer.sq_norms() for layer in alone]
     for group in groups.values():
         parts.append(group[0].sq_norms() if len(group) == 1 else _group_sq_norms(group))
+    for same_gradient in embeddings.values():
+        parts.append(
+            same_gradient[0].sq_norms() if len(same_gradient) == 1
+            else shared_gradient_sq_norms(same_gradient)
+        )  # fmt: skip
     return sum(parts)
 
 
