@@ -6,7 +6,8 @@ positions, :math:`\\sum_{t,s}(G_t\\cdot G_s)(A_t\\cdot A_s)`, or by forming the 
 gradient and squaring it (``L d_in d_out`` multiply-adds per example). Both routes are the
 library's own (``goodfellow.layers.position_norms``): the Gram route forms only the blocks on
 and above the diagonal of the symmetric Gram matrices, ``gram_count(L, d_in, d_out)``
-multiply-adds (``L^2 (d_in + d_out)`` for ``L <= 32``, about 5/8 of it from ``L = 128`` on).
+multiply-adds (``L^2 (d_in + d_out)`` up to ``L = 128``, 3/4 of it at ``L = 256``, about 5/8 from
+``L = 512`` on).
 The library's count rule takes the Gram route when ``gram_count <= L d_in d_out`` (and times
 both routes where the counts are within 4x of each other); the published rule (Li et al. 2022,
 "Large language models can be strong differentially private learners") is
