@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from goodfellow.layers.shared_inputs import weighted_sums
 from goodfellow.sources import _example_tensor
 
 
@@ -37,10 +38,7 @@ def _sums(
     n = layers[0].batch_size
     if weights is None:
         weights = torch.ones(n, dtype=like.dtype, device=like.device)  # (n,)
-    done = done or {}
-    per_layer = [
-        done[k] if k in done else layer.weighted_sum(weights) for k, layer in enumerate(layers)
-    ]
+    per_layer = weighted_sums(layers, weights, done or {})
     flat = [t for results in per_layer for t in results]
     if group is None:  # no tensor for the count: no host sync, and meta tensors work
         sums, total, extra = flat, n, list(extra)

@@ -1,4 +1,4 @@
-"""goodfellow.layers.shared_inputs: linear layers reading one input share its Gram matrix."""
+"""goodfellow.layers.shared_inputs: linear layers reading one input share its Gram and w A."""
 
 from __future__ import annotations
 
@@ -122,3 +122,47 @@ def test_clipped_mean_through_shared_inputs_equals_the_materialized_one():
     expected = gf.clipped_mean(pe.grads, max_norm=1.0)
     for name in expected:
         torch.testing.assert_close(clipped[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    positions=st.integers(1, 5),
+    d_in=st.integers(1, 8),
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    biases=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_weighted_sums_equal_the_materialized_ones(n, positions, d_in, widths, biases, seed):
+    # d_in below or above the summed widths: the shared scaling of A, or each layer its own
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, positions, d_in, generator=generator, dtype=F64)
+    layers = [
+        gf.LinearFactors(A, torch.randn(n, positions, w, generator=generator, dtype=F64), b)
+        for w, b in zip(widths, biases)
+    ]
+    weights = torch.rand(n, generator=generator, dtype=F64)
+    done = {0: [torch.zeros(1, dtype=F64)]}  # computed elsewhere: kept as it is
+    sums = shared_inputs.weighted_sums(layers, weights, done)
+    assert sums[0] is done[0]
+    for layer, got in zip(layers[1:], sums[1:]):
+        want = [torch.einsum("n,n...->...", weights, g) for g in layer.per_example()]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_reading_one_input_scale_it_once(monkeypatch):
+    A = torch.randn(3, 4, 5, dtype=F64)
+    layers = [gf.LinearFactors(A, torch.randn(3, 4, d, dtype=F64), True) for d in (5, 5, 2)]
+    scaled = []
+    original = shared_inputs._layer_weighted_sum
+
+    def recording(layer, weights, scaled_inputs=None):
+        scaled.append(scaled_inputs)
+        return original(layer, weights, scaled_inputs)
+
+    monkeypatch.setattr(shared_inputs, "_layer_weighted_sum", recording)
+    shared_inputs.weighted_sums(layers, torch.rand(3, dtype=F64), {})
+    assert len(scaled) == 3 and all(s is scaled[0] for s in scaled)  # one w A for all three
+    assert scaled[0].shape == A.shape

@@ -309,20 +309,28 @@ def linear_factors(
     return LinearFactors(A, G * scale if scale != 1 else G, bool(bias))
 
 
-def _layer_weighted_sum(layer: LinearFactors, weights: Tensor) -> list[Tensor]:
+def _layer_weighted_sum(
+    layer: LinearFactors, weights: Tensor, scaled_inputs: Tensor | None = None
+) -> list[Tensor]:
     r""":math:`\sum_i w_i g_i` for one layer: one contraction ``einsum("n,nto,nti->oi")``.
 
     :math:`w_i` scales the narrower factor, :math:`(w G)^\top A = G^\top (w A)`: for a
     128 -> 512 layer a quarter of the multiplications (and of the memory written).
+    ``scaled_inputs``: :math:`w A`, already formed for several layers that read the same input
+    (:func:`goodfellow.layers.shared_inputs.weighted_sums`).
     """
     A, G, has_bias = layer
     d_in, d_out = A.shape[2], G.shape[2]
     w = weights[:, None, None]  # (n, 1, 1)
-    scaled_A, scaled_G = (A * w, G) if d_in < d_out else (A, G * w)  # (n, t, i), (n, t, o)
+    scales_inputs = scaled_inputs is not None or d_in < d_out
+    if scales_inputs:
+        scaled_A, scaled_G = (A * w if scaled_inputs is None else scaled_inputs), G  # (n, t, i)
+    else:
+        scaled_A, scaled_G = A, G * w  # (n, t, o)
     weight_grad = scaled_G.reshape(-1, d_out).T @ scaled_A.reshape(-1, d_in)  # (o, i)
     if not has_bias:
         return [weight_grad]
-    return [weight_grad, weights @ G.sum(dim=1) if d_in < d_out else scaled_G.sum(dim=(0, 1))]
+    return [weight_grad, weights @ G.sum(dim=1) if scales_inputs else scaled_G.sum(dim=(0, 1))]
 
 
 def _layer_square_sum(layer: LinearFactors) -> list[Tensor]:

@@ -1,4 +1,4 @@
-r"""Squared norms of a whole model: linear layers that read one input share its Gram matrix.
+r"""Norms and weighted sums of a whole model: linear layers that read one input share its work.
 
 A transformer block applies its query, key and value projections to the same tensor
 :math:`A`. Example :math:`i`'s squared gradient norm over such a set of layers :math:`l` is
@@ -16,21 +16,24 @@ instead of :math:`\sum_l T^2 (d_{in} + d_{out,l})`. For q, k, v of width 128 at
 forms all of both Grams at this :math:`T`, and only the blocks on and above their diagonal
 from 129 positions on).
 
+The clipped mean's weighted sums :math:`\sum_i w_i g_i` share the input the same way: the
+rescaled :math:`w A` is formed once for all of them (:func:`weighted_sums`).
+
 Index letters: ``n`` example, ``t`` and ``s`` position, ``l`` layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from torch import Tensor
 
 from goodfellow.layers.embedding import EmbeddingGradients, shared_gradient_sq_norms
-from goodfellow.layers.linear import LinearFactors
+from goodfellow.layers.linear import LinearFactors, _layer_weighted_sum
 from goodfellow.layers.position_norms import bias_sq_norms, gram_count, gram_sq_norms
 from goodfellow.layers.routes import fastest
 
-__all__ = ["summed_sq_norms"]
+__all__ = ["summed_sq_norms", "weighted_sums"]
 
 
 def summed_sq_norms(layers: Sequence) -> Tensor:
@@ -105,3 +108,37 @@ def _shared_gram_sq_norms(group: list[LinearFactors]) -> Tensor:
         return gram_sq_norms(A, Gs, bias=True)  # (n,), the biases from the summed Gram
     weight = gram_sq_norms(A, Gs)  # (n,)
     return sum((bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias), weight)
+
+
+def weighted_sums(
+    layers: Sequence, weights: Tensor, done: Mapping[int, list[Tensor]]
+) -> list[list[Tensor]]:
+    r""":math:`\sum_i w_i g_i` of every layer, in order; layers reading one input scale it once.
+
+    A linear layer's weighted sum is :math:`G^\top (w A)` or :math:`(w G)^\top A`, whichever
+    scales fewer numbers (``linear._layer_weighted_sum``). Layers that read the same
+    :math:`A` (q, k, v) share :math:`w A` where it is narrower than their outputs together:
+    one scaling of ``(n, T, d_in)`` instead of one of ``(n, T, d_out)`` per layer. Every other
+    layer gives its own ``weighted_sum``.
+
+    Args:
+        layers: Checked layer gradients of one batch (``sources._layers``).
+        weights: :math:`w`, shape ``(n,)``.
+        done: The sums of some layers, by index, already computed (they are kept).
+
+    Returns:
+        One list of ``param.shape`` tensors per layer.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for k, layer in enumerate(layers):
+        if k not in done and isinstance(layer, LinearFactors):
+            groups.setdefault(_same_tensor_key(layer.inputs), []).append(k)
+    sums = dict(done)
+    for members in groups.values():
+        group = [layers[k] for k in members]
+        A = group[0].inputs  # (n, T, d_in)
+        if len(group) > 1 and A.shape[2] <= sum(layer.grad_outputs.shape[2] for layer in group):
+            scaled = A * weights[:, None, None]  # (n, T, d_in), once for the group
+            for k, layer in zip(members, group):
+                sums[k] = _layer_weighted_sum(layer, weights, scaled)
+    return [sums[k] if k in sums else layer.weighted_sum(weights) for k, layer in enumerate(layers)]
