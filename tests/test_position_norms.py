@@ -17,6 +17,11 @@ def _definition(A: torch.Tensor, Gs: list[torch.Tensor]) -> torch.Tensor:
     return sum(torch.einsum("nto,nti->noi", G, A).square().sum(dim=(1, 2)) for G in Gs)
 
 
+def _with_ones(A: torch.Tensor) -> torch.Tensor:
+    """A column of ones appended to every position's input: the bias as a weight."""
+    return torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2)
+
+
 # (positions, widths of the output gradients): one band (T <= 128), bands that divide T, a
 # short last band, and several layers sharing the input (q, k, v)
 CASES = [(1, [3]), (2, [5]), (64, [6]), (100, [3, 5]), (128, [4]), (129, [4]),
@@ -61,8 +66,7 @@ def test_gram_with_bias_adds_each_bias_gradient_norm(positions, widths):
     generator = torch.Generator().manual_seed(positions + 1)
     A = torch.randn(3, positions, 5, dtype=F64, generator=generator)
     Gs = [torch.randn(3, positions, w, dtype=F64, generator=generator) for w in widths]
-    with_ones = torch.cat([A, A.new_ones(3, positions, 1)], dim=2)
-    expected = _definition(with_ones, Gs)
+    expected = _definition(_with_ones(A), Gs)
     torch.testing.assert_close(gram_sq_norms(A, Gs, bias=True), expected, rtol=1e-12, atol=0)
     biases = sum(G.sum(dim=1).square().sum(dim=1) for G in Gs)
     torch.testing.assert_close(expected - _definition(A, Gs), biases, rtol=1e-10, atol=1e-12)
@@ -75,3 +79,17 @@ def test_gram_count_is_what_the_bands_multiply(positions):
     formed = sum(height * (positions - start) for start in range(0, positions, height))
     assert gram_count(positions, 3, 5) == pytest.approx(formed * 8)
     assert gram_count(positions, 3, 5) <= positions**2 * 8
+
+
+@pytest.mark.parametrize("positions", [5, 130])
+def test_gram_norms_with_bias_are_differentiable(positions):
+    # under create_graph the recorded factors carry a graph: the in-place + 1 on A A^T must
+    # leave the gradients of the norms right (one band and two)
+    generator = torch.Generator().manual_seed(positions)
+    A = torch.randn(2, positions, 3, dtype=F64, generator=generator, requires_grad=True)
+    G = torch.randn(2, positions, 4, dtype=F64, generator=generator, requires_grad=True)
+    weights = torch.tensor([0.3, -1.2], dtype=F64)
+    got = torch.autograd.grad(weights @ gram_sq_norms(A, G, bias=True), (A, G))
+    want = torch.autograd.grad(weights @ _definition(_with_ones(A), [G]), (A, G))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
