@@ -87,22 +87,24 @@ def test_a_copy_of_the_input_or_one_position_is_not_grouped(monkeypatch):
     assert _group_sizes(one_position, monkeypatch) == []
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    n=st.integers(1, 4),
-    positions=st.integers(2, 6),
-    d_in=st.integers(1, 6),
-    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
-    biases=st.lists(st.booleans(), min_size=4, max_size=4),
-    seed=st.integers(0, 2**16),
-)
-def test_shared_gram_equals_the_materialized_norms(n, positions, d_in, widths, biases, seed):
-    generator = torch.Generator().manual_seed(seed)
+@st.composite
+def _reading_one_input(draw, min_positions: int, min_layers: int) -> list:
+    """Linear factors of 1-4 layers of random widths and biases that all read one input."""
+    n, positions = draw(st.integers(1, 4)), draw(st.integers(min_positions, 6))
+    d_in = draw(st.integers(1, 8))
+    widths = draw(st.lists(st.integers(1, 6), min_size=min_layers, max_size=4))
+    biases = draw(st.lists(st.booleans(), min_size=len(widths), max_size=len(widths)))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     A = torch.randn(n, positions, d_in, generator=generator, dtype=F64)
-    layers = [
+    return [
         gf.LinearFactors(A, torch.randn(n, positions, w, generator=generator, dtype=F64), b)
         for w, b in zip(widths, biases)
     ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=_reading_one_input(min_positions=2, min_layers=2))
+def test_shared_gram_equals_the_materialized_norms(layers):
     expected = sum(
         torch.cat([g.flatten(1) for g in layer.per_example()], 1).square().sum(1)
         for layer in layers
@@ -125,23 +127,11 @@ def test_clipped_mean_through_shared_inputs_equals_the_materialized_one():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    n=st.integers(1, 4),
-    positions=st.integers(1, 5),
-    d_in=st.integers(1, 8),
-    widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
-    biases=st.lists(st.booleans(), min_size=4, max_size=4),
-    seed=st.integers(0, 2**16),
-)
-def test_weighted_sums_equal_the_materialized_ones(n, positions, d_in, widths, biases, seed):
+@given(layers=_reading_one_input(min_positions=1, min_layers=1), seed=st.integers(0, 2**16))
+def test_weighted_sums_equal_the_materialized_ones(layers, seed):
     # d_in below or above the summed widths: the shared scaling of A, or each layer its own
-    generator = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, positions, d_in, generator=generator, dtype=F64)
-    layers = [
-        gf.LinearFactors(A, torch.randn(n, positions, w, generator=generator, dtype=F64), b)
-        for w, b in zip(widths, biases)
-    ]
-    weights = torch.rand(n, generator=generator, dtype=F64)
+    n = layers[0].inputs.shape[0]
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
     done = {0: [torch.zeros(1, dtype=F64)]}  # computed elsewhere: kept as it is
     sums = shared_inputs.weighted_sums(layers, weights, done)
     assert sums[0] is done[0]
