@@ -36,7 +36,7 @@ from torch import Tensor
 from goodfellow.layers import position_norms
 from goodfellow.layers.base import norm_from_squares
 from goodfellow.layers.linear import LinearFactors, _batched_outer
-from goodfellow.layers.position_norms import bias_sq_norms, forms_its_norms, sum_of_squares
+from goodfellow.layers.position_norms import forms_its_norms, sum_of_squares
 from goodfellow.layers.routes import forced_route
 from goodfellow.layers.shared_inputs import summed_sq_norms
 
@@ -82,7 +82,9 @@ def norms_and_formed_sums(
     # everything but the formed weights, for the whole batch first: the other layers and the
     # formed layers' biases
     squares = summed_sq_norms(rest) if rest else A0.new_zeros(n)  # (n,)
-    squares = squares + sum(bias_sq_norms(layer.grad_outputs) for layer in group if layer.bias)
+    # each bias's per-example gradient sum_t G_t, formed once: squared here, weighted below
+    bias_grads = {k: L.grad_outputs.sum(dim=1) for k, L in zip(formed, group) if L.bias}  # (n, o)
+    squares = squares + sum(torch.linalg.vecdot(g, g) for g in bias_grads.values())
     sums = [A0.new_zeros((layer.grad_outputs.shape[2], layer.inputs.shape[2])) for layer in group]
     step = chunk_bytes // (per_example * A0.element_size())  # examples per chunk, >= 1
     norms, factors = [], []
@@ -99,8 +101,8 @@ def norms_and_formed_sums(
         factors.append(w)
     w = torch.cat(factors)  # (n,)
     results = {
-        k: [total, w @ layer.grad_outputs.sum(dim=1)] if layer.bias else [total]  # (o, i), (o,)
-        for k, layer, total in zip(formed, group, sums)
+        k: [total, w @ bias_grads[k]] if k in bias_grads else [total]  # (o, i), (o,)
+        for k, total in zip(formed, sums)
     }
     return torch.cat(norms), results
 
