@@ -84,7 +84,7 @@ def norms_and_formed_sums(
     squares = summed_sq_norms(rest) if rest else A0.new_zeros(n)  # (n,)
     # each bias's per-example gradient sum_t G_t, formed once: squared here, weighted below
     bias_grads = {k: L.grad_outputs.sum(dim=1) for k, L in zip(formed, group) if L.bias}  # (n, o)
-    squares = squares + sum(torch.linalg.vecdot(g, g) for g in bias_grads.values())
+    squares = squares + sum(sum_of_squares(g) for g in bias_grads.values())
     sums = [A0.new_zeros((layer.grad_outputs.shape[2], layer.inputs.shape[2])) for layer in group]
     step = chunk_bytes // (per_example * A0.element_size())  # examples per chunk, >= 1
     norms, factors = [], []

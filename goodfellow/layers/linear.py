@@ -323,10 +323,9 @@ def _layer_weighted_sum(
     d_in, d_out = A.shape[2], G.shape[2]
     w = weights[:, None, None]  # (n, 1, 1)
     scales_inputs = scaled_inputs is not None or d_in < d_out
-    if scales_inputs:
-        scaled_A, scaled_G = (A * w if scaled_inputs is None else scaled_inputs), G  # (n, t, i)
-    else:
-        scaled_A, scaled_G = A, G * w  # (n, t, o)
+    if scales_inputs and scaled_inputs is None:
+        scaled_inputs = A * w  # (n, t, i)
+    scaled_A, scaled_G = (scaled_inputs, G) if scales_inputs else (A, G * w)  # G * w: (n, t, o)
     weight_grad = scaled_G.reshape(-1, d_out).T @ scaled_A.reshape(-1, d_in)  # (o, i)
     if not has_bias:
         return [weight_grad]
