@@ -150,8 +150,10 @@ def shared_gradient_sq_norms(group: Sequence[EmbeddingGradients]) -> Tensor:
 
     .. math::
 
-        \sum_l \sum_{t,s} [x_{l,t} = x_{l,s}]\, G_t \cdot G_s
-        = \sum_{t,s} \Big(\sum_l [x_{l,t} = x_{l,s}]\Big)\, G_t \cdot G_s,
+        \begin{aligned}
+        &\sum_l \sum_{t,s} [x_{l,t} = x_{l,s}]\, G_t \cdot G_s \\
+        &\quad = \sum_{t,s} \Big(\sum_l [x_{l,t} = x_{l,s}]\Big)\, G_t \cdot G_s,
+        \end{aligned}
 
     one Gram of :math:`G` for all of them. Where the Gram form applies (up to
     ``GRAM_MAX_POSITIONS``), this and each embedding's own :meth:`~EmbeddingGradients.sq_norms`
