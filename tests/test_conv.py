@@ -89,7 +89,8 @@ CASES = [
              kwargs={"groups": 2, "padding": "same"}),  # fmt: skip
 ]
 REDUCTIONS = ["sum", "mean"]
-ROUTES = ["unfold", "unfold-one-example-per-chunk", "grouped"]
+ROUTES = ["unfold", "unfold-one-example-per-chunk", "grouped", "grouped-chunks",
+          "grouped-one-example-per-chunk"]
 
 
 @pytest.fixture(params=ROUTES)
@@ -99,6 +100,9 @@ def route(request, monkeypatch):
     if name == "unfold-one-example-per-chunk":
         monkeypatch.setattr(conv_rule, "_CHUNK_BYTES", 1)
         name = "unfold"
+    if name == "grouped-one-example-per-chunk":
+        monkeypatch.setattr(conv_rule, "_GROUPED_CHUNK_BYTES", 1)
+        name = "grouped-chunks"
     with forced(name):
         yield request.param
 

@@ -50,6 +50,11 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate
 _CHUNK_BYTES = 8 * 2**20
 """Unfolded patches are formed for this many bytes of examples at a time: a buffer that stays
 in cache and is reused, instead of ``K`` copies of the whole input in fresh memory."""
+_GROUPED_CHUNK_BYTES = 2 * 2**20
+"""The grouped route's other candidate runs the kernel on this many bytes of examples at a time
+(their inputs, output gradients and per-example gradients): with every example of a batch as a
+group, the kernel's working set outgrows the cores' own caches, and on a 2-core AMD EPYC
+(1 MiB of L2 per core) chunks of 8-16 examples ran 1.5-3x faster than the whole batch."""
 
 
 def pad_like(inputs: Tensor, module: nn.modules.conv._ConvNd) -> Tensor:
@@ -173,6 +178,7 @@ class ConvFactors:
         routes = {
             "unfold": lambda: self._unfolded_weight(x, delta, out),
             "grouped": lambda: self._grouped_weight(x, delta, out),
+            "grouped-chunks": lambda: self._grouped_chunks(x, delta, out),
         }
         return fastest(key, routes, x.device)
 
@@ -203,6 +209,17 @@ class ConvFactors:
             n * self.groups, [False, True, False],
         )[1].view(n, *self.weight_shape)  # fmt: skip
         return weight if out is None else out.copy_(weight)
+
+    def _grouped_chunks(self, x: Tensor, delta: Tensor, out: Tensor | None) -> Tensor:
+        """:meth:`_grouped_weight` on about ``_GROUPED_CHUNK_BYTES`` of examples at a time."""
+        n = x.shape[0]
+        result = delta.new_empty((n, *self.weight_shape)) if out is None else out
+        per_example = (x[:1].numel() + delta[:1].numel() + math.prod(self.weight_shape))
+        step = max(1, _GROUPED_CHUNK_BYTES // (per_example * delta.element_size()))
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            self._grouped_weight(x[start:stop], delta[start:stop], result[start:stop])
+        return result
 
     def per_example(self, out: list[Tensor | None] | None = None) -> list[Tensor]:
         """``[dW (n, *weight_shape), db (n, C_out)]``, written into ``out`` where given."""
