@@ -471,6 +471,13 @@ class Method:
     def reset(self) -> None:
         """Drop the previous step's results (not timed)."""
 
+    def release(self) -> None:
+        """Drop what the method keeps of the previous step beyond its results (its records).
+
+        Called before a step whose memory is measured, not before timed steps: a recorder
+        frees the previous batch's records itself when the next forward begins.
+        """
+
     def result(self) -> list[Tensor] | Tensor:
         raise NotImplementedError
 
@@ -726,6 +733,9 @@ class Hooks(Method):
     def reset(self) -> None:
         self.model.zero_grad(set_to_none=True)
 
+    def release(self) -> None:
+        self.recorder.clear()  # the records; the reused buffers stay (its workspace)
+
     def result(self) -> list[Tensor]:
         grads = self.recorder.grads
         return [grads[name] for name in self.names]
@@ -750,6 +760,10 @@ class _Factored(Method):
     def reset(self) -> None:
         if self.mlp is None:
             self.model.zero_grad(set_to_none=True)
+
+    def release(self) -> None:
+        if self.mlp is None:
+            self.recorder.clear()
 
 
 @register

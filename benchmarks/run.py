@@ -28,7 +28,6 @@ page (``docs/_static/benchmarks``). ``--quick`` runs three small configurations 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -42,9 +41,12 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import methods as bm
 from goodfellow._accounting import CHECK_EVERY
@@ -129,46 +131,17 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Set the process's peak resident memory (VmHWM) back to its current size (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_heap() -> None:
-    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``), where available.
-
-    Without it, a step can reuse memory an earlier step freed but the allocator kept, and the
-    resident set would not show that memory at all.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_extra_mb(method: bm.Method) -> float | None:
     """Peak memory of a step above what the process held before it, plus the kept workspace.
 
-    On CPU this is the rise of the resident set (``VmHWM`` after ``clear_refs``) after the free
-    heap was handed back to the kernel, on CUDA the rise of ``torch.cuda.max_memory_allocated``.
-    Buffers a method keeps across steps (``out=`` workspaces) count too, since the method needs
-    them. The smaller of two consecutive steps: the recorder checks its sums against autograd's
-    on every 10th batch (``goodfellow._accounting``), and such a batch also holds every
-    parameter's summed gradient; after the first three, two consecutive batches are never both
-    checked, so this is the memory of an ordinary step.
+    The peak of the tensor memory the step allocated, less what it freed, in the order it
+    happened: on CPU from torch's own allocator events (:func:`allocated_peak_bytes`), on CUDA
+    the rise of ``torch.cuda.max_memory_allocated``. Buffers a method keeps across steps
+    (``out=`` workspaces) count too, since the method needs them. The smaller of two
+    consecutive steps: the recorder checks its sums against autograd's on every 10th batch
+    (``goodfellow._accounting``), and such a batch also holds every parameter's summed
+    gradient; after the first three, two consecutive batches are never both checked, so this
+    is the memory of an ordinary step.
     """
     extras = [_step_extra_bytes(method) for _ in range(2)]
     if any(extra is None for extra in extras):
@@ -177,9 +150,10 @@ def peak_extra_mb(method: bm.Method) -> float | None:
 
 
 def _step_extra_bytes(method: bm.Method) -> int | None:
-    """The rise in memory during one step of ``method``."""
+    """The rise in memory during one step of ``method``, its previous records released first."""
     device = method.problem.device
     method.reset()
+    method.release()
     gc.collect()
     if device.type == "cuda":
         _synchronize(device)
@@ -188,12 +162,47 @@ def _step_extra_bytes(method: bm.Method) -> int | None:
         method.step()
         _synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    _release_free_heap()
-    if not _reset_peak_rss():
-        return None
-    base = _proc_status_kib("VmRSS") * 1024
-    method.step()
-    return _proc_status_kib("VmHWM") * 1024 - base
+    return allocated_peak_bytes(method.step)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: the profiler logs every start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def allocated_peak_bytes(step: Callable[[], object]) -> int:
+    """The peak of the CPU tensor memory ``step`` holds, allocated by it, at any moment of it.
+
+    Read from ``torch.profiler`` with ``profile_memory=True``: every allocation and every free
+    of torch's CPU allocator, attributed to the operator that made it (an operator's own
+    change, its sub-operators' apart), counted at the operator's start when it allocates and
+    at its end when it frees, in time order. Unlike the resident set of the process, this
+    does not depend on what the C heap kept from earlier steps or hands back to the kernel.
+    Memory allocated before the step and freed during it does not count (the profiler does
+    not know its size): :meth:`benchmarks.methods.Method.release` drops a method's records of
+    the previous step before the measured one.
+    """
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = []
+    for event in prof.events():
+        change = event.self_cpu_memory_usage
+        if change:
+            changes.append((event.time_range.start if change > 0 else event.time_range.end, change))
+    held = peak = 0
+    for _, change in sorted(changes):
+        held += change
+        peak = max(peak, held)
+    return peak
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:

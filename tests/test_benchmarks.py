@@ -18,12 +18,13 @@ from torch import nn
 
 import benchmarks
 import goodfellow as gf
+from benchmarks import memory, report
 from benchmarks import methods as bm
-from benchmarks import report
 from benchmarks.run import (
     MAX_PRIMING_STEPS,
     PRIMING_SECONDS,
     PRIMING_STEPS,
+    allocated_peak_bytes,
     benchmark_config,
     parse_args,
     peak_extra_mb,
@@ -352,6 +353,36 @@ def test_workspace_counts_in_peak_memory():
     assert method.workspace_bytes == TINY.n * TINY.num_params * 4
     peak = peak_extra_mb(method)
     assert peak is None or peak >= method.workspace_bytes / 2**20
+
+
+def test_allocated_peak_counts_what_a_step_holds_at_once():
+    def step():
+        first = torch.ones(2**20)  # 4 MiB
+        second = torch.ones(2**19)  # 2 MiB while the first is held
+        del first
+        third = torch.ones(2**19)  # 2 MiB into what the first left
+        return second, third
+
+    assert allocated_peak_bytes(step) == 6 * 2**20
+
+
+def test_allocated_peak_counts_the_backward():
+    layer = nn.Linear(1024, 1024, bias=False)
+    inputs = torch.ones(1, 1024)
+    # the weight's gradient, 4 MiB, is allocated inside the autograd engine
+    assert allocated_peak_bytes(lambda: layer(inputs).sum().backward()) >= 4 * 2**20
+
+
+def test_memory_sweep_reads_each_width(tmp_path):
+    out = tmp_path / "memory.json"
+    memory.main(["--quick", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    shapes = [(r["T"], r["n"], r["d"]) for r in records]
+    want = [(t, n, d) for t, n in memory.QUICK_SHAPES for d in memory.QUICK_WIDTHS]
+    assert shapes == want
+    for r in records:
+        # the norms hold what was recorded and little else: never more than the records
+        assert 0 < r["norms_only_peak_mb"] - r["plain_backward_peak_mb"] <= r["recorded_mb"]
 
 
 def test_targets_are_judged_from_the_numbers():
