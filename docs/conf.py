@@ -419,7 +419,7 @@ def _write_bench_numbers(records: list[dict]) -> None:
 
 
 def _write_extra_bench_tables() -> None:
-    """The DP-SGD step and the data-parallel step, from their own committed results files."""
+    """The DP-SGD step, the data-parallel step and the memory sweep, from their results files."""
     import json
 
     out = []
@@ -481,6 +481,30 @@ def _write_extra_bench_tables() -> None:
             )
         out.append("")
     (DOCS / "benchmark_ddp.generated.txt").write_text("\n".join(out) + "\n")
+    out = []
+    memory_file = ROOT / "benchmarks" / "results_memory.json"
+    if memory_file.exists():
+        out += [
+            ".. list-table:: Peak memory above ``plain_backward``'s, tiny-lm by width",
+            "   :header-rows: 1",
+            "",
+            "   * - T, n",
+            "     - d",
+            "     - n * P MiB",
+            "     - ``norms_only`` MiB",
+            "     - ``clipped_mean`` MiB",
+        ]
+        for r in json.loads(memory_file.read_text())["records"]:
+            plain = r["plain_backward_peak_mb"]
+            extras = [r[f"{m}_peak_mb"] - plain for m in ("norms_only", "clipped_mean")]
+            out += [
+                f"   * - T{r['T']}, n{r['n']}",
+                f"     - {r['d']}",
+                f"     - {r['n_P_mb']:.1f}",
+                *(f"     - {e:.1f} ({e / r['n_P_mb']:.0%})" for e in extras),
+            ]
+        out.append("")
+    (DOCS / "benchmark_memory.generated.txt").write_text("\n".join(out) + "\n")
 
 
 _write_extra_bench_tables()

@@ -23,9 +23,10 @@ exactly one rule:
   ``nn.Parameter``): :class:`~goodfellow.layers.fallback.FallbackRule`, ``torch.func`` of that
   module alone, for its own parameters.
 
-Where two exact computations compete (a convolution's unfolded patches or its own kernel with
-the examples as groups; Gram or materialized norms near their crossover),
-:func:`~goodfellow.layers.routes.fastest` times both once per shape and keeps the faster.
+Where exact computations compete (a convolution's unfolded patches or its own kernel with
+the examples as groups, on the whole batch or in chunks; Gram or materialized norms near their
+crossover), :func:`~goodfellow.layers.routes.fastest` times them once per shape and keeps the
+fastest.
 The statistics add the layers' squared norms up through
 :func:`~goodfellow.layers.shared_inputs.summed_sq_norms`, where linear layers that read one
 input (q, k, v) share its Gram matrix.

@@ -96,11 +96,12 @@ class ConvFactors:
     r"""One convolution's per-example gradients, kept as its inputs and output gradients.
 
     Nothing is unfolded until a statistic asks. The per-example weight gradient of one call
-    has two exact routes, timed once per shape by :func:`goodfellow.layers.routes.fastest`:
+    has three exact routes, timed once per shape by :func:`goodfellow.layers.routes.fastest`:
     the linear rule on unfolded patches, formed a few examples at a time (``_CHUNK_BYTES``),
     or the layer's own weight-gradient kernel with every example as a group of its own
     (``groups = n G``: example ``i``'s output gradients convolved with example ``i``'s input
-    only). The weighted sum :math:`\sum_i w_i g_i` needs neither: it is the convolution's
+    only), run on the whole batch or on a few examples at a time (``_GROUPED_CHUNK_BYTES``).
+    The weighted sum :math:`\sum_i w_i g_i` needs neither: it is the convolution's
     ordinary weight gradient for the output gradients scaled by ``w``.
 
     Memory: the norms take, per layer, whichever of the Gram route and the materialized one

@@ -9,9 +9,9 @@ CPU cores the first is 3x faster for a 1-channel 28x28 input and the second 1.7x
 16 channels at 14x14; on a GPU the answer differs again.
 
 So, as ``torch.backends.cudnn.benchmark`` does for convolution algorithms, :func:`fastest`
-runs every route the first time a shape is seen (once untimed, so that first-call costs such
-as allocating or building a kernel do not decide, then three timed runs each, in turns, the
-fastest of each counting), remembers the winner
+runs every route the first time a shape is seen (twice untimed, so that first-call costs such
+as allocating, mapping fresh memory or building a kernel do not decide, then three timed runs
+each, in turns, the fastest of each counting), remembers the winner
 for that shape, and runs only the winner afterwards. The routes compute the same numbers up to
 rounding (the order of the sums differs); each is tested on its own through :func:`forced`.
 """
@@ -35,9 +35,10 @@ each, a process on a shared 2-core machine picked the grouped route for ``3c3d``
 convolution, which runs 1.2-1.5x slower there than the unfolded one in steady state, and kept
 it for the rest of the process."""
 _UNTIMED_ROUNDS = 2
-"""Each route first runs this many times untimed, in turns. With one untimed run, the first
-step of ``cnn-mnist`` (memory not yet mapped, caches cold) picked the grouped kernel for its
-first convolution, 2x slower than the unfolded patches in every later step."""
+"""Each route first runs this many times untimed, in turns. With one untimed run, one process
+in four on a 2-core AMD EPYC picked the grouped kernel for ``cnn-mnist``'s first convolution
+at its first step (memory not yet mapped, caches cold), 2x slower than the unfolded patches in
+every later step."""
 _FORCED: list[str] = []
 
 
