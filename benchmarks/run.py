@@ -131,7 +131,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def peak_extra_mb(method: bm.Method) -> float | None:
+def peak_extra_mb(method: bm.Method) -> float:
     """Peak memory of a step above what the process held before it, plus the kept workspace.
 
     The peak of the tensor memory the step allocated, less what it freed, in the order it
@@ -144,12 +144,10 @@ def peak_extra_mb(method: bm.Method) -> float | None:
     is the memory of an ordinary step.
     """
     extras = [_step_extra_bytes(method) for _ in range(2)]
-    if any(extra is None for extra in extras):
-        return None
     return (max(min(extras), 0) + method.workspace_bytes) / 2**20
 
 
-def _step_extra_bytes(method: bm.Method) -> int | None:
+def _step_extra_bytes(method: bm.Method) -> int:
     """The rise in memory during one step of ``method``, its previous records released first."""
     device = method.problem.device
     method.reset()
@@ -360,8 +358,7 @@ def benchmark_config(
             "minor_faults_per_step": statistics.median(faults[method.name]),
             "priming_steps": priming[method.name],
         }
-        if peaks[method.name] is not None:
-            record["peak_mem_mb"] = peaks[method.name]
+        record["peak_mem_mb"] = peaks[method.name]
         records.append(record)
     return records
 
