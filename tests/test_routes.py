@@ -23,8 +23,8 @@ def test_every_route_is_timed_in_turns_then_only_the_fastest_runs(monkeypatch):
     calls: list[str] = []
     candidates = {"slow": _route(calls, "slow", 0.02), "fast": _route(calls, "fast", 0.0)}
     first = routes.fastest("key", candidates, torch.device("cpu"))
-    # each warmed up, then timed in turns
-    assert calls == ["slow", "fast"] + ["slow", "fast"] * routes._TIMED_ROUNDS
+    # each warmed up in turns, then timed in turns
+    assert calls == ["slow", "fast"] * (routes._UNTIMED_ROUNDS + routes._TIMED_ROUNDS)
     assert first == "fast"  # the result of the last route timed
     assert routes.chosen() == {"key": "fast"}
     calls.clear()
@@ -40,8 +40,9 @@ def test_one_slow_run_of_the_faster_route_does_not_decide(monkeypatch):
     """A slow spell of the machine during one timed run: the fastest run of each counts."""
     monkeypatch.setattr(routes, "_CHOSEN", {})
     runs = {"usually fast": 0, "steady": 0}
-    # the second run of "usually fast" (its first timed one) is slow; "steady" always takes 10 ms
-    delays = {"usually fast": lambda k: 0.05 if k == 2 else 0.0, "steady": lambda k: 0.01}
+    # the first timed run of "usually fast" is slow; "steady" always takes 10 ms
+    first_timed = routes._UNTIMED_ROUNDS + 1
+    delays = {"usually fast": lambda k: 0.05 if k == first_timed else 0.0, "steady": lambda k: 0.01}
 
     def run(name):
         def route():
