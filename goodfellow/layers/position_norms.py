@@ -187,13 +187,15 @@ def gram_count(positions: int, *widths: int) -> float:
 
 
 def formed_sq_norms(A: Tensor, G: Tensor) -> Tensor:
-    r"""The squared entries of :math:`\sum_t G_t A_t^\top`, a chunk of examples at a time."""
-    from goodfellow.layers.linear import _batched_outer  # here: linear imports this module
+    r"""The squared entries of :math:`\sum_t G_t A_t^\top`, a chunk of examples at a time.
 
+    ``A`` is ``(n, T, d_in)`` and ``G`` is ``(n, T, d_out)``; each chunk's per-example gradients
+    are one batched product over the positions, ``"nto,nti->noi"``, as in the linear rule.
+    """
     n, d_in, d_out = A.shape[0], A.shape[2], G.shape[2]
     step = max(1, _CHUNK_BYTES // max(1, d_in * d_out * A.element_size()))
     chunks = [
-        sum_of_squares(_batched_outer(G[s : s + step], A[s : s + step]))
+        sum_of_squares(torch.bmm(G[s : s + step].transpose(1, 2), A[s : s + step]))  # (c, o, i)
         for s in range(0, n, step)
     ]  # (chunk,) each; a cat of a single chunk would only copy it
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks) if chunks else A.new_zeros(0)
