@@ -418,6 +418,12 @@ def _write_bench_numbers(records: list[dict]) -> None:
     (DOCS / "benchmark_numbers.generated.txt").write_text(text + "\n")
 
 
+def _measured_on(results: dict) -> str:
+    """``"AMD EPYC, 2026-12-03"``: the machine and the day of a results file's run."""
+    meta = results.get("meta", {})
+    return f"{meta.get('device_name', 'unknown machine')}, {meta.get('date', '?')[:10]}"
+
+
 def _write_extra_bench_tables() -> None:
     """The DP-SGD step, the data-parallel step and the memory sweep, from their results files."""
     import json
@@ -429,7 +435,8 @@ def _write_extra_bench_tables() -> None:
         for config in dict.fromkeys(r["config"] for r in dpsgd["records"]):
             rows = [r for r in dpsgd["records"] if r["config"] == config]
             out += [
-                f".. list-table:: One DP-SGD step (clip, noise, SGD), {config}",
+                f".. list-table:: One DP-SGD step (clip, noise, SGD), {config} "
+                f"({_measured_on(dpsgd)})",
                 "   :header-rows: 1",
                 "   :widths: 24 21 55",  # the method names fit on one line, "median" too
                 "",
@@ -457,7 +464,7 @@ def _write_extra_bench_tables() -> None:
         ddp = json.loads(ddp_file.read_text())
         config = ddp["records"][0]["config"]
         out += [
-            f".. list-table:: One DDP step on 2 gloo ranks, {config}",
+            f".. list-table:: One DDP step on 2 gloo ranks, {config} ({_measured_on(ddp)})",
             "   :header-rows: 1",
             "",
             "   * - method",
