@@ -45,7 +45,7 @@ def recorded_mb(recorder) -> float:
     """MiB of the distinct storages behind a recorder's inputs and output gradients."""
     sizes: dict[int, int] = {}
     for record in recorder.layers.values():
-        for tensor in [*record.inputs, *(record.grad_outputs or [])]:
+        for tensor in [*record.inputs, *record.grad_outputs]:
             if tensor is not None:
                 storage = tensor.untyped_storage()
                 sizes[storage.data_ptr()] = storage.nbytes()

@@ -215,7 +215,7 @@ class ConvFactors:
         """:meth:`_grouped_weight` on about ``_GROUPED_CHUNK_BYTES`` of examples at a time."""
         n = x.shape[0]
         result = delta.new_empty((n, *self.weight_shape)) if out is None else out
-        per_example = (x[:1].numel() + delta[:1].numel() + math.prod(self.weight_shape))
+        per_example = x[:1].numel() + delta[:1].numel() + math.prod(self.weight_shape)
         step = max(1, _GROUPED_CHUNK_BYTES // (per_example * delta.element_size()))
         for start in range(0, n, step):
             stop = min(start + step, n)
