@@ -772,7 +772,8 @@ class NormsOnly(_Factored):
     produces = "norms"
     description = (
         "goodfellow.per_example_norms: ||G_i||^2 (||A_i||^2 + 1), nothing n * P; on a CNN "
-        "goodfellow.gradient_norms(recorded_factors(pe))"
+        "goodfellow.gradient_norms(recorded_factors(pe)), on a language model "
+        "pe.backward_with_norms(loss)"
     )
 
     def __init__(self, problem: Problem) -> None:
@@ -780,6 +781,15 @@ class NormsOnly(_Factored):
         self.norms: Tensor | None = None
 
     def step(self) -> None:
+        if self.mlp is None and self.problem.config.is_lm:
+            # Each layer's norms inside the backward, its records dropped there: a language
+            # model's records outweigh one layer's norm workspace. A CNN's conv norms form
+            # per-example gradients, which peak lower after the backward, once autograd has
+            # freed the activations (benchmarks/README.md, "Memory").
+            p = self.problem
+            loss = p.loss_fn(self.model(p.inputs), p.targets)
+            self.norms = self.recorder.backward_with_norms(loss)
+            return
         if self.mlp is None:
             self.norms = gf.gradient_norms(self.recorded_factors())
             return

@@ -40,6 +40,13 @@ def require_backward(pe: PerExampleGradients) -> None:
             "a forward was recorded but no backward: call loss.backward() on the loss of "
             "that forward (while attached) before reading per-example gradients."
         )
+    if pe._consumed:
+        raise RuntimeError(
+            "this batch's records were used up by backward_with_norms(), which drops each "
+            "layer's inputs and output gradients as soon as its norms are taken. To read "
+            "anything else of the batch as well, use pe.backward(loss) (or loss.backward()) "
+            "and goodfellow.gradient_norms(goodfellow.recorded_factors(pe)) instead."
+        )
 
 
 def differentiable(pe: PerExampleGradients) -> bool:

@@ -115,19 +115,33 @@ RECORDED_OUTPUTS = "goodfellow recorded outputs"
 
 
 def recorded_edges(loss: Tensor) -> list[GradientEdge]:
-    """The autograd edges of every recorded output the loss's graph reaches.
+    """Where a backward from ``loss`` to every recorded output it reaches can stop.
 
     The forward hook marks each hooked output's node (``node.metadata``) instead of keeping a
     reference to it, which would keep the graph of a forward nobody differentiates alive.
+    Only the deepest recorded outputs are returned, those with no recorded output below them
+    in the graph: a backward to them runs through every other recorded output, whose hooks
+    fire on the way, and ``torch.autograd.grad`` holds the gradients of the edges it returns
+    until it ends, which for all outputs would keep every layer's output gradient alive
+    (``goodfellow._norm_stream`` drops them during the backward).
     """
-    edges, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+    reaches: dict[object, bool] = {}  # node -> a recorded output at it or below it
+    edges, stack = [], [(loss.grad_fn, None)]
+    while stack:  # depth first, each node finished after its children
+        node, children = stack.pop()
+        if children is None:  # entered
+            if node is None or node in reaches:
+                continue
+            reaches[node] = False  # a DAG brings no node back before it is finished
+            children = [child for child, _ in node.next_functions if child is not None]
+            stack.append((node, children))
+            stack.extend((child, None) for child in children if child not in reaches)
             continue
-        seen.add(node)
-        edges += [GradientEdge(node, nr) for nr in node.metadata.get(RECORDED_OUTPUTS, ())]
-        stack.extend(child for child, _ in node.next_functions)
+        below = any(reaches[child] for child in children)
+        outputs = node.metadata.get(RECORDED_OUTPUTS, ())
+        if outputs and not below:
+            edges += [GradientEdge(node, nr) for nr in outputs]
+        reaches[node] = below or bool(outputs)
     return edges
 
 

@@ -79,6 +79,8 @@ def on_parameter_gradient(pe: PerExampleGradients, p_name: str, grad: Tensor) ->
     """Keep the gradient autograd gives a parameter: the first one of each batch."""
     if pe._attached and p_name not in pe._totals:
         pe._totals[p_name] = grad
+        if pe._stream is not None:
+            pe._stream.parameter_gradient(p_name)
 
 
 def drop_failed_forward(pe: PerExampleGradients) -> None:
@@ -123,7 +125,8 @@ def on_layer_forward(
     if capture is not None and capture.outputs:
         pending.capture = capture
         for j, inner in enumerate(capture.take_outputs()):
-            _hook(pe, inner, captured_gradient_hook(pe, capture, j, pe._generation, inner.shape))
+            hook = captured_gradient_hook(pe, record, capture, j, pe._generation, inner.shape)
+            _hook(pe, inner, hook)
     for k, other in others:
         refuse = refuse_other_output(record, k, pe._generation, pe)
         pe._tensor_handles.append(other.register_hook(refuse))
@@ -180,13 +183,16 @@ def end_capture(
 
 
 def captured_gradient_hook(
-    pe: PerExampleGradients, capture: CallCapture, j: int, generation: int, shape: torch.Size
+    pe: PerExampleGradients, record: LayerRecord, capture: CallCapture, j: int,
+    generation: int, shape: torch.Size,
 ) -> Callable[[Tensor], None]:
     """The tensor hook on a captured intermediate: keep its gradient, the first of the batch."""
 
     def gradient_hook(grad: Tensor) -> None:
         if pe._attached and generation == pe._generation and capture.grad_outputs[j] is None:
             capture.grad_outputs[j] = grad.reshape(shape)
+            if pe._stream is not None:
+                pe._stream.output_gradient(record.name)
 
     return gradient_hook
 
@@ -195,7 +201,12 @@ def output_gradient_hook(
     pe: PerExampleGradients, record: LayerRecord, call: int, generation: int,
     shape: torch.Size, pending: _Call,
 ) -> Callable[[Tensor], None]:
-    """The tensor hook on one call's output: keep dL/dZ of the batch loss."""
+    """The tensor hook on one call's output: keep dL/dZ of the batch loss.
+
+    The call's input is held here until the hook fires and by the record after that, so that
+    a record dropped during the backward (``goodfellow._norm_stream``) frees it.
+    """
+    held = [pending]
 
     def gradient_hook(grad_output: Tensor) -> None:
         if not pe._attached:
@@ -215,7 +226,7 @@ def output_gradient_hook(
             # through this forward's graph again, which brings d(penalty)/dZ here, not the
             # loss's gradient. Keep the first one.
             return
-        if recorded is not None:
+        if recorded is not None or pe._consumed:
             raise RuntimeError(
                 "a second backward went through the same forward "
                 f"({describe(record.name, record.module)}, call {call}); PerExampleGradients "
@@ -224,9 +235,11 @@ def output_gradient_hook(
             )
         grad_output = grad_output.reshape(shape)  # a no-op unless hooked on the 2-d base
         record.grad_outputs[call] = grad_output  # (n, ..., d_out), dL/dZ of the batch loss
-        record._calls[call] = pending  # the input is needed now: keep it
+        record._calls[call] = held.pop()  # the input is needed now: the record keeps it
         pe._backward_seen = True
         pe._grads = None
+        if pe._stream is not None:
+            pe._stream.output_gradient(record.name)
 
     return gradient_hook
 

@@ -107,6 +107,7 @@ from goodfellow._recording import (
     on_parameter_gradient,
     register_layer_hooks,
 )
+from goodfellow._norm_stream import NormStream, backward_with_norms
 from goodfellow.records import LayerRecord
 from goodfellow.reduction import batch_size_factor
 
@@ -199,6 +200,8 @@ class PerExampleGradients:
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
+        self._stream: NormStream | None = None  # during backward_with_norms only
+        self._consumed = False  # whether backward_with_norms dropped this batch's records
 
     # ------------------------------------------------------------------ attaching and detaching
 
@@ -280,6 +283,7 @@ class PerExampleGradients:
         self._backward_seen = False
         self._grads = None
         self._totals = {}
+        self._consumed = False
 
     # ------------------------------------------------------------------ a backward of its own
 
@@ -312,6 +316,41 @@ class PerExampleGradients:
         edges = edges_to_recorded_outputs(loss)
         checked = [self._params[p] for p in self._owners] if accounting_due(self) else []
         torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
+
+    def backward_with_norms(self, loss: Tensor) -> Tensor:
+        r"""Backpropagate ``loss`` as :meth:`backward` does and return each example's gradient norm.
+
+        The norms are :func:`goodfellow.gradient_norms` of :func:`goodfellow.recorded_factors`
+        (the same rules, the same numbers up to the order of the sums), but each layer's part
+        :math:`\|g_{l,i}\|^2` is taken inside the backward, as soon as the layer's output
+        gradients are complete, and the layer's inputs and output gradients are dropped there.
+        The recorder then holds at most a few layers' records at a time instead of every
+        layer's until the end: for a model applied at many positions (a transformer, a CNN)
+        that is most of what ``gradient_norms(recorded_factors(pe))`` needs above a plain
+        backward (see ``goodfellow._norm_stream`` for when a layer counts as complete).
+
+        Everything else of the batch is gone afterwards: :attr:`grads`,
+        :func:`goodfellow.recorded_factors` and the records' output gradients raise until the
+        next forward. A statistic that needs the gradients themselves after their norms (the
+        clipped mean's weighted sums) cannot drop them early; use :meth:`backward` for it.
+
+        Like :meth:`backward`, this writes no parameter's ``.grad``.
+
+        Args:
+            loss: The scalar batch loss of the forwards recorded since the last backward.
+
+        Returns:
+            Tensor of shape ``(n,)``: :math:`\|g_i\|_2` over every trainable parameter the
+            recorder claims, including the batch-size factor of ``loss_reduction``.
+
+        Raises:
+            TypeError: If ``loss`` is not a tensor.
+            ValueError: If ``loss`` is not a scalar that requires grad; or, as
+                :func:`goodfellow.recorded_factors`, if a layer's weight is frozen while its
+                bias trains, or shared by several modules.
+            RuntimeError: If no forward of this batch was recorded.
+        """
+        return backward_with_norms(self, loss)
 
     # ------------------------------------------------------------------ results
 

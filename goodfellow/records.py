@@ -187,6 +187,15 @@ class LayerRecord:
         if not self._calls:
             self._n = None
 
+    def _release(self) -> None:
+        """Drop this batch's inputs and output gradients, keeping how many calls there were.
+
+        Used once a statistic taken during the backward has read them
+        (``goodfellow._norm_stream``); the recorder then refuses to read the batch again.
+        """
+        self.grad_outputs = [None] * len(self.grad_outputs)
+        self._calls = [_released] * len(self._calls)
+
     def clear(self) -> None:
         """Forget the current batch (new lists, so references to the old ones stay intact)."""
         self.grad_outputs = []
@@ -216,6 +225,11 @@ class _Call:
         self.args = args
         self.kwargs = kwargs
         self.capture = None
+
+
+def _released() -> None:
+    """The entry of a call whose input was dropped (see :meth:`LayerRecord._release`)."""
+    return None
 
 
 def _batch_dim(rule: LayerRule, module: nn.Module) -> int:

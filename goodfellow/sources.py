@@ -60,6 +60,15 @@ def recorded_factors(recorder: object) -> dict[str, object]:
             those).
         RuntimeError: If no forward and backward were recorded for the batch.
     """
+    require_backward(_recorder_with_batch(recorder))
+    factors = {name: record_factors(record) for name, record in factored_records(recorder)}
+    if not factors:
+        raise ValueError("the recorder holds no layer with a trainable weight.")
+    return factors
+
+
+def _recorder_with_batch(recorder: object) -> object:
+    """``recorder`` itself, once it is known to hold a batch's records."""
     layers = getattr(recorder, "layers", None)
     if not isinstance(layers, Mapping):
         raise TypeError(
@@ -71,14 +80,21 @@ def recorded_factors(recorder: object) -> dict[str, object]:
             "the recorder holds no batch: run the forward and loss.backward() inside "
             "`with PerExampleGradients(model) as pe:` first."
         )
-    require_backward(recorder)
-    factors: dict[str, object] = {}
+    return recorder
+
+
+def factored_records(recorder: object) -> list[tuple[str, object]]:
+    """The records :func:`recorded_factors` turns into factors, checked before any is read.
+
+    Checks only what the forward decided (frozen and shared weights), so that it can run
+    before the backward (``PerExampleGradients.backward_with_norms``).
+    """
+    records = []
     owner_of_weight: dict[int, str] = {}
-    for name, record in layers.items():
+    for name, record in _recorder_with_batch(recorder).layers.items():
         module = record.module
         weight = getattr(module, "weight", None)
-        names = record.rule.parameter_names(module)
-        if not names:
+        if not record.rule.parameter_names(module):
             continue  # frozen: nothing to report
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             if not weight.requires_grad:
@@ -93,15 +109,19 @@ def recorded_factors(recorder: object) -> dict[str, object]:
                     "weight: use recorder.grads."
                 )
             owner_of_weight[id(weight)] = name
-        layer = record.gradients()
-        own = next((p for p in module._parameters.values() if p is not None), None)
-        dtype = (own if own is not None else next(module.parameters())).dtype
-        if _example_tensor(layer).dtype != dtype and hasattr(layer, "to"):
-            layer = layer.to(dtype)  # under autocast: statistics in the parameters' dtype
-        factors[name] = layer
-    if not factors:
-        raise ValueError("the recorder holds no layer with a trainable weight.")
-    return factors
+        records.append((name, record))
+    return records
+
+
+def record_factors(record: object) -> object:
+    """One record's gradients in its rule's form, in its parameters' dtype."""
+    module = record.module
+    layer = record.gradients()
+    own = next((p for p in module._parameters.values() if p is not None), None)
+    dtype = (own if own is not None else next(module.parameters())).dtype
+    if _example_tensor(layer).dtype != dtype and hasattr(layer, "to"):
+        layer = layer.to(dtype)  # under autocast: statistics in the parameters' dtype
+    return layer
 
 
 # --------------------------------------------------------------------------------------------

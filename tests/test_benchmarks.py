@@ -381,8 +381,11 @@ def test_memory_sweep_reads_each_width(tmp_path):
     want = [(t, n, d) for t, n in memory.QUICK_SHAPES for d in memory.QUICK_WIDTHS]
     assert shapes == want
     for r in records:
-        # the norms hold what was recorded and little else: never more than the records
-        assert 0 < r["norms_only_peak_mb"] - r["plain_backward_peak_mb"] <= r["recorded_mb"]
+        plain = r["plain_backward_peak_mb"]
+        # the clipped mean holds what was recorded, and the norms (taken during the backward,
+        # each layer's records dropped there) much less
+        assert 0 < r["clipped_mean_peak_mb"] - plain
+        assert r["norms_only_peak_mb"] - plain < 0.5 * r["recorded_mb"]
 
 
 def test_targets_are_judged_from_the_numbers():
