@@ -54,7 +54,10 @@ if TYPE_CHECKING:
 def backward_with_norms(pe: PerExampleGradients, loss: Tensor) -> Tensor:
     """What :meth:`goodfellow.PerExampleGradients.backward_with_norms` does."""
     edges = edges_to_recorded_outputs(loss)
-    stream = NormStream(pe, factored_records(pe))
+    records = factored_records(pe)
+    if not records:
+        raise ValueError("the recorder holds no layer with a trainable weight.")
+    stream = NormStream(pe, records)
     checked = [pe._params[p] for p in pe._owners] if stream.due else []
     pe._stream = stream
     try:
@@ -78,6 +81,8 @@ class NormStream:
     def __init__(self, pe: PerExampleGradients, records: list[tuple[str, LayerRecord]]) -> None:
         self.due = accounting_due(pe)
         self.pending: dict[str, LayerRecord] = dict(records)  # not yet taken
+        # frozen layers have no norms; their records are dropped as soon as they are complete
+        self.frozen = {name: r for name, r in pe.layers.items() if name not in self.pending}
         self.group: dict[str, Hashable] = {}
         self.size: dict[Hashable, int] = {}  # layers in each group
         self.ready: dict[Hashable, list[tuple[LayerRecord, object]]] = {}
@@ -99,6 +104,10 @@ class NormStream:
 
     def output_gradient(self, name: str) -> None:
         """An output gradient of layer ``name`` (or of what its rule captured) arrived."""
+        frozen = self.frozen.get(name)
+        if frozen is not None and _complete(frozen):
+            frozen._release()
+            return
         self._take_if_complete(name)
 
     def parameter_gradient(self, p_name: str) -> None:

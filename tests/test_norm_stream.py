@@ -221,6 +221,27 @@ def test_a_frozen_weight_with_a_trained_bias_is_refused_before_the_backward():
         assert not pe.backward_seen  # refused before any hook ran
 
 
+def test_a_frozen_layer_is_dropped_too_and_a_model_without_trained_layers_refused():
+    model = _stack()
+    model[2].requires_grad_(False)
+    held = []
+
+    def look(grad):
+        held.append([k for k, r in pe.layers.items() if any(d is not None for d in r.grad_outputs)])
+
+    model[0].register_forward_hook(lambda module, args, out: out.register_hook(look) and None)
+    x = torch.randn(3, 40, 8, dtype=torch.float64)
+    with PerExampleGradients(model) as pe:
+        got = pe.backward_with_norms(model(x).square().sum())
+        assert held == [[]]
+        pe.backward(model(x).square().sum())
+        torch.testing.assert_close(got, gradient_norms(recorded_factors(pe)), **F64)
+        model.requires_grad_(False)
+        out = model(x.requires_grad_())
+        with pytest.raises(ValueError, match="no layer with a trainable weight"):
+            pe.backward_with_norms(out.square().sum())
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 4),
