@@ -24,6 +24,10 @@ The hooks need :math:`\partial\mathcal{L}/\partial Z` and nothing else, so
 :meth:`PerExampleGradients.backward` can replace ``loss.backward()``: it differentiates only as
 far as the recorded outputs and skips the summed weight gradients, which the per-example route
 recomputes in its own form (the Goodfellow trick's ``autograd.grad(loss, Zs)``, for any model).
+:meth:`PerExampleGradients.backward_with_norms` runs the same backward and takes each layer's
+per-example norms inside it, dropping the layer's records as soon as they are taken
+(``goodfellow._norm_stream``): for a model applied at many positions the records are most of
+the memory the norms need above a plain backward.
 
 The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
 :math:`\mathcal{L}`. For ``loss_reduction="sum"`` (:math:`\mathcal{L} = \sum_i L_i`) that is already
@@ -41,7 +45,7 @@ to the value it had when the hook was registered: exactly
 :math:`\partial\mathcal{L}/\partial Z`. (Private modules hold the parts: which rule claims
 which module in ``goodfellow._claims``, what the hooks do in ``goodfellow._recording``, the
 tensor-hook plumbing in ``goodfellow._hooking``, the results put together in
-``goodfellow._assembly``.)
+``goodfellow._assembly``, the norms taken during the backward in ``goodfellow._norm_stream``.)
 
 What is needed for the results to be per-example gradients, and what is checked:
 
