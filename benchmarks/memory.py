@@ -69,6 +69,13 @@ def measure(d: int, seq_len: int, n: int) -> dict:
     return record
 
 
+def extra_cell(extra_mb: float, n_p_mb: float) -> str:
+    """An extra peak in MiB with its share of n * P; a peak below the plain step's says so."""
+    if extra_mb < 0:
+        return f"{extra_mb:.1f} (below plain)"
+    return f"{extra_mb:.1f} ({extra_mb / n_p_mb:.0%})"
+
+
 def table(records: list[dict]) -> str:
     """The records as a Markdown table: the extra above ``plain_backward`` and its share of n P."""
     lines = [
@@ -79,7 +86,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         plain, share = r["plain_backward_peak_mb"], r["n_P_mb"]
         extras = [r[f"{m}_peak_mb"] - plain for m in ("norms_only", "clipped_mean")]
-        cells = [f"{e:.1f} ({e / share:.0%})" for e in extras]
+        cells = [extra_cell(e, share) for e in extras]
         lines.append(
             f"| T{r['T']}, n{r['n']} | {r['d']} | {share:.1f} | {plain:.1f} | {cells[0]} | "
             f"{cells[1]} | {r['recorded_mb']:.1f} |"

@@ -491,6 +491,7 @@ def _write_extra_bench_tables() -> None:
     out = []
     memory_file = ROOT / "benchmarks" / "results_memory.json"
     if memory_file.exists():
+        from benchmarks.memory import extra_cell
         records = json.loads(memory_file.read_text())["records"]
         for shape in dict.fromkeys((r["T"], r["n"]) for r in records):
             out += [
@@ -509,7 +510,7 @@ def _write_extra_bench_tables() -> None:
                 out += [
                     f"   * - {r['d']}",
                     f"     - {r['n_P_mb']:.1f}",
-                    *(f"     - {e:.1f} ({e / r['n_P_mb']:.0%})" for e in extras),
+                    *(f"     - {extra_cell(e, r['n_P_mb'])}" for e in extras),
                 ]
             out.append("")
     (DOCS / "benchmark_memory.generated.txt").write_text("\n".join(out) + "\n")
