@@ -104,6 +104,7 @@ from goodfellow._hooking import (
     _make_inert,  # noqa: F401  (same)
     remove_all,
 )
+from goodfellow._norm_stream import NormStream, backward_with_norms
 from goodfellow._recording import (
     after_model_forward,
     edges_to_recorded_outputs,
@@ -111,7 +112,6 @@ from goodfellow._recording import (
     on_parameter_gradient,
     register_layer_hooks,
 )
-from goodfellow._norm_stream import NormStream, backward_with_norms
 from goodfellow.records import LayerRecord
 from goodfellow.reduction import batch_size_factor
 

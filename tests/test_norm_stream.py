@@ -106,10 +106,11 @@ def test_two_branches_keep_one_deepest_output_each():
 
     model = TwoInputs().double()
     x = torch.randn(5, 5, dtype=torch.float64)
-    with PerExampleGradients(model) as pe:
+    with PerExampleGradients(model):
         assert len(recorded_edges(model(x).sum())) == 2  # a and b; head lies above both
+    with PerExampleGradients(model) as pe:
         got = pe.backward_with_norms(model(x).square().sum())
-    loss_fn = lambda out, y: (out.square().sum())  # noqa: E731
+    loss_fn = lambda out, y: out.square().sum()  # noqa: E731
     want = _norms_of(torch_func_per_example_grads(model, loss_fn, x, torch.zeros(5, 1)))
     torch.testing.assert_close(got, want, **F64)
 
