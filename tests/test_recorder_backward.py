@@ -23,6 +23,7 @@ from tests import test_conv, test_hooks, test_transformers
 from tests.conftest import TOLERANCES
 
 F64 = TOLERANCES[torch.float64]
+BACKWARDS = ["backward", "backward_with_norms"]  # the recorder's two backwards check alike
 
 
 def _hooks_case(case):
@@ -82,7 +83,8 @@ def test_inplace_activation_after_the_layer():
         torch.testing.assert_close(got, expected, **F64)
 
 
-def test_a_parameter_used_outside_its_module_is_still_refused():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_a_parameter_used_outside_its_module_is_still_refused(backward):
     layer = nn.Linear(4, 4).double()
 
     class Outside(nn.Module):
@@ -95,9 +97,10 @@ def test_a_parameter_used_outside_its_module_is_still_refused():
 
     model = Outside()
     with PerExampleGradients(model) as pe:
-        pe.backward(model(torch.randn(6, 4, dtype=torch.float64)).square().sum())
+        loss = model(torch.randn(6, 4, dtype=torch.float64)).square().sum()
         with pytest.raises(ValueError, match=r"'layer.weight' do not add up"):
-            _ = pe.grads
+            getattr(pe, backward)(loss)  # backward_with_norms: refused inside the backward
+            _ = pe.grads  # backward: refused when the results are read
     assert layer.weight.grad is None
 
 
@@ -113,6 +116,7 @@ def test_the_summed_gradients_are_formed_only_on_checked_batches():
     assert len(seen) == hooks.CHECK_FIRST + 1
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize(
     ("loss", "error", "message"),
     [
@@ -121,7 +125,7 @@ def test_the_summed_gradients_are_formed_only_on_checked_batches():
         ("detached", ValueError, "requires_grad=False"),
     ],
 )
-def test_bad_losses_are_refused(loss, error, message):
+def test_bad_losses_are_refused(loss, error, message, backward):
     model = nn.Linear(3, 2)
     with PerExampleGradients(model) as pe:
         out = model(torch.randn(5, 3))
@@ -130,15 +134,16 @@ def test_bad_losses_are_refused(loss, error, message):
         elif loss == "detached":
             loss = out.sum().detach()
         with pytest.raises(error, match=message):
-            pe.backward(loss)
+            getattr(pe, backward)(loss)
 
 
-def test_a_backward_without_a_waiting_forward_is_refused():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_a_backward_without_a_waiting_forward_is_refused(backward):
     model = nn.Linear(3, 2)
     with PerExampleGradients(model) as pe:
         with pytest.raises(RuntimeError, match="no recorded layer output is waiting"):
-            pe.backward(torch.ones((), requires_grad=True))  # nothing ran yet
+            getattr(pe, backward)(torch.ones((), requires_grad=True))  # nothing ran yet
     unrecorded = model(torch.randn(5, 3)).sum()  # ran while nothing was attached
     with PerExampleGradients(model) as pe:
         with pytest.raises(RuntimeError, match="no recorded layer output is waiting"):
-            pe.backward(unrecorded)
+            getattr(pe, backward)(unrecorded)
