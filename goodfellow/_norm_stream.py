@@ -64,9 +64,10 @@ def backward_with_norms(pe: PerExampleGradients, loss: Tensor) -> Tensor:
         torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
         require_backward(pe)
         squares = stream.finish()  # (n,)
-    finally:  # what was taken is gone, also from a backward that raised halfway
+    finally:
         pe._stream = None
-        pe._consumed = True
+        # what was taken is gone, also from a backward that raised halfway
+        pe._consumed = pe._consumed or stream.released
     return norm_from_squares(squares)
 
 
@@ -87,6 +88,7 @@ class NormStream:
         self.size: dict[Hashable, int] = {}  # layers in each group
         self.ready: dict[Hashable, list[tuple[LayerRecord, object]]] = {}
         self.squares: list[Tensor] = []  # (n,) per group taken
+        self.released = False  # whether any record was dropped
         self.awaited: dict[str, set[str]] = {}  # layer -> parameters autograd has yet to give
         self.layer_of: dict[str, str] = {}  # parameter -> its layer, for those awaited
         for name, record in records:
@@ -107,6 +109,7 @@ class NormStream:
         frozen = self.frozen.get(name)
         if frozen is not None and _complete(frozen):
             frozen._release()
+            self.released = True
             return
         self._take_if_complete(name)
 
@@ -132,6 +135,7 @@ class NormStream:
         self.squares.append(summed_sq_norms([layer for _, layer in ready]))  # (n,)
         for record, _ in ready:
             record._release()
+        self.released = True
 
     def finish(self) -> Tensor:
         """Take what the backward left (calls that did not reach the loss); the sum, ``(n,)``."""

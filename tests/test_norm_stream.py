@@ -177,6 +177,16 @@ def test_a_failed_backward_leaves_no_batch_to_read():
             _ = pe.grads
 
 
+def test_a_second_backward_refused_before_anything_was_taken_keeps_the_first():
+    model = nn.Linear(3, 2).double()
+    with PerExampleGradients(model) as pe:
+        out = model(torch.randn(4, 3, dtype=torch.float64))
+        pe.backward(out.sum())
+        with pytest.raises(RuntimeError, match="a second backward went through the same"):
+            pe.backward_with_norms(out.square().sum())
+        assert pe.grads["weight"].shape == (4, 2, 3)  # the first backward's, still readable
+
+
 def test_a_frozen_weight_with_a_trained_bias_is_refused_before_the_backward():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     model[2].weight.requires_grad_(False)
