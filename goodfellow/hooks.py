@@ -329,9 +329,12 @@ class PerExampleGradients:
         :math:`\|g_{l,i}\|^2` is taken inside the backward, as soon as the layer's output
         gradients are complete, and the layer's inputs and output gradients are dropped there.
         The recorder then holds at most a few layers' records at a time instead of every
-        layer's until the end: for a model applied at many positions (a transformer, a CNN)
-        that is most of what ``gradient_norms(recorded_factors(pe))`` needs above a plain
-        backward (see ``goodfellow._norm_stream`` for when a layer counts as complete).
+        layer's until the end: for a transformer that is most of what
+        ``gradient_norms(recorded_factors(pe))`` needs above a plain backward (see
+        ``goodfellow._norm_stream`` for when a layer counts as complete). A convolution's
+        norms form its per-example gradients, more memory than its records: taken during the
+        backward, while autograd still holds the activations, they raise a CNN's peak, so
+        there the route after the backward needs less.
 
         Everything else of the batch is gone afterwards: :attr:`grads`,
         :func:`goodfellow.recorded_factors` and the records' output gradients raise until the
@@ -350,8 +353,9 @@ class PerExampleGradients:
         Raises:
             TypeError: If ``loss`` is not a tensor.
             ValueError: If ``loss`` is not a scalar that requires grad; or, as
-                :func:`goodfellow.recorded_factors`, if a layer's weight is frozen while its
-                bias trains, or shared by several modules.
+                :func:`goodfellow.recorded_factors`, if no recorded layer has a trainable
+                weight, a layer's weight is frozen while its bias trains, or a weight is
+                shared by several modules.
             RuntimeError: If no forward of this batch was recorded.
         """
         return backward_with_norms(self, loss)
