@@ -36,12 +36,11 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
 from goodfellow._accounting import accounting_due
 from goodfellow._assembly import require_backward
-from goodfellow._recording import edges_to_recorded_outputs
+from goodfellow._recording import backward_to_outputs, edges_to_recorded_outputs
 from goodfellow.layers.base import norm_from_squares
 from goodfellow.layers.shared_inputs import _same_tensor_key, summed_sq_norms
 from goodfellow.sources import factored_records, record_factors
@@ -58,10 +57,9 @@ def backward_with_norms(pe: PerExampleGradients, loss: Tensor) -> Tensor:
     if not records:
         raise ValueError("the recorder holds no layer with a trainable weight.")
     stream = NormStream(pe, records)
-    checked = [pe._params[p] for p in pe._owners] if stream.due else []
     pe._stream = stream
     try:
-        torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
+        backward_to_outputs(pe, loss, edges)
         require_backward(pe)
         squares = stream.finish()  # (n,)
     finally:

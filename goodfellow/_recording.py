@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from goodfellow._accounting import accounting_due
 from goodfellow._checks import check_call_batch, describe, refuse_training_batchnorm
 from goodfellow._hooking import (
     RECORDED_OUTPUTS,
@@ -130,6 +131,21 @@ def on_layer_forward(
     for k, other in others:
         refuse = refuse_other_output(record, k, pe._generation, pe)
         pe._tensor_handles.append(other.register_hook(refuse))
+
+
+def register_hooks(pe: PerExampleGradients) -> list[torch.utils.hooks.RemovableHandle]:
+    """Every module hook of the recorder: the model's, each recorded module's, each parameter's."""
+    model = pe.model
+    handles = [
+        model.register_forward_pre_hook(ModuleHook(pe, on_model_forward)),
+        model.register_forward_hook(ModuleHook(pe, after_model_forward)),
+    ]
+    for name, record in pe.layers.items():
+        handles += register_layer_hooks(pe, name, record)
+    for p_name in pe._owners:
+        hook = ModuleHook(pe, on_parameter_gradient, p_name)
+        handles.append(pe._params[p_name].register_hook(hook))
+    return handles
 
 
 def register_layer_hooks(
@@ -242,6 +258,16 @@ def output_gradient_hook(
             pe._stream.output_gradient(record.name)
 
     return gradient_hook
+
+
+def backward_to_outputs(pe: PerExampleGradients, loss: Tensor, edges: list[GradientEdge]) -> None:
+    """``torch.autograd.grad`` to ``edges``, and to the recorded parameters on checked batches.
+
+    The parameters' gradients reach their hooks for the accounting check
+    (``goodfellow._accounting``) and are discarded; no ``.grad`` is written.
+    """
+    checked = [pe._params[p] for p in pe._owners] if accounting_due(pe) else []
+    torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
 
 
 def edges_to_recorded_outputs(loss: Tensor) -> list[GradientEdge]:

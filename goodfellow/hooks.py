@@ -7,27 +7,14 @@ output :math:`Z` receives :math:`\partial \mathcal{L} / \partial Z` during ``los
 The recorder holds no formula: each module's rule (:mod:`goodfellow.layers`) turns what was
 recorded for it into per-example gradients, norms, weighted sums and Kronecker factors.
 
-A Linear layer may be applied at several positions ``t`` of an example (an input of shape
-``(n, ..., d_in)``) and several times in one forward (calls ``c``). Example :math:`i` only touches
-its own rows, so with :math:`\delta_{c,i,t} = \partial L_i / \partial Z_{c,i,t}`
-
-.. math::
-
-    \frac{\partial L_i}{\partial W} = \sum_{c} \sum_{t} \delta_{c,i,t}\, a_{c,i,t}^\top,
-    \qquad
-    \frac{\partial L_i}{\partial b} = \sum_{c} \sum_{t} \delta_{c,i,t}.
-
-Stacking all calls along the position axis turns the double sum into one batched outer product,
-:func:`goodfellow.batched_outer` (the same code :func:`goodfellow.goodfellow_backprop` uses).
+A module applied at several positions of an example and called several times in one forward
+adds up over both; how is its rule's business (a Linear's calls and positions are stacked into
+one batched outer product, derived in :mod:`goodfellow.layers.linear`).
 
 The hooks need :math:`\partial\mathcal{L}/\partial Z` and nothing else, so
-:meth:`PerExampleGradients.backward` can replace ``loss.backward()``: it differentiates only as
-far as the recorded outputs and skips the summed weight gradients, which the per-example route
-recomputes in its own form (the Goodfellow trick's ``autograd.grad(loss, Zs)``, for any model).
-:meth:`PerExampleGradients.backward_with_norms` runs the same backward and takes each layer's
-per-example norms inside it, dropping the layer's records as soon as they are taken
-(``goodfellow._norm_stream``): for a model applied at many positions the records are most of
-the memory the norms need above a plain backward.
+:meth:`PerExampleGradients.backward` can replace ``loss.backward()`` (the Goodfellow trick's
+``autograd.grad(loss, Zs)``, for any model), and :meth:`PerExampleGradients.backward_with_norms`
+takes each layer's norms inside that backward.
 
 The batch-size factor. Autograd hands the hook the gradient of the *batch* loss
 :math:`\mathcal{L}`. For ``loss_reduction="sum"`` (:math:`\mathcal{L} = \sum_i L_i`) that is already
@@ -94,24 +81,16 @@ import goodfellow.layers  # noqa: F401  (registers the rules of every layer kind
 from goodfellow._accounting import (
     CHECK_EVERY,  # noqa: F401  (read as goodfellow.hooks.CHECK_EVERY, like the docstrings say)
     CHECK_FIRST,  # noqa: F401  (same)
-    accounting_due,
 )
 from goodfellow._assembly import assemble, differentiable, reusable_workspace
 from goodfellow._claims import claim_modules
 from goodfellow._hooking import (
-    ModuleHook,
     _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
     _make_inert,  # noqa: F401  (same)
     remove_all,
 )
 from goodfellow._norm_stream import NormStream, backward_with_norms
-from goodfellow._recording import (
-    after_model_forward,
-    edges_to_recorded_outputs,
-    on_model_forward,
-    on_parameter_gradient,
-    register_layer_hooks,
-)
+from goodfellow._recording import backward_to_outputs, edges_to_recorded_outputs, register_hooks
 from goodfellow.records import LayerRecord
 from goodfellow.reduction import batch_size_factor
 
@@ -229,19 +208,7 @@ class PerExampleGradients:
         self.layers, self._batchnorms = claims.layers, claims.batchnorms
         self._owners, self._param_names = claims.owners, claims.param_names
         self._params = dict(self.model.named_parameters())
-        model = self.model
-        self._module_handles.append(
-            model.register_forward_pre_hook(ModuleHook(self, on_model_forward))
-        )
-        self._module_handles.append(
-            model.register_forward_hook(ModuleHook(self, after_model_forward))
-        )
-        for name, record in self.layers.items():
-            self._module_handles += register_layer_hooks(self, name, record)
-        params = dict(model.named_parameters())
-        for p_name in self._owners:
-            hook = ModuleHook(self, on_parameter_gradient, p_name)
-            self._module_handles.append(params[p_name].register_hook(hook))
+        self._module_handles += register_hooks(self)
         # a recorder that nobody holds any more takes its hooks off the model
         self._finalizer = weakref.finalize(self, remove_all, self._module_handles)
         self._attached_at = self._generation
@@ -304,10 +271,9 @@ class PerExampleGradients:
         hooks see exactly what ``loss.backward()`` would give them, and **no parameter's**
         ``.grad`` **is written** (put the statistic there with :func:`goodfellow.assign_grads`).
 
-        On the batches whose sums are checked against autograd's (the first ``CHECK_FIRST``
-        after :meth:`attach`, then every ``CHECK_EVERY``-th; see ``goodfellow._accounting``) the
-        recorded parameters are differentiated as well, so that a parameter also used outside
-        its module is still refused; their gradients are discarded, ``.grad`` stays untouched.
+        On the batches whose sums are checked (the first ``CHECK_FIRST`` after :meth:`attach`,
+        then every ``CHECK_EVERY``-th) the recorded parameters are differentiated as well, so
+        that a parameter also used outside its module is still refused; ``.grad`` stays as is.
 
         Args:
             loss: The scalar batch loss of the forwards recorded since the last backward.
@@ -317,45 +283,32 @@ class PerExampleGradients:
             ValueError: If ``loss`` is not a scalar, or does not require grad.
             RuntimeError: If no forward of this batch was recorded.
         """
-        edges = edges_to_recorded_outputs(loss)
-        checked = [self._params[p] for p in self._owners] if accounting_due(self) else []
-        torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
+        backward_to_outputs(self, loss, edges_to_recorded_outputs(loss))
 
     def backward_with_norms(self, loss: Tensor) -> Tensor:
         r"""Backpropagate ``loss`` as :meth:`backward` does and return each example's gradient norm.
 
-        The norms are :func:`goodfellow.gradient_norms` of :func:`goodfellow.recorded_factors`
-        (the same rules, the same numbers up to the order of the sums), but each layer's part
-        :math:`\|g_{l,i}\|^2` is taken inside the backward, as soon as the layer's output
-        gradients are complete, and the layer's inputs and output gradients are dropped there.
-        The recorder then holds at most a few layers' records at a time instead of every
-        layer's until the end: for a transformer that is most of what
-        ``gradient_norms(recorded_factors(pe))`` needs above a plain backward (see
-        ``goodfellow._norm_stream`` for when a layer counts as complete). A convolution's
-        norms form its per-example gradients, more memory than its records: taken during the
-        backward, while autograd still holds the activations, they raise a CNN's peak, so
-        there the route after the backward needs less.
-
-        Everything else of the batch is gone afterwards: :attr:`grads`,
-        :func:`goodfellow.recorded_factors` and the records' output gradients raise until the
-        next forward. A statistic that needs the gradients themselves after their norms (the
-        clipped mean's weighted sums) cannot drop them early; use :meth:`backward` for it.
-
-        Like :meth:`backward`, this writes no parameter's ``.grad``.
+        The numbers of ``gradient_norms(recorded_factors(pe))``, but each layer's part is taken
+        inside the backward as soon as the layer is complete, and its inputs and output
+        gradients are dropped there (``goodfellow._norm_stream``): on a transformer that is
+        most of what the norms would hold above a plain backward. A convolution's norms form
+        its per-example gradients, more than its records: on a CNN the route after the
+        backward peaks lower. Afterwards the batch is gone (:attr:`grads` and
+        :func:`goodfellow.recorded_factors` raise until the next forward); a statistic that
+        needs the gradients after their norms (a clipped mean) takes :meth:`backward`.
 
         Args:
             loss: The scalar batch loss of the forwards recorded since the last backward.
 
         Returns:
             Tensor of shape ``(n,)``: :math:`\|g_i\|_2` over every trainable parameter the
-            recorder claims, including the batch-size factor of ``loss_reduction``.
+            recorder claims, with the batch-size factor of ``loss_reduction``.
 
         Raises:
             TypeError: If ``loss`` is not a tensor.
-            ValueError: If ``loss`` is not a scalar that requires grad; or, as
-                :func:`goodfellow.recorded_factors`, if no recorded layer has a trainable
-                weight, a layer's weight is frozen while its bias trains, or a weight is
-                shared by several modules.
+            ValueError: If ``loss`` is not a scalar that requires grad; before the backward, if
+                :func:`goodfellow.recorded_factors` would refuse the layers (none trained, a
+                frozen weight with a trained bias, a weight shared by several modules).
             RuntimeError: If no forward of this batch was recorded.
         """
         return backward_with_norms(self, loss)

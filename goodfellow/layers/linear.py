@@ -2,7 +2,8 @@ r"""The linear rule: per-example gradients of ``nn.Linear``, the one outer produ
 
 A linear layer :math:`Z = A W^\top + b` applied to example :math:`i` at positions :math:`t`
 (one position for plain vectors; the tokens of a sequence, or the output pixels of a
-convolution) has the per-example gradient
+convolution; a layer called several times in one forward has its calls stacked along the same
+axis, since example :math:`i`'s gradient adds up over them) has the per-example gradient
 
 .. math::
 
