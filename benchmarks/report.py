@@ -16,6 +16,8 @@ figures folder (``docs/_static/benchmarks`` for a full run), ``<device>`` being 
 from __future__ import annotations
 
 import csv
+import random
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,44 +63,84 @@ def evaluate_targets(results: dict) -> list[dict]:
 
     Returns:
         Rows ``{"target", "method", "allocator", "met", "checked", "worst", "worst_config",
-        "required"}``: ``met`` of ``checked`` configurations pass; ``worst`` is the least
-        favourable measured value, formatted.
+        "required", "interval", "decided"}``: ``met`` of ``checked`` configurations pass;
+        ``worst`` is the least favourable measured value, formatted; ``interval`` the 90%
+        interval of that configuration's value over resampled rounds (:func:`round_medians`),
+        formatted, and ``decided`` whether the verdict holds over those intervals (a met
+        target: every configuration's interval passes; a missed one: some configuration's
+        interval fails from end to end), so that this run's own spread cannot turn it (both
+        ``None`` for a memory target, or for records without their timed steps).
     """
     records = results["records"]
     index = _index(records)
+    resampled = round_medians(records)
     rows = []
 
     def median(allocator: str, config: str, method: str) -> float | None:
         record = index.get((allocator, config, method))
         return None if record is None else record["median_s"]
 
+    def draws(value: Callable, config: str) -> list[float] | None:
+        """``value`` of ``config`` once per resampling of its rounds (None: no timed steps)."""
+        out = []
+        for draw in range(RESAMPLES):
+
+            def drawn(allocator: str, config: str, method: str, draw: int = draw):
+                medians = resampled.get((allocator, config, method))
+                return None if medians is None else medians[draw]
+
+            result = value(config, drawn)
+            if result is None:
+                return None
+            out.append(result)
+        return sorted(out)
+
     def add(
         target: str,
         method: str,
         allocator: str,
         configs: list[str],
-        value: Callable[[str], float | None],
+        value: Callable[[str, Callable], float | None],
         passes: Callable[[float], bool],
         required: str,
         fmt: str,
         larger_is_worse: bool = True,
+        timed: bool = True,
     ) -> None:
-        values = {c: value(c) for c in configs}
+        values = {c: value(c, median) for c in configs}
         values = {c: v for c, v in values.items() if v is not None}
         if not values:
             return
         pick = max if larger_is_worse else min
         worst_config = pick(values, key=values.get)
+        spreads = {c: draws(value, c) if timed else None for c in values}
+        bounds = {
+            c: (d[int(0.05 * RESAMPLES)], d[int(0.95 * RESAMPLES) - 1])
+            for c, d in spreads.items() if d is not None
+        }  # fmt: skip
+        # A threshold: whether a value passes flips once at most inside an interval.
+        settled = {c: passes(lo) if passes(lo) == passes(hi) else None
+                   for c, (lo, hi) in bounds.items()}  # fmt: skip
+        met = sum(passes(v) for v in values.values())
+        if len(bounds) < len(values):
+            decided = None
+        elif met == len(values):  # met stays met only if no interval reaches the line
+            decided = all(settled.values())
+        else:  # a miss stays a miss if one configuration fails all over its interval
+            decided = any(s is False for s in settled.values())
+        low, high = bounds.get(worst_config, (None, None))
         rows.append(
             {
                 "target": target,
                 "method": method,
                 "allocator": allocator,
-                "met": sum(passes(v) for v in values.values()),
+                "met": met,
                 "checked": len(values),
                 "worst": fmt.format(values[worst_config]),
                 "worst_config": worst_config,
                 "required": required,
+                "interval": None if low is None else f"{fmt.format(low)}-{fmt.format(high)}",
+                "decided": decided,
             }
         )
 
@@ -113,17 +155,17 @@ def evaluate_targets(results: dict) -> list[dict]:
         lms = [c for c in every if c in lm_labels]
 
         def ratio_to(method: str, floor: tuple[str, ...], allocator: str = allocator):
-            def value(config: str) -> float | None:
+            def ratio(config: str, median: Callable) -> float | None:
                 parts = [median(allocator, config, m) for m in floor]
                 own = median(allocator, config, method)
                 if own is None or any(p is None for p in parts):
                     return None
                 return own / sum(parts)
 
-            return value
+            return ratio
 
         def peer_speedup(method: str, allocator: str = allocator):
-            def value(config: str) -> float | None:
+            def speedup(config: str, median: Callable) -> float | None:
                 own = median(allocator, config, method)
                 peers = [median(allocator, config, m) for m in PEERS]
                 peers = [p for p in peers if p is not None]
@@ -131,7 +173,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                     return None
                 return min(peers) / own
 
-            return value
+            return speedup
 
         for method in MATERIALIZING:
             add(
@@ -162,12 +204,14 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
         add(
             "clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator, configs,
-            peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator),
             lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
         )
         for method in ("norms_only", "clipped_mean"):
 
-            def memory_share(config: str, method: str = method, allocator: str = allocator):
+            def memory_share(
+                config: str, median: Callable, method: str = method, allocator: str = allocator
+            ):
                 record = index.get((allocator, config, method))
                 if record is None or record.get("peak_mem_mb") is None:
                     return None
@@ -176,6 +220,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             add(
                 "peak extra memory O(n), not O(nP): below 10% of the n*P gradients", method,
                 allocator, configs, memory_share, lambda v: v < 0.1, "< 10%", "{:.1%}",
+                timed=False,
             )
         add(
             "conv: hooks within 1.6x of plain_backward + write_floor", "hooks", allocator,
@@ -199,7 +244,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
         add(
             "conv: clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator,
-            convs, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            convs, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator),
             lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
         )
         add(
@@ -223,12 +268,14 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
         add(
             "lm: clipped_mean faster than Opacus ghost clipping", "clipped_mean", allocator,
-            lms, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator, median),
+            lms, peer_speedup_of("clipped_mean", "opacus_ghost_clipping", allocator),
             lambda v: v > 1.0, "> 1x", "{:.2f}x", larger_is_worse=False,
         )
         for method in ("norms_only", "clipped_mean"):
 
-            def lm_memory_share(config: str, method: str = method, allocator: str = allocator):
+            def lm_memory_share(
+                config: str, median: Callable, method: str = method, allocator: str = allocator
+            ):
                 # A transformer's plain step already holds more than n * P (activations of
                 # n * T positions and the (n, h, T, T) attention weights), so what is judged is
                 # the memory above plain_backward's peak.
@@ -244,31 +291,73 @@ def evaluate_targets(results: dict) -> list[dict]:
             add(
                 "lm: peak memory above plain_backward's O(n), not O(nP): below 10% of n*P",
                 method, allocator, lms, lm_memory_share, lambda v: v < 0.1, "< 10%", "{:.1%}",
+                timed=False,
             )
     return rows
 
 
-def peer_speedup_of(method: str, peer: str, allocator: str, median: Callable):
+def peer_speedup_of(method: str, peer: str, allocator: str) -> Callable:
     """How many times faster ``method`` is than ``peer`` on a configuration."""
 
-    def value(config: str) -> float | None:
+    def speedup(config: str, median: Callable) -> float | None:
         own, other = median(allocator, config, method), median(allocator, config, peer)
         if own is None or other is None:
             return None
         return other / own
 
-    return value
+    return speedup
+
+
+RESAMPLES = 1000
+"""Resamplings of the rounds behind each target's interval."""
+
+
+def round_medians(records: list[dict], seed: int = 0) -> dict[tuple[str, str, str], list[float]]:
+    """Each method's median step time under :data:`RESAMPLES` resamplings of its rounds.
+
+    A run times every method of a configuration once per round, in a random order
+    (``benchmarks/run.py``), so a round is the unit that a change in the machine's load hits
+    alike. The resampling draws rounds with replacement, the same draws for every method of a
+    configuration and allocator setting, so a ratio of two medians keeps the steps timed side
+    by side together; the spread of a ratio over the draws is then how much this run's own
+    round-to-round variation moves it. It says nothing of the spread between runs, which on
+    the machines of ``benchmarks/README.md`` is larger.
+
+    Returns:
+        ``(allocator, config, method) -> RESAMPLES medians`` for every record with its timed
+        steps (``times_s``); records without are left out.
+    """
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if record.get("times_s"):
+            groups.setdefault((record["allocator"], record["config"]), []).append(record)
+    out = {}
+    for (allocator, config), members in groups.items():
+        rounds = min(len(r["times_s"]) for r in members)
+        picks = [[rng.randrange(rounds) for _ in range(rounds)] for _ in range(RESAMPLES)]
+        for record in members:
+            times = record["times_s"]
+            out[(allocator, config, record["method"])] = [
+                statistics.median(times[j] for j in pick) for pick in picks
+            ]
+    return out
 
 
 def targets_text(results: dict) -> str:
     """The verdict as plain text, for the end of a run."""
-    lines = ["targets (met / checked, worst value at worst configuration):"]
+    lines = [
+        "targets (met / checked, worst value at worst configuration, its 90% interval over"
+        " resampled rounds; '?' where some configuration's interval crosses the line):"
+    ]
     for row in evaluate_targets(results):
         verdict = "MET " if row["met"] == row["checked"] else "MISS"
+        spread = "" if row["interval"] is None else f" [{row['interval']}]"
+        unsure = "?" if row["decided"] is False else " "
         lines.append(
-            f"  {verdict} [{row['allocator']:7s}] {row['method']:20s} {row['target']}: "
-            f"{row['met']}/{row['checked']}, worst {row['worst']} ({row['worst_config']}), "
-            f"required {row['required']}"
+            f"  {verdict}{unsure}[{row['allocator']:7s}] {row['method']:20s} {row['target']}: "
+            f"{row['met']}/{row['checked']}, worst {row['worst']}{spread} "
+            f"({row['worst_config']}), required {row['required']}"
         )
     return "\n".join(lines)
 
@@ -310,9 +399,12 @@ def write_targets_csv(results: dict, path: Path) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["Target", "Method", "Allocator", "Met", "Worst (configuration)", "Required"]
+            ["Target", "Method", "Allocator", "Met", "Worst (configuration)",
+             "90% interval over resampled rounds", "Verdict outside the run's spread",
+             "Required"]  # fmt: skip
         )
         for row in evaluate_targets(results):
+            decided = {True: "yes", False: "no", None: ""}[row["decided"]]
             writer.writerow(
                 [
                     row["target"],
@@ -321,6 +413,8 @@ def write_targets_csv(results: dict, path: Path) -> Path:
                     f"{'yes' if row['met'] == row['checked'] else 'no'} "
                     f"({row['met']}/{row['checked']})",
                     f"{row['worst']} ({row['worst_config']})",
+                    row["interval"] or "",
+                    decided,
                     row["required"],
                 ]
             )

@@ -5,8 +5,10 @@ with an independent reference (``torch.func``) to ``TOLERANCES[torch.float64]``.
 """
 
 import copy
+import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -460,6 +462,95 @@ def test_lm_targets_are_judged_from_the_numbers():
     memory = "lm: peak memory above plain_backward's O(n), not O(nP): below 10% of n*P"
     norms_memory = rows[(memory, "norms_only")]
     assert norms_memory["met"] == 1 and norms_memory["worst"] == "4.0%"  # 82 - 80 MB of 50 MB
+
+
+def _timed(method, times, config="cnn-mnist/n128", allocator="default"):
+    """A record with its timed steps, as ``benchmark_config`` writes it."""
+    return {
+        "config": config, "method": method, "allocator": allocator, "times_s": list(times),
+        "median_s": statistics.median(times),
+    }
+
+
+def _row(rows, target):
+    (match,) = [r for r in rows if r["target"] == target]
+    return match
+
+
+NORMS_LINE = "conv: norms_only at most 1.2x plain_backward"
+
+
+def test_interval_resamples_whole_rounds():
+    # The machine's load swings 3x from round to round, and norms_only takes 1.5 plain steps
+    # in each: resampling rounds together leaves the ratio exactly 1.5, a miss the spread of
+    # the run cannot turn. Resampling each method's steps on its own would not.
+    plain = [1.0, 3.0, 2.0, 1.2, 2.6, 1.8, 2.9, 1.1, 2.2, 1.4, 2.4, 1.6, 2.8, 1.3, 2.1]
+    records = [_timed("plain_backward", plain), _timed("norms_only", [1.5 * t for t in plain])]
+    row = _row(report.evaluate_targets({"records": records}), NORMS_LINE)
+    assert row["met"] == 0 and row["worst"] == "1.50x"
+    assert row["interval"] == "1.50x-1.50x" and row["decided"] is True
+
+
+def test_verdict_inside_the_runs_spread_is_not_decided():
+    # Eight of fifteen rounds at 1.0 plain steps and seven at 1.5: the median passes the line,
+    # but a resampling of the rounds with more slow ones than fast ones fails it.
+    plain = [1.0] * 15
+    norms = [1.0, 1.5] * 7 + [1.0]
+    records = [_timed("plain_backward", plain), _timed("norms_only", norms)]
+    row = _row(report.evaluate_targets({"records": records}), NORMS_LINE)
+    assert row["met"] == 1 and row["worst"] == "1.00x"
+    assert row["interval"] == "1.00x-1.50x" and row["decided"] is False
+    assert "MET ?" in report.targets_text({"records": records})
+
+
+def test_a_miss_is_decided_by_its_surest_configuration():
+    # cnn-mnist fails over its whole interval; 3c3d passes at its median but not over its
+    # interval: the miss stands either way.
+    plain = [1.0] * 15
+    records = [
+        _timed("plain_backward", plain), _timed("norms_only", [1.4] * 15),
+        _timed("plain_backward", plain, "3c3d/n64"),
+        _timed("norms_only", [1.0, 1.5] * 7 + [1.0], "3c3d/n64"),
+    ]
+    row = _row(report.evaluate_targets({"records": records}), NORMS_LINE)
+    assert row["met"] == 1 and row["checked"] == 2 and row["worst_config"] == "cnn-mnist/n128"
+    assert row["decided"] is True
+
+
+def test_no_interval_without_timed_steps_or_for_memory():
+    record = {"config": "tiny-lm/T64-n32", "allocator": "default", "per_example_mb": 50.0}
+    records = [
+        {**record, "method": "plain_backward", "median_s": 1.0, "peak_mem_mb": 80.0},
+        {**record, "method": "norms_only", "median_s": 1.05, "peak_mem_mb": 81.0},
+    ]
+    rows = report.evaluate_targets({"records": records})
+    assert rows and all(r["interval"] is None and r["decided"] is None for r in rows)
+    records = [{**r, "times_s": [r["median_s"]] * 5} for r in records]
+    rows = {r["target"]: r for r in report.evaluate_targets({"records": records})}
+    assert rows["lm: norms_only at most 1.1x plain_backward"]["interval"] == "1.05x-1.05x"
+    memory_line = "lm: peak memory above plain_backward's O(n), not O(nP): below 10% of n*P"
+    assert rows[memory_line]["interval"] is None and rows[memory_line]["decided"] is None
+
+
+def test_round_medians_draw_the_same_rounds_for_every_method():
+    times = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.6]
+    records = [_timed("plain_backward", times), _timed("hooks", times)]
+    resampled = report.round_medians(records)
+    plain = resampled[("default", "cnn-mnist/n128", "plain_backward")]
+    assert plain == resampled[("default", "cnn-mnist/n128", "hooks")]
+    assert len(plain) == report.RESAMPLES and set(plain) <= set(times)
+    assert len(set(plain)) > 1  # the draws differ
+    assert report.round_medians(records) == resampled  # seeded
+
+
+def test_targets_table_has_the_interval_columns(tmp_path):
+    plain = [1.0] * 15
+    records = [_timed("plain_backward", plain), _timed("norms_only", [1.4] * 15)]
+    path = report.write_targets_csv({"records": records}, tmp_path / "targets.csv")
+    header, *rows = list(csv.reader(path.open()))
+    assert header[5:7] == ["90% interval over resampled rounds", "Verdict outside the run's spread"]
+    (norms,) = [r for r in rows if r[0] == NORMS_LINE]
+    assert norms[3] == "no (0/1)" and norms[5] == "1.40x-1.40x" and norms[6] == "yes"
 
 
 def test_quick_run_never_overwrites_the_committed_results():
