@@ -837,6 +837,44 @@ class ClippedMean(_Factored):
         return self.grads
 
 
+
+@register
+class GhostClippedMean(Method):
+    name = "ghost_clipped_mean"
+    produces = "clipped_mean"
+    description = (
+        "goodfellow.ghost_clipped_mean: the norms during a first backward, the clipped sum as "
+        "the gradient of the reweighted loss from a second (a plain step's memory)"
+    )
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.model = problem.sequential()
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self.recorder = gf.PerExampleGradients(self.model, loss_reduction="sum").attach()
+        self.per_example_loss = (
+            TokenCrossEntropy("none")
+            if problem.config.is_lm
+            else nn.CrossEntropyLoss(reduction="none")
+        )
+        self.grads: list[Tensor] | None = None
+
+    def step(self) -> None:
+        p = self.problem
+        losses = self.per_example_loss(self.model(p.inputs), p.targets)  # (n,)
+        clipped = gf.ghost_clipped_mean(self.recorder, losses, p.max_norm)
+        self.grads = [clipped[name] for name in self.names]
+
+    def reset(self) -> None:
+        self.grads = None
+
+    def release(self) -> None:
+        self.recorder.clear()
+
+    def result(self) -> list[Tensor]:
+        return self.grads
+
+
 @register
 class OpacusGhostClipping(Method):
     name = "opacus_ghost_clipping"

@@ -37,6 +37,7 @@ COLORS = {
     "hooks": "#2166ac",
     "norms_only": "#e08214",
     "clipped_mean": "#b35806",
+    "ghost_clipped_mean": "#7f3b08",
     "opacus_ghost_clipping": "#d6604d",
 }
 

@@ -22,6 +22,7 @@ from goodfellow import backprop as _backprop
 from goodfellow import cabs as _cabs
 from goodfellow import distributed as _distributed
 from goodfellow import ekfac as _ekfac
+from goodfellow import ghost_clipping as _ghost_clipping
 from goodfellow import gradiator as _gradiator
 from goodfellow import hooks as _hooks
 from goodfellow import kronecker as _kronecker
@@ -38,6 +39,7 @@ from goodfellow.backprop import *  # noqa: F403
 from goodfellow.cabs import *  # noqa: F403
 from goodfellow.distributed import *  # noqa: F403
 from goodfellow.ekfac import *  # noqa: F403
+from goodfellow.ghost_clipping import *  # noqa: F403
 from goodfellow.gradiator import *  # noqa: F403
 from goodfellow.hooks import *  # noqa: F403
 from goodfellow.kronecker import *  # noqa: F403
@@ -65,6 +67,7 @@ __all__ = [
         _transforms,
         _sources,
         _statistics,
+        _ghost_clipping,
         _cabs,
         _sampler,
         _privacy,

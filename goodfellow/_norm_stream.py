@@ -50,8 +50,13 @@ if TYPE_CHECKING:
     from goodfellow.records import LayerRecord
 
 
-def backward_with_norms(pe: PerExampleGradients, loss: Tensor) -> Tensor:
-    """What :meth:`goodfellow.PerExampleGradients.backward_with_norms` does."""
+def backward_with_norms(
+    pe: PerExampleGradients, loss: Tensor, retain_graph: bool = False
+) -> Tensor:
+    """What :meth:`goodfellow.PerExampleGradients.backward_with_norms` does.
+
+    ``retain_graph`` keeps the graph for a second backward (``goodfellow.ghost_clipping``).
+    """
     edges = edges_to_recorded_outputs(loss)
     records = factored_records(pe)
     if not records:
@@ -59,7 +64,7 @@ def backward_with_norms(pe: PerExampleGradients, loss: Tensor) -> Tensor:
     stream = NormStream(pe, records)
     pe._stream = stream
     try:
-        backward_to_outputs(pe, loss, edges)
+        backward_to_outputs(pe, loss, edges, retain_graph)
         require_backward(pe)
         squares = stream.finish()  # (n,)
     finally:

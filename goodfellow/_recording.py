@@ -260,14 +260,20 @@ def output_gradient_hook(
     return gradient_hook
 
 
-def backward_to_outputs(pe: PerExampleGradients, loss: Tensor, edges: list[GradientEdge]) -> None:
+def backward_to_outputs(
+    pe: PerExampleGradients, loss: Tensor, edges: list[GradientEdge], retain_graph: bool = False
+) -> None:
     """``torch.autograd.grad`` to ``edges``, and to the recorded parameters on checked batches.
 
     The parameters' gradients reach their hooks for the accounting check
-    (``goodfellow._accounting``) and are discarded; no ``.grad`` is written.
+    (``goodfellow._accounting``) and are discarded; no ``.grad`` is written. ``retain_graph``
+    keeps the graph for a second backward (``goodfellow.ghost_clipping``).
     """
     checked = [pe._params[p] for p in pe._owners] if accounting_due(pe) else []
-    torch.autograd.grad(loss, edges + checked, allow_unused=True, materialize_grads=False)
+    torch.autograd.grad(
+        loss, edges + checked, retain_graph=retain_graph, allow_unused=True,
+        materialize_grads=False,
+    )  # fmt: skip
 
 
 def edges_to_recorded_outputs(loss: Tensor) -> list[GradientEdge]:
