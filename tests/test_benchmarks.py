@@ -214,7 +214,9 @@ def test_conv_configurations_are_the_issues_networks():
         x = torch.zeros(2, *config.input_shape)
         assert config.sequential()(x).shape == (2, 10)
         assert "goodfellow_backprop" not in bm.methods_for(config)
-        assert {"hooks", "norms_only", "clipped_mean"} <= set(bm.methods_for(config))
+        assert {"hooks", "norms_only", "clipped_mean", "ghost_clipped_mean"} <= set(
+            bm.methods_for(config)
+        )
 
 
 def lm_params(d: int, vocab: int, t: int, blocks: int, mha: bool) -> int:
@@ -237,7 +239,7 @@ def test_lm_configurations_are_the_issues_networks():
         tokens = torch.randint(96, (2, config.seq_len))
         assert model(tokens).shape == (2, config.seq_len, 96)
         expected = {"plain_backward", "write_floor", "naive_loop", "torch_func_vmap", "hooks",
-                    "norms_only", "clipped_mean"}  # fmt: skip
+                    "norms_only", "clipped_mean", "ghost_clipped_mean"}  # fmt: skip
         expected |= set() if mha else {"opacus", "opacus_ghost_clipping"}
         assert set(bm.methods_for(config)) == expected
 
