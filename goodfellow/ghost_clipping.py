@@ -78,15 +78,17 @@ def ghost_clipped_mean(
         :attr:`~goodfellow.PerExampleGradients.grads`).
 
     Raises:
-        TypeError: If ``losses`` is not a tensor.
+        TypeError: If ``pe`` is not a :class:`~goodfellow.PerExampleGradients` or ``losses``
+            is not a tensor.
         ValueError: If ``losses`` is not of shape ``(n,)`` for the recorded batch of ``n``
             examples or does not require grad, if ``max_norm`` is not a positive finite
             number, or if an example's gradient holds NaN or inf; the refusals of
             ``backward_with_norms`` (a weight shared by several modules, a frozen weight
             with a trained bias).
-        RuntimeError: If no forward of this batch was recorded.
+        RuntimeError: If the recorder is detached, or no forward of this batch was recorded.
     """
     max_norm = _check_max_norm(max_norm)
+    _check_recorder(pe)
     _check_losses(losses, pe.batch_size)
     n = losses.shape[0]
     # the recorder undoes a mean's 1/n itself: either way its norms are those of grad L_i
@@ -102,6 +104,19 @@ def ghost_clipped_mean(
         name: torch.zeros_like(param) if clipped is None else clipped
         for name, param, clipped in zip(names, params, sums)
     }
+
+
+def _check_recorder(pe: object) -> None:
+    """Refuse anything but an attached recorder: a detached one has no hooks for the norms."""
+    if not isinstance(pe, PerExampleGradients):
+        raise TypeError(
+            f"pe must be a goodfellow.PerExampleGradients, got {type(pe).__name__}."
+        )
+    if not pe.attached:
+        raise RuntimeError(
+            "the recorder is detached: its hooks take the norms during the first backward. "
+            "Call ghost_clipped_mean inside its `with` block (or before detach())."
+        )
 
 
 def _check_losses(losses: object, n: int | None) -> None:
@@ -131,8 +146,8 @@ def _unrecorded(pe: PerExampleGradients) -> Iterator[None]:
     Every hook of the recorder does nothing while it is not attached; the hooks stay on the
     model, so the next forward is recorded as usual.
     """
-    pe._attached = False
+    attached, pe._attached = pe._attached, False
     try:
         yield
     finally:
-        pe._attached = True
+        pe._attached = attached

@@ -214,6 +214,25 @@ def test_without_a_recorded_forward_it_says_to_run_one():
             ghost_clipped_mean(pe, out.square().sum(1), C)
 
 
+def test_only_an_attached_recorder_is_taken():
+    pe, out = _recorded()
+    with pytest.raises(TypeError, match="pe must be a goodfellow.PerExampleGradients"):
+        ghost_clipped_mean(pe.model, out.square().sum(1), C)
+    pe.detach()
+    with pytest.raises(RuntimeError, match="the recorder is detached"):
+        ghost_clipped_mean(pe, out.square().sum(1), C)
+    assert not pe.attached
+
+
+def test_the_hooks_record_again_after_the_second_backward():
+    pe, out = _recorded()
+    ghost_clipped_mean(pe, out.square().sum(1), C)
+    assert pe.attached
+    x = torch.randn(5, 3, dtype=torch.float64)
+    pe.backward(pe.model(x).square().sum())
+    assert pe.grads["weight"].shape == (5, 2, 3)
+
+
 def test_a_diverged_example_is_named():
     pe, out = _recorded()
     losses = out.square().sum(1) * torch.tensor([1.0, math.inf, 1.0, 1.0], dtype=torch.float64)
