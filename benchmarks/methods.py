@@ -844,7 +844,7 @@ class GhostClippedMean(Method):
     produces = "clipped_mean"
     description = (
         "goodfellow.ghost_clipped_mean: the norms during a first backward, the clipped sum as "
-        "the gradient of the reweighted loss from a second (a plain step's memory)"
+        "the gradient of the reweighted loss from a second (no records held between them)"
     )
 
     def __init__(self, problem: Problem) -> None:

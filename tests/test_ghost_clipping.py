@@ -9,7 +9,6 @@ the records outweigh a layer's work; every refusal.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import hypothesis.strategies as st
@@ -18,7 +17,6 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from benchmarks.run import allocated_peak_bytes
 from goodfellow import (
     PerExampleGradients,
     clipped_mean,
@@ -29,6 +27,7 @@ from goodfellow import (
 )
 from tests import test_hooks
 from tests.conftest import TOLERANCES
+from tests.test_norm_stream import peaks_beside_a_plain_step
 from tests.test_recorder_backward import SETUPS
 
 pytestmark = [
@@ -137,33 +136,19 @@ def _stack(width=16, depth=6):
 
 def test_the_peak_memory_is_a_plain_steps_not_the_one_backward_clipped_means():
     torch.manual_seed(0)
-    model = _stack(depth=12)
-    plain = copy.deepcopy(model)
     x = torch.randn(4, 512, 16)  # T > d: the output gradients outweigh a layer's norm work
-    pe = PerExampleGradients(model).attach()
 
-    def one_backward():
-        pe.backward(model(x).square().sum())
+    def one_backward(pe, x):
+        pe.backward(pe.model(x).square().sum())
         clipped_mean(recorded_factors(pe), C)
 
-    def two_backwards():
-        ghost_clipped_mean(pe, model(x).square().sum(dim=(1, 2)), C)
+    def two_backwards(pe, x):
+        ghost_clipped_mean(pe, pe.model(x).square().sum(dim=(1, 2)), C)
 
-    def plain_step():
-        plain(x).square().sum().backward()
-        plain.zero_grad(set_to_none=True)
-
-    def peak_mb(step):
-        step()
-        step()  # settle the routes' timings
-        pe.clear()  # the previous batch's records, freed outside the measured step
-        return allocated_peak_bytes(step) / 2**20
-
+    ghost, kept, floor = peaks_beside_a_plain_step(_stack(depth=12), x, two_backwards, one_backward)
     layer_mb = x.numel() * 4 / 2**20  # one layer's output gradient
-    ghost, kept, floor = peak_mb(two_backwards), peak_mb(one_backward), peak_mb(plain_step)
     assert ghost <= floor + layer_mb
     assert kept - ghost > 0.5 * 12 * layer_mb  # the one-backward route holds all twelve
-    pe.detach()
 
 
 def test_the_batch_cannot_be_read_again():

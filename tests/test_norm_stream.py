@@ -118,35 +118,44 @@ def test_two_branches_keep_one_deepest_output_each():
     torch.testing.assert_close(got, want, **F64)
 
 
-def test_the_peak_memory_is_a_plain_steps_not_the_route_that_keeps_the_records():
-    torch.manual_seed(0)
-    model = _stack(width=16, depth=12).float()
+def peaks_beside_a_plain_step(model, x, *steps):
+    """Peak MiB of each ``step(pe, x)`` and of a plain step of a copy of ``model``.
+
+    Each step runs twice first (the routes' timings settle), and the previous batch's records
+    are cleared before the measured one, so that their freeing is not counted against it.
+    """
     plain = copy.deepcopy(model)
-    x = torch.randn(4, 512, 16)  # T > d: the output gradients outweigh a layer's norm work
-    pe = PerExampleGradients(model).attach()
 
-    def kept():
-        pe.backward(model(x).square().sum())
-        gradient_norms(recorded_factors(pe))
-
-    def streamed():
-        pe.backward_with_norms(model(x).square().sum())
-
-    def plain_step():
+    def plain_step(pe, x):
         plain(x).square().sum().backward()
         plain.zero_grad(set_to_none=True)
 
-    def peak_mb(step):
-        step()
-        step()  # settle the routes' timings
-        pe.clear()  # the previous batch's records, freed outside the measured step
-        return allocated_peak_bytes(step) / 2**20
+    pe = PerExampleGradients(model).attach()
+    peaks = []
+    for step in (*steps, plain_step):
+        step(pe, x)
+        step(pe, x)
+        pe.clear()
+        peaks.append(allocated_peak_bytes(lambda: step(pe, x)) / 2**20)  # noqa: B023
+    pe.detach()
+    return peaks
 
+
+def test_the_peak_memory_is_a_plain_steps_not_the_route_that_keeps_the_records():
+    torch.manual_seed(0)
+    x = torch.randn(4, 512, 16)  # T > d: the output gradients outweigh a layer's norm work
+
+    def kept(pe, x):
+        pe.backward(pe.model(x).square().sum())
+        gradient_norms(recorded_factors(pe))
+
+    def streamed(pe, x):
+        pe.backward_with_norms(pe.model(x).square().sum())
+
+    stream, kept_peak, floor = peaks_beside_a_plain_step(_stack(16, 12).float(), x, streamed, kept)
     layer_mb = x.numel() * 4 / 2**20  # one layer's output gradient
-    stream, kept_peak, floor = peak_mb(streamed), peak_mb(kept), peak_mb(plain_step)
     assert stream <= floor + layer_mb
     assert kept_peak - stream > 0.5 * 12 * layer_mb  # the kept route holds all twelve
-    pe.detach()
 
 
 def test_the_batch_cannot_be_read_again():
