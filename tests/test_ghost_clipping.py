@@ -27,7 +27,7 @@ from goodfellow import (
 )
 from tests import test_hooks
 from tests.conftest import TOLERANCES
-from tests.test_norm_stream import peaks_beside_a_plain_step
+from tests.test_norm_stream import _stack, peaks_beside_a_plain_step
 from tests.test_recorder_backward import SETUPS
 
 pytestmark = [
@@ -127,13 +127,6 @@ def test_an_untrained_parameter_gets_zeros():
     _assert_close(got, want)
 
 
-def _stack(width=16, depth=6):
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*layers)
-
-
 def test_the_peak_memory_is_a_plain_steps_not_the_one_backward_clipped_means():
     torch.manual_seed(0)
     x = torch.randn(4, 512, 16)  # T > d: the output gradients outweigh a layer's norm work
@@ -145,14 +138,15 @@ def test_the_peak_memory_is_a_plain_steps_not_the_one_backward_clipped_means():
     def two_backwards(pe, x):
         ghost_clipped_mean(pe, pe.model(x).square().sum(dim=(1, 2)), C)
 
-    ghost, kept, floor = peaks_beside_a_plain_step(_stack(depth=12), x, two_backwards, one_backward)
+    model = _stack(16, 12).float()
+    ghost, kept, floor = peaks_beside_a_plain_step(model, x, two_backwards, one_backward)
     layer_mb = x.numel() * 4 / 2**20  # one layer's output gradient
     assert ghost <= floor + layer_mb
     assert kept - ghost > 0.5 * 12 * layer_mb  # the one-backward route holds all twelve
 
 
 def test_the_batch_cannot_be_read_again():
-    model = _stack().double()
+    model = _stack(16, 6)
     with PerExampleGradients(model) as pe:
         out = model(torch.randn(3, 16, dtype=torch.float64))
         ghost_clipped_mean(pe, out.square().sum(dim=1), C)
