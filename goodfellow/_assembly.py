@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from goodfellow._buffer_checks import buffers_fit, check_out_buffers
+from goodfellow._buffer_checks import (
+    aliased_buffer,
+    buffers_fit,
+    check_kept_workspace,
+    check_out_buffers,
+    storages,
+)
 
 if TYPE_CHECKING:
     from goodfellow.hooks import PerExampleGradients
@@ -78,8 +84,30 @@ def reusable_workspace(pe: PerExampleGradients) -> dict[str, Tensor] | None:
     return workspace if buffers_fit(workspace, result_specs(pe)) else None
 
 
-def assemble(pe: PerExampleGradients, out: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """Every recorded parameter's per-example gradients, ``(n, *param.shape)`` each."""
+def keep_workspace(pe: PerExampleGradients, grads: dict[str, Tensor]) -> None:
+    """Keep this batch's results to write the next batch's into (``reuse_buffers=True``).
+
+    Results that could not take a later batch's (not contiguous, or two sharing memory) are
+    not kept: the next batch allocates its own. Their layout is checked here, once, not at
+    every batch they are reused for.
+    """
+    if not pe.reuse_buffers or differentiable(pe) or grads is pe._workspace:
+        return
+    buffers = list(grads.values())
+    if all(t.is_contiguous() for t in buffers) and aliased_buffer(buffers) is None:
+        pe._workspace, pe._workspace_storages = grads, storages(buffers)
+    else:
+        pe._workspace, pe._workspace_storages = None, frozenset()
+
+
+def assemble(
+    pe: PerExampleGradients, out: Mapping[str, Tensor] | None, kept: bool = False
+) -> dict[str, Tensor]:
+    """Every recorded parameter's per-example gradients, ``(n, *param.shape)`` each.
+
+    ``kept``: ``out`` is the recorder's own workspace as :func:`reusable_workspace` returned it
+    (its layout checked when it was kept, its shapes against this batch just now).
+    """
     require_backward(pe)
     graph = differentiable(pe)
     if out is not None:
@@ -89,7 +117,10 @@ def assemble(pe: PerExampleGradients, out: Mapping[str, Tensor] | None) -> dict[
             for t in (*record.inputs, *record.grad_outputs)
             if isinstance(t, Tensor)
         ]
-        check_out_buffers(out, result_specs(pe), graph, recorded)
+        if kept:
+            check_kept_workspace(out, pe._workspace_storages, recorded)
+        else:
+            check_out_buffers(out, result_specs(pe), graph, recorded)
     params = pe._params
     grads: dict[str, Tensor] = {}
     with torch.set_grad_enabled(graph):

@@ -112,15 +112,40 @@ def check_out_buffers(
         )
     for p_name, (shape, dtype, device) in specs.items():
         check_buffer(out[p_name], f"out[{p_name!r}]", shape, dtype, device)
-    names = list(specs)
     # one buffer for two results, or for a result and what a later one is computed from:
     # entries would be overwritten before they are read
+    refuse_aliased(out, recorded)
+
+
+def refuse_aliased(out: Mapping[str, Tensor], recorded: Sequence[Tensor]) -> None:
+    """Refuse buffers that share memory with each other or with a recorded tensor."""
+    names = list(out)
     aliased = aliased_buffer([out[p_name] for p_name in names], recorded)
     if aliased is not None:
         raise ValueError(
             f"out[{names[aliased]!r}] shares memory with another entry of out or with a "
             "recorded input or output gradient; every parameter needs a buffer of its own."
         )
+
+
+def storages(tensors: Sequence[Tensor]) -> frozenset[int]:
+    """The addresses of the storages ``tensors`` live in: a cheap first test of sharing."""
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
+
+def check_kept_workspace(
+    workspace: Mapping[str, Tensor], kept_storages: frozenset[int], recorded: Sequence[Tensor]
+) -> None:
+    """:func:`check_out_buffers` for a recorder's own workspace, checked when it was kept.
+
+    Its layout was checked once, when the recorder kept its results as the workspace
+    (:func:`goodfellow._assembly.keep_workspace`), and its shapes fit this batch
+    (:func:`buffers_fit`); what a new batch can change is a recorded tensor living in one of
+    its buffers (an input made from the previous results). Only a recorded tensor in one of
+    the workspace's storages is swept exactly.
+    """
+    if any(t.untyped_storage().data_ptr() in kept_storages for t in recorded):
+        refuse_aliased(workspace, recorded)
 
 
 def buffers_fit(

@@ -82,7 +82,7 @@ from goodfellow._accounting import (
     CHECK_EVERY,  # noqa: F401  (read as goodfellow.hooks.CHECK_EVERY, like the docstrings say)
     CHECK_FIRST,  # noqa: F401  (same)
 )
-from goodfellow._assembly import assemble, differentiable, reusable_workspace
+from goodfellow._assembly import assemble, keep_workspace, reusable_workspace
 from goodfellow._claims import claim_modules
 from goodfellow._hooking import (
     _inert_hook,  # noqa: F401  (models pickled before the plumbing moved name it here)
@@ -183,6 +183,7 @@ class PerExampleGradients:
         self._backward_seen = False
         self._grads: dict[str, Tensor] | None = None
         self._workspace: dict[str, Tensor] | None = None
+        self._workspace_storages: frozenset[int] = frozenset()  # where its buffers live
         self._stream: NormStream | None = None  # during backward_with_norms only
         self._consumed = False  # whether backward_with_norms dropped this batch's records
 
@@ -351,9 +352,9 @@ class PerExampleGradients:
             RuntimeError: If no forward, or no backward since the last forward, was recorded.
         """
         if self._grads is None:
-            self._grads = self.compute_grads(out=reusable_workspace(self))
-            if self.reuse_buffers and not differentiable(self):
-                self._workspace = self._grads
+            workspace = reusable_workspace(self)
+            self._grads = assemble(self, workspace, kept=workspace is not None)
+            keep_workspace(self, self._grads)
         return self._grads
 
     def compute_grads(self, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ from goodfellow import (
     MLP,
     LayerRecord,
     PerExampleGradients,
+    _assembly,
     goodfellow_backprop,
     torch_func_per_example_grads,
 )
@@ -470,6 +471,48 @@ def test_an_out_buffer_holding_a_recorded_input_is_refused():
         out = {"weight": buffer, "bias": torch.empty(3, 4, dtype=torch.float64)}
         with pytest.raises(ValueError, match=r"out\['weight'\] shares memory .* recorded input"):
             pe.compute_grads(out=out)
+
+
+def test_a_batch_made_from_the_kept_results_is_refused():
+    # reuse_buffers=True writes the next batch into the previous results, which the recorder
+    # checks once when it keeps them; an input made from them would be overwritten while read
+    model = torch.nn.Linear(4, 4).double()
+    with PerExampleGradients(model, loss_reduction="sum", reuse_buffers=True) as pe:
+        model(torch.randn(3, 4, dtype=torch.float64)).square().sum().backward()
+        kept = pe.grads["weight"]  # (3, 4, 4), the buffer of the next batch's weights
+        model(kept[:, 0, :]).square().sum().backward()
+        with pytest.raises(ValueError, match=r"out\['weight'\] shares memory .* recorded input"):
+            pe.grads  # noqa: B018
+        x = torch.randn(3, 4, dtype=torch.float64)  # a batch of its own goes into the buffers
+        model(x).square().sum().backward()
+        expected = reference(model, x, torch.zeros(3, 4, dtype=torch.float64), _square_sum)
+        assert pe.grads["weight"].data_ptr() == kept.data_ptr()
+        torch.testing.assert_close(pe.grads["weight"], expected["weight"], **F64)
+        # handed back as out= for a batch of another size, the kept results are checked anew
+        model(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
+        with pytest.raises(ValueError, match=r"out\['weight'\] must be a .* of shape \(5, 4, 4\)"):
+            pe.compute_grads(out=pe._workspace)
+
+
+def _square_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output - target).square().sum()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "one tensor twice"])
+def test_results_that_cannot_take_a_batch_are_not_kept(layout):
+    model = torch.nn.Linear(4, 4).double()
+    pe = record(model, torch.randn(3, 4).double(), torch.randn(3, 4).double(),
+                nn.MSELoss(reduction="sum"), "sum")  # fmt: skip
+    pe.reuse_buffers = True
+    weight = torch.zeros(3, 4, 4, dtype=torch.float64)
+    results = {
+        "transposed": {"weight": weight.transpose(1, 2), "bias": torch.zeros(3, 4).double()},
+        "one tensor twice": {"weight": weight, "bias": weight[:, 0]},
+    }[layout]
+    _assembly.keep_workspace(pe, results)
+    assert pe._workspace is None
+    _assembly.keep_workspace(pe, pe.compute_grads())  # fresh results are kept
+    assert pe._workspace is not None
 
 
 # ----------------------------------------------------------------------------- mixed precision
