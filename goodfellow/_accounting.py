@@ -59,9 +59,11 @@ def check_accounted(
         errors = check(totals, scale) if check is not None else sum_discrepancy(
             layer, totals, scale
         )
-    # the least precise dtype involved sets the tolerance (bfloat16 under autocast)
+    # the least precise dtype involved sets the tolerance (bfloat16 under autocast, also where
+    # only the backward ran under it)
     dtypes = {t.dtype for t in totals if t is not None}
     dtypes |= {g.dtype for g in record.grad_outputs if g is not None}
+    dtypes |= {recorder._totals_autocast} - {None}
     eps = max(torch.finfo(dtype).eps for dtype in dtypes)
     tolerance = 1e-6 if eps < 1e-10 else 1e-3 if eps < 1e-5 else 5e-2
     failing = [k for k, error in enumerate(errors) if error > tolerance]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from goodfellow._autocast import without_autocast
 from goodfellow._buffer_checks import (
     aliased_buffer,
     buffers_fit,
@@ -100,6 +101,7 @@ def keep_workspace(pe: PerExampleGradients, grads: dict[str, Tensor]) -> None:
         pe._workspace, pe._workspace_storages = None, frozenset()
 
 
+@without_autocast
 def assemble(
     pe: PerExampleGradients, out: Mapping[str, Tensor] | None, kept: bool = False
 ) -> dict[str, Tensor]:

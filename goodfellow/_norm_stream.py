@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from goodfellow._accounting import accounting_due
 from goodfellow._assembly import require_backward
+from goodfellow._autocast import autocast_off
 from goodfellow._recording import backward_to_outputs, edges_to_recorded_outputs
 from goodfellow.layers.base import norm_from_squares
 from goodfellow.layers.shared_inputs import _same_tensor_key, summed_sq_norms
@@ -135,7 +136,8 @@ class NormStream:
             self._take(self.ready.pop(key))
 
     def _take(self, ready: list[tuple[LayerRecord, object]]) -> None:
-        self.squares.append(summed_sq_norms([layer for _, layer in ready]))  # (n,)
+        with autocast_off():  # a backward inside autocast: the norms still in the records' dtypes
+            self.squares.append(summed_sq_norms([layer for _, layer in ready]))  # (n,)
         for record, _ in ready:
             record._release()
         self.released = True

@@ -37,7 +37,7 @@ from goodfellow._hooking import (
     refuse_recomputation,
     split_output,
 )
-from goodfellow.records import LayerRecord, _Call
+from goodfellow.records import LayerRecord, _Call, autocast_setting
 
 if TYPE_CHECKING:
     from goodfellow.hooks import PerExampleGradients
@@ -77,9 +77,16 @@ def after_model_forward(
 
 
 def on_parameter_gradient(pe: PerExampleGradients, p_name: str, grad: Tensor) -> None:
-    """Keep the gradient autograd gives a parameter: the first one of each batch."""
+    """Keep the gradient autograd gives a parameter: the first one of each batch.
+
+    A backward run inside ``torch.autocast`` computes it in the lower precision (the dtype
+    stays the parameter's): the accounting check then allows for that precision.
+    """
     if pe._attached and p_name not in pe._totals:
         pe._totals[p_name] = grad
+        setting = autocast_setting(grad)
+        if setting is not None and setting[1] is not None:
+            pe._totals_autocast = setting[1]
         if pe._stream is not None:
             pe._stream.parameter_gradient(p_name)
 

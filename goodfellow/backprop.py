@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from goodfellow._autocast import without_autocast
 from goodfellow._backprop_checks import _check_not_forward_outputs, _check_out
 from goodfellow._checks import (
     LossFunction,
@@ -119,6 +120,7 @@ def check_layer_lists(
     return n
 
 
+@without_autocast
 def goodfellow_backprop(
     activations: Sequence[Tensor],
     linear_grads: Sequence[Tensor],
@@ -192,6 +194,7 @@ def _outer_products(
     return grads
 
 
+@without_autocast
 def mlp_factors(
     activations: Sequence[Tensor], linear_grads: Sequence[Tensor], loss_reduction: str = "sum"
 ) -> list[LinearFactors]:
@@ -225,6 +228,7 @@ def mlp_factors(
     ]  # one position each: (n, 1, d)
 
 
+@without_autocast
 def per_example_norms(
     activations: Sequence[Tensor],
     linear_grads: Sequence[Tensor],
@@ -269,6 +273,7 @@ def per_example_norms(
     return norms * scale if scale != 1 else norms
 
 
+@without_autocast
 def per_example_grads(
     model: nn.Module,
     loss_fn: LossFunction,

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from goodfellow._autocast import without_autocast
 from goodfellow._checks import is_integer, is_real, real_number
 from goodfellow._ranks import _all_reduce
 from goodfellow.layers.linear import LinearFactors
@@ -274,6 +275,7 @@ class CABS(torch.optim.Optimizer):
         for p in group["params"]:
             p.add_(p.grad, alpha=-lr)
 
+    @without_autocast
     def step(  # type: ignore[override]
         self,
         losses: Tensor,

@@ -46,6 +46,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from goodfellow._autocast import without_autocast
 from goodfellow._norm_stream import backward_with_norms
 from goodfellow._statistics_checks import check_finite_norms
 from goodfellow.hooks import PerExampleGradients
@@ -54,6 +55,7 @@ from goodfellow.transforms import _check_max_norm, _clip_factors
 __all__ = ["ghost_clipped_mean"]
 
 
+@without_autocast
 def ghost_clipped_mean(
     pe: PerExampleGradients, losses: Tensor, max_norm: float
 ) -> dict[str, Tensor]:

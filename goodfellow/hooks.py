@@ -178,6 +178,7 @@ class PerExampleGradients:
         self._model_batch_size: int | None = None  # of the model's forward running now, if any
         self._forward_start: dict[str, int] | None = None  # calls per record when it started
         self._totals: dict[str, Tensor] = {}  # the gradient autograd gave each parameter
+        self._totals_autocast: torch.dtype | None = None  # their precision, if under autocast
         self._params: dict[str, nn.Parameter] = {}
         self._attached_at = 0
         self._backward_seen = False
@@ -254,7 +255,7 @@ class PerExampleGradients:
         self._batch_size = None
         self._backward_seen = False
         self._grads = None
-        self._totals = {}
+        self._totals, self._totals_autocast = {}, None
         self._consumed = False
 
     # ------------------------------------------------------------------ a backward of its own

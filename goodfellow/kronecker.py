@@ -74,6 +74,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from goodfellow._autocast import without_autocast
 from goodfellow._kronecker_checks import (
     _check_basis,
     _check_batch,
@@ -168,6 +169,7 @@ def split_weight_bias(matrix: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | 
     return matrix[..., :-1], matrix[..., -1]
 
 
+@without_autocast
 def kfac_factors(inputs: Tensor, grad_outputs: Tensor) -> tuple[Tensor, Tensor]:
     r"""KFAC's two factors of one layer: the second moments of its inputs and output gradients.
 
@@ -201,6 +203,7 @@ def kfac_factors(inputs: Tensor, grad_outputs: Tensor) -> tuple[Tensor, Tensor]:
     return A, G
 
 
+@without_autocast
 def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
     """Eigendecompose both KFAC factors with ``torch.linalg.eigh``.
 
@@ -232,6 +235,7 @@ def kronecker_eigenbasis(A: Tensor, G: Tensor) -> KroneckerEigenbasis:
     )
 
 
+@without_autocast
 def ekfac_scalings(inputs: Tensor, grad_outputs: Tensor, basis: KroneckerEigenbasis) -> Tensor:
     r"""EKFAC's diagonal: second moments of the per-example gradients in the Kronecker eigenbasis.
 
@@ -279,6 +283,7 @@ def ekfac_scalings(inputs: Tensor, grad_outputs: Tensor, basis: KroneckerEigenba
     return rotated_grads.square().mean(0)  # (d_out, d_in + 1)
 
 
+@without_autocast
 def kfac_scalings(basis: KroneckerEigenbasis) -> Tensor:
     r"""KFAC's diagonal in the eigenbasis: the products of the factors' eigenvalues.
 
@@ -298,6 +303,7 @@ def kfac_scalings(basis: KroneckerEigenbasis) -> Tensor:
     return torch.outer(basis.output_eigenvalues, basis.input_eigenvalues)  # (d_out, d_in + 1)
 
 
+@without_autocast
 def precondition(
     grad: Tensor, basis: KroneckerEigenbasis, scalings: Tensor, damping: float
 ) -> Tensor:
@@ -347,6 +353,7 @@ def precondition(
     return U_G @ (rotated / (scalings + damping)) @ U_A.T  # (d_out, d_in + 1)
 
 
+@without_autocast
 def dense_curvature(basis: KroneckerEigenbasis, scalings: Tensor) -> Tensor:
     r"""The approximate Fisher block of one layer as a dense matrix.
 

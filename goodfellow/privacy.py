@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from goodfellow._autocast import without_autocast
 from goodfellow.layers.linear import LinearFactors
 from goodfellow.statistics import _clipped_sum_and_count
 from goodfellow.transforms import PerExampleGrads, _check_max_norm
@@ -103,6 +104,7 @@ def _check_group(group: object) -> None:
         )
 
 
+@without_autocast
 def private_mean(
     source: Source,
     max_norm: float,

@@ -11,6 +11,7 @@ gets the module's per-example gradients in the rule's form. The record knows no 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from goodfellow._accounting import check_accounted
 from goodfellow._assembly import require_backward
+from goodfellow._autocast import autocast_off
 from goodfellow._checks import describe
 from goodfellow.layers.base import LayerRule
 from goodfellow.reduction import batch_size_factor
@@ -151,7 +153,7 @@ class LayerRecord:
             A layer-gradients object (see :mod:`goodfellow.layers.base`).
         """
         scale = self.scale if self._calls else 1
-        inputs, deltas, calls, captures = [], [], [], []
+        inputs, deltas, calls, captures, settings = [], [], [], [], set()
         for c, g in enumerate(self.grad_outputs):
             if g is None:
                 continue  # this call's output did not reach the loss: it contributes zero
@@ -160,6 +162,7 @@ class LayerRecord:
             deltas.append(g * scale if scale != 1 else g)  # dL_i/dZ_i
             if self.records_all_inputs:
                 calls.append((call.args, call.kwargs))
+                settings.add(call.autocast)
             if self.captures:
                 captures.append(None if call.capture is None else call.capture.scaled(scale))
         if not deltas:
@@ -167,9 +170,34 @@ class LayerRecord:
         extra = {"calls": calls} if self.records_all_inputs else {}
         if self.captures:
             extra["captures"] = captures
-        layer = self.rule.gradients(self.module, inputs, deltas, **extra)
-        check_accounted(self._owner, self, layer, scale)
+        with self._as_recorded(settings):
+            layer = self.rule.gradients(self.module, inputs, deltas, **extra)
+        with autocast_off():
+            check_accounted(self._owner, self, layer, scale)
         return layer
+
+    def _as_recorded(self, settings: set) -> contextlib.AbstractContextManager:
+        """The autocast setting a rule computes under: off, or the calls' own for a rerun.
+
+        A rule's formulas compute in the dtypes of the recorded tensors, whatever autocast is
+        active when the gradients are read (:mod:`goodfellow._autocast`). A rule that reruns
+        the module's forward from its recorded arguments (the fallback rule, attention's) must
+        compute in the precision the calls did instead: under autocast their inputs come
+        rounded to the lower precision and the parameters are rounded inside each operation,
+        so a rerun outside it computes another function (or fails on the mixed dtypes). Rules
+        that do not rerun the module record no setting (``settings`` empty).
+        """
+        if not settings or settings == {None}:
+            return autocast_off()  # the rule's formulas, in the recorded tensors' dtypes
+        if len(settings) > 1:
+            raise ValueError(
+                f"the calls of {describe(self.name, self.module)} in this batch ran under "
+                f"different autocast settings ({sorted(map(str, settings))}); its rule reruns "
+                "the module's forward from each call's arguments in one setting. Run every "
+                "call of the module inside the same torch.autocast (or all outside it)."
+            )
+        ((device_type, dtype),) = settings
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
     def _add_call(self, call: weakref.ref, n: int, output: Tensor) -> int:
         """Append one call's entry, its gradient slot still empty; return the call's index."""
@@ -215,16 +243,32 @@ class _Call:
     """What one call of a recorded module keeps for its rule: its input (and all arguments).
 
     ``capture``: what the rule's :class:`goodfellow.layers.base.CallCapture` saw inside the
-    call, for rules that have one.
+    call, for rules that have one. ``autocast``: where all arguments are kept (a rule that
+    reruns the module), the autocast setting the call ran under, ``(device_type, dtype)``
+    with ``dtype`` ``None`` outside autocast (:func:`autocast_setting`).
     """
 
-    __slots__ = ("__weakref__", "args", "capture", "input", "kwargs")
+    __slots__ = ("__weakref__", "args", "autocast", "capture", "input", "kwargs")
 
     def __init__(self, input: Tensor, args: tuple | None = None, kwargs: dict | None = None):
         self.input = input
         self.args = args
         self.kwargs = kwargs
         self.capture = None
+        self.autocast = None if args is None else autocast_setting(input)
+
+
+def autocast_setting(t: Tensor) -> tuple[str, torch.dtype | None] | None:
+    """The autocast setting for ``t``'s device now: ``(device_type, dtype)``.
+
+    ``dtype`` is ``None`` when autocast is off; the whole setting is ``None`` for a device that
+    has no autocast (``"meta"``).
+    """
+    device_type = t.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    enabled = torch.is_autocast_enabled(device_type)
+    return device_type, torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def _released() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from goodfellow._assembly import require_backward
+from goodfellow._autocast import without_autocast
 from goodfellow._checks import check_same_kind
 from goodfellow.layers.base import MaterializedGradients
 from goodfellow.layers.linear import LinearFactors
@@ -28,6 +29,7 @@ Source = object
 __all__ = ["recorded_factors"]
 
 
+@without_autocast
 def recorded_factors(recorder: object) -> dict[str, object]:
     """The per-example gradients of every layer a recorder saw in its batch, in each rule's form.
 

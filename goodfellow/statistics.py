@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from goodfellow._autocast import without_autocast
 from goodfellow._ranks import _all_reduce, _global_count, _sums
 from goodfellow._statistics_checks import check_finite_norms, refuse_empty
 from goodfellow.layers.base import norm_from_squares
@@ -48,6 +49,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+@without_autocast
 def gradient_norms(source: Source) -> Tensor:
     r"""The L2 norm of each example's whole gradient, :math:`\|g_i\|_2` over all parameters.
 
@@ -68,6 +70,7 @@ def gradient_norms(source: Source) -> Tensor:
     return norm_from_squares(summed_sq_norms(layers))  # (n,)
 
 
+@without_autocast
 def gradient_mean(source: Source, *, group: object = None) -> PerExampleGrads:
     r"""The batch gradient :math:`\bar g = \frac1n\sum_i g_i` (of the per-example losses' mean).
 
@@ -108,6 +111,7 @@ def _clipped_sum_and_count(source: Source, max_norm: float, group: object = None
     return layout.pack(sums), total
 
 
+@without_autocast
 def clipped_mean(source: Source, max_norm: float, *, group: object = None) -> PerExampleGrads:
     r"""The DP-SGD clipped mean :math:`\frac1n\sum_i g_i\min(1, C/\|g_i\|)`, by reweighting.
 
@@ -145,6 +149,7 @@ def clipped_mean(source: Source, max_norm: float, *, group: object = None) -> Pe
     return type(clipped)(t / total for t in clipped)
 
 
+@without_autocast
 def gradient_second_moment(source: Source, *, group: object = None) -> PerExampleGrads:
     r"""The entrywise second moment :math:`\frac1n\sum_i g_i \odot g_i`.
 
@@ -189,6 +194,7 @@ def _mean_and_total(layers: list, group: object) -> tuple[list[list[Tensor]], in
     return [[t / total for t in layer] for layer in sums], total
 
 
+@without_autocast
 def gradient_variance(
     source: Source, unbiased: bool = False, *, group: object = None
 ) -> PerExampleGrads:
@@ -273,6 +279,7 @@ def _trace_mean_total(
     return trace, layout.pack(mean), total
 
 
+@without_autocast
 def gradient_variance_trace(
     source: Source, unbiased: bool = False, *, group: object = None
 ) -> Tensor:
@@ -303,6 +310,7 @@ def gradient_variance_trace(
     return _trace_mean_total(source, unbiased, group)[0]
 
 
+@without_autocast
 def noise_scale_parts(
     source: Source, unbiased: bool = True, *, group: object = None
 ) -> tuple[Tensor, Tensor]:
@@ -338,6 +346,7 @@ def noise_scale_parts(
     return trace, squared_norm  # type: ignore[return-value]
 
 
+@without_autocast
 def gradient_noise_scale(source: Source, unbiased: bool = True, *, group: object = None) -> Tensor:
     r"""The simple gradient noise scale, :math:`\mathcal{B} = \operatorname{tr}\Sigma / |G|^2`.
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from goodfellow._autocast import without_autocast
 from goodfellow._checks import check_same_kind
 
 __all__ = [
@@ -166,6 +167,7 @@ def _check_transformed(transformed: object, flat: Tensor) -> Tensor:
     return transformed
 
 
+@without_autocast
 def expected_transform(per_example_grads: PerExampleGrads, T: Transform) -> PerExampleGrads:
     r"""The average of a transformation of the per-example gradients, :math:`\frac1n\sum_i T(g_i)`.
 

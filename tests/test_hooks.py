@@ -520,7 +520,7 @@ def test_results_that_cannot_take_a_batch_are_not_kept(layout):
 
 def naive_under_autocast(model, x, y, loss_fn):
     """The naive loop under CPU autocast: one example at a time, each parameter's own .grad."""
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     rows = []
     for i in range(x.shape[0]):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -552,6 +552,76 @@ def test_autocast_matches_the_naive_loop_under_autocast(example_shape, reduction
                 tolerance = {"rtol": 0.0, "atol": 2**-7 * want.abs().max().item()}
             torch.testing.assert_close(pe.grads[name], want, **tolerance, msg=name)
     pe.detach()
+
+
+class OwnMatmul(nn.Module):
+    """A custom layer (the fallback rule's) whose forward autocast runs in bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def _attention_with_a_frozen_bias() -> nn.Module:
+    """``nn.MultiheadAttention`` not every part of which trains: the rule reruns it by vmap."""
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    attention.out_proj.bias.requires_grad_(False)
+    return nn.Sequential(nn.Linear(4, 4), SelfAttention(attention), nn.Linear(4, 3))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nn.Sequential(nn.Linear(4, 4), OwnMatmul()), _attention_with_a_frozen_bias],
+    ids=["custom-layer", "attention-rerun"],
+)
+def test_a_rerun_module_computes_as_it_did_under_autocast(make):
+    # the rule reruns the module from its recorded (bfloat16) inputs: under the call's autocast,
+    # as the forward ran, and read inside another setting changes nothing
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(5, 2, 4), torch.randn(5, 2, 3)
+    loss_fn = nn.MSELoss(reduction="sum")
+    expected = naive_under_autocast(model, x, y, loss_fn)
+    with PerExampleGradients(model, "sum") as pe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+        loss_fn(output.float(), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            grads = pe.grads
+        for name, want in expected.items():
+            assert grads[name].dtype == torch.float32
+            tolerance = {"rtol": 0.0, "atol": 2**-7 * want.abs().max().item()}
+            torch.testing.assert_close(grads[name], want, **tolerance, msg=name)
+        model(x).square().sum().backward()  # outside autocast, read inside it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads = pe.grads
+    expected = torch_func_per_example_grads(model, lambda out, _: out.square().sum(), x, y)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, want in zip(trained, expected):
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_calls_of_a_rerun_module_under_two_autocast_settings_are_refused():
+    model = OwnMatmul()
+    x = torch.randn(5, 4)
+    with PerExampleGradients(model, "sum") as pe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = model(x)
+        (inside.float().sum() + model(x).sum()).backward()
+        with pytest.raises(ValueError, match=r"different autocast settings.*same torch.autocast"):
+            pe.grads  # noqa: B018
 
 
 # ----------------------------------------------------------------------------- hooks and batches

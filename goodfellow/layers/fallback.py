@@ -15,7 +15,9 @@ module's parameters :math:`\theta` is a vector-Jacobian product of the module al
 with :math:`f_\theta(x_{c,i})` the module run on example :math:`i` of call :math:`c` as a batch
 of one. ``torch.func.vmap`` of ``torch.func.grad`` of that inner product over the examples gives
 all :math:`n` at once; the rest of the model is never rerun. The cost is one more forward and
-backward of the module; the result is materialized, ``(n, *param.shape)`` per parameter.
+backward of the module; the result is materialized, ``(n, *param.shape)`` per parameter. A
+call that ran under ``torch.autocast`` is rerun under the same setting, which the recorder keeps
+with the call's arguments (``LayerRecord.gradients``).
 
 Which arguments are batched: every tensor argument whose size along the batch dimension is
 ``n`` (the batch size of the first argument); other arguments (masks shared by all examples,

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from goodfellow._autocast import without_autocast
 from goodfellow._checks import display_name
 from goodfellow.layers._linear_checks import (
     _check_factor_arguments,
@@ -45,6 +46,7 @@ from goodfellow.layers.routes import fastest
 from goodfellow.reduction import batch_size_factor
 
 
+@without_autocast
 def batched_outer(grad_outputs: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
     r"""Per-example weight gradients of one linear layer: one batched outer product.
 
@@ -126,6 +128,7 @@ def _bmm(left: Tensor, right: Tensor, out: Tensor | None) -> Tensor:
     return torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
 
 
+@without_autocast
 def outer_sq_norms(grad_outputs: Tensor, inputs: Tensor, bias: bool = False) -> Tensor:
     r"""Squared norms of the per-example gradients of one linear layer, without forming them.
 
