@@ -85,6 +85,11 @@ def torch_func_per_example_grads(
     distribution only, so neither gives numbers anything can be compared with, which is all a
     reference is for. Put the model in eval mode (``model.eval()``) first.
 
+    Not a reference for second derivatives: in torch 2.13, ``grad`` of a function of
+    ``vmap(grad(...))`` (a gradient penalty) is wrong through ``nn.LayerNorm`` for the
+    parameters before it (it differs from ``grad`` of the same penalty summed over a loop of
+    ``grad``), so the tests check second derivatives against the naive loop.
+
     Args:
         model: Any module without batch-coupled state and without random operations; a tuple
             output's first entry is the prediction.

@@ -19,6 +19,7 @@ from goodfellow import PerExampleGradients, torch_func_per_example_grads
 from goodfellow.layers.attention import AttentionGradients
 from goodfellow.layers.attention_capture import AttentionCapture
 from tests.conftest import TOLERANCES
+from tests.test_compositions import naive_penalty_gradient
 
 F64 = TOLERANCES[torch.float64]
 N, L, S, E = 3, 5, 4, 8
@@ -295,3 +296,32 @@ def test_calls_torch_refuses_get_torchs_own_error_under_the_capture(call):
     with pytest.raises(type(plain.value)) as captured:
         run(module, inputs, call, capture)
     assert str(captured.value) == str(plain.value) and capture.core_output is None
+
+
+class AttentionWithWeights(nn.Module):
+    """Self-attention through the explicit softmax (``need_weights=True``, weights unused),
+    which, unlike the fused kernel, autograd differentiates twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.attention(x, x, x, need_weights=True)[0]))
+
+
+def test_results_of_a_create_graph_backward_are_differentiable():
+    # the factored route reads projections captured without their graph: results that must
+    # stay differentiable come from vmap's route, and a gradient penalty through them is exact
+    torch.manual_seed(0)
+    model = AttentionWithWeights().double()
+    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction="sum")
+    expected = naive_penalty_gradient(model, x, y, loss_fn)
+    params = list(model.parameters())
+    with PerExampleGradients(model, "sum") as pe:
+        torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        penalty = sum(g.square().sum() for g in pe.grads.values())
+    for (name, want), got in zip(expected.items(), torch.autograd.grad(penalty, params)):
+        torch.testing.assert_close(got, want, **F64, msg=name)

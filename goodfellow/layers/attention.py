@@ -161,7 +161,10 @@ class MultiheadAttentionRule(FallbackRule):
                 "dropout masks were drawn in the forward and cannot be drawn again to recompute "
                 "each example's gradient. Train it with dropout=0 (or record in eval mode)."
             )
-        if calls is None or not _factorable(module, names):
+        # results that must stay differentiable (create_graph=True) take vmap's route: the
+        # factored one reads projections captured (or recomputed) without their graph
+        differentiable = any(g.requires_grad for g in grad_outputs)
+        if calls is None or not _factorable(module, names) or differentiable:
             return super().gradients(module, inputs, grad_outputs, calls)
         if captures and all(c is not None and c.complete for c in captures):
             per_call = [_captured_blocks(module, c, g) for c, g in zip(captures, grad_outputs)]

@@ -173,6 +173,8 @@ class ConvFactors:
 
     def _call_weight(self, x: Tensor, delta: Tensor, out: Tensor | None = None) -> Tensor:
         """One call's per-example weight gradients ``(n, *weight_shape)``, by the faster route."""
+        if x.requires_grad or delta.requires_grad:  # a backward with create_graph=True
+            return self._differentiable_weight(x, delta)
         module = self.module
         key = ("conv weight", tuple(x.shape), tuple(delta.shape), self.weight_shape,
                module.stride, module.dilation, self.groups, x.dtype, x.device)  # fmt: skip
@@ -182,6 +184,17 @@ class ConvFactors:
             "grouped-chunks": lambda: self._grouped_chunks(x, delta, out),
         }
         return fastest(key, routes, x.device)
+
+    def _differentiable_weight(self, x: Tensor, delta: Tensor) -> Tensor:
+        r""":math:`\sum_t G_t A_t^\top` of all examples in one product, into no buffer.
+
+        The timed routes write into buffers (``out=``), which autograd cannot differentiate;
+        results that must stay differentiable (a backward with ``create_graph=True``) take this
+        one.
+        """
+        n = x.shape[0]
+        A, G, _ = ConvFactors([(x, delta)], self.module, bias=False)._linear_rows(0, n)
+        return torch.bmm(G.transpose(1, 2), A).view(n, *self.weight_shape)  # (n g, o, i)
 
     def _unfolded_weight(self, x: Tensor, delta: Tensor, out: Tensor | None) -> Tensor:
         r""":math:`\sum_t G_t A_t^\top` per example and group, a chunk of examples at a time."""

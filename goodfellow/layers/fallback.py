@@ -97,7 +97,10 @@ class FallbackRule(LayerRule):
         """
         names = self.parameter_names(module)
         all_params = dict(module.named_parameters())
-        params = {p: all_params[p].detach() for p in names}
+        # a backward with create_graph=True: the results stay functions of the parameters, the
+        # inputs and the output gradients (torch.func's grad composes with autograd)
+        differentiable = any(g.requires_grad for g in grad_outputs)
+        params = {p: all_params[p] if differentiable else all_params[p].detach() for p in names}
         if calls is None:
             calls = [((x,), {}) for x in inputs]
         bd = self.batch_dim(module)
@@ -105,7 +108,8 @@ class FallbackRule(LayerRule):
         for (args, kwargs), g in zip(calls, grad_outputs):
             n = g.shape[bd]
             per_call = _per_example(
-                module, params, args, kwargs, g, bd, lambda k, v, n=n: self.in_dim(module, k, v, n)
+                module, params, args, kwargs, g, bd, lambda k, v, n=n: self.in_dim(module, k, v, n),
+                differentiable,
             )
             grads = [per_call[p] for p in names]
             total = grads if total is None else [t + u for t, u in zip(total, grads)]
@@ -131,8 +135,12 @@ def _per_example(
     g: Tensor,
     bd: int,
     in_dim: Callable[[str | None, object], int | None],
+    differentiable: bool = False,
 ) -> dict[str, Tensor]:
-    """One call's per-example gradients, ``(n, *param.shape)`` per parameter."""
+    """One call's per-example gradients, ``(n, *param.shape)`` per parameter.
+
+    ``differentiable``: keep the graph of the arguments and of ``g`` (else they are detached).
+    """
     flat = list(args) + list(kwargs.values())
     keys = list(kwargs)
     # unbatched arguments (shared masks, flags) go through vmap as constants (in_dims None)
@@ -151,7 +159,9 @@ def _per_example(
     # example; the math kernel batches (about 5x faster on attention) and gives the same values.
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return fn(params, g.detach(), *[v.detach() if isinstance(v, Tensor) else v for v in flat])
+        if not differentiable:
+            g, flat = g.detach(), [v.detach() if isinstance(v, Tensor) else v for v in flat]
+        return fn(params, g, *flat)
 
 
 def _positional_names(module: nn.Module, count: int) -> list[str | None]:
