@@ -269,18 +269,25 @@ def _write_supported_box() -> None:
    :class:`~goodfellow.MLP`):
 
 {layers}
+   * any other module with trainable parameters of its own (a custom layer, a bare
+     ``nn.Parameter`` a module holds): the fallback rule, ``torch.func`` on that module alone,
+     which trusts the module to treat its examples independently
+     (:mod:`goodfellow.layers.fallback`).
 
    Layers without parameters (activations, dropout, pooling, reshapes) may sit anywhere in
-   between.
+   between. Several forwards of the model before one backward are one batch: example
+   :math:`i`'s gradient adds up its part from each (right for two views of every example; for
+   two batches, run a backward after each).
 
    **Losses**: any loss that is the sum or the mean over the batch of one term per example
    (``reduction="sum"`` or ``"mean"``: cross-entropy, squared error, ...), declared as
    ``loss_reduction``.
 
-   **Not supported**: models that mix examples in the forward (BatchNorm in training mode is
-   refused), inputs whose first dimension is not the batch, weighted or ``ignore_index`` means
-   (not a constant times the sum), and layers with parameters not listed above, which are
-   refused with an error rather than silently left out. For those, ``torch.func``
+   **Not supported**: models that mix examples in the forward or the loss (BatchNorm in
+   training mode is refused; a batch statistic elsewhere or a contrastive loss cannot be told
+   apart, and :func:`~goodfellow.check_per_example_gradients` compares the recorder with
+   ``torch.func`` on your model), inputs whose first dimension is not the batch, and weighted
+   or ``ignore_index`` means (not a constant times the sum). ``torch.func``
    (:func:`~goodfellow.torch_func_per_example_grads`) handles any functional model.
 """
     (DOCS / "supported.generated.txt").write_text(text)
