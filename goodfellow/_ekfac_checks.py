@@ -198,18 +198,27 @@ def _check_layers(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> Non
             "weights, nor an ungrouped convolution: EKFAC preconditions nn.Linear and ungrouped "
             "nn.Conv1d/2d/3d layers only."
         )
-    owner: dict[int, str] = {}
+    # every module holding each parameter, preconditioned or not (an embedding tied to the
+    # output layer shares the layer's weight)
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{_kind(module)} {name!r}")
+    preconditioned = {f"{_kind(module)} {name!r}" for name, module in linears}
     for name, module in linears:
         for param in module.parameters():
-            if id(param) in owner:
+            here = f"{_kind(module)} {name!r}"
+            others = [h for h in holders[id(param)] if h != here]
+            # named at the later of two layers, or at the layer when the other is not one
+            later = holders[id(param)][0] != here
+            if others and (later or any(h not in preconditioned for h in others)):
                 raise ValueError(
-                    f"{_kind(module)} {name!r} shares a parameter with "
-                    f"{owner[id(param)]}; "
+                    f"{_kind(module)} {name!r} shares a parameter with {others[0]}; "
                     "the Fisher of a tied weight is not one Kronecker product per layer, "
                     "so EKFAC does not handle tied weights (untie them, or apply one "
                     "Linear module twice instead)."
                 )
-            owner[id(param)] = f"{_kind(module)} {name!r}"
 
 
 def _refuse_param_group() -> None:

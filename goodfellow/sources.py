@@ -92,25 +92,28 @@ def factored_records(recorder: object) -> list[tuple[str, object]]:
     before the backward (``PerExampleGradients.backward_with_norms``).
     """
     records = []
-    owner_of_weight: dict[int, str] = {}
-    for name, record in _recorder_with_batch(recorder).layers.items():
+    recorder = _recorder_with_batch(recorder)
+    for name, record in recorder.layers.items():
         module = record.module
-        weight = getattr(module, "weight", None)
-        if not record.rule.parameter_names(module):
+        suffixes = record.rule.parameter_names(module)
+        if not suffixes:
             continue  # frozen: nothing to report
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            if not weight.requires_grad:
+            if not module.weight.requires_grad:
                 raise ValueError(
                     f"{type(module).__name__} {name!r} has a frozen weight but a trainable bias, "
                     "which the factored form does not cover; use recorder.grads."
                 )
-            if id(weight) in owner_of_weight:
+        for suffix in suffixes:
+            # a parameter two layers use (an embedding tied to the output layer): each layer's
+            # factors hold one part of its gradient, and the norms would miss the cross terms
+            owners = recorder._owners.get(recorder._param_names.get((name, suffix)), [])
+            if len(owners) > 1 and owners[0][0] is not record:
                 raise ValueError(
-                    f"{type(module).__name__} {name!r} shares its weight with "
-                    f"{owner_of_weight[id(weight)]!r}; the factored form keeps one layer per "
-                    "weight: use recorder.grads."
+                    f"{type(module).__name__} {name!r} shares its {suffix} with "
+                    f"{owners[0][0].name!r}; the factored form keeps one layer per parameter: "
+                    "use recorder.grads."
                 )
-            owner_of_weight[id(weight)] = name
         records.append((name, record))
     return records
 

@@ -800,6 +800,26 @@ def test_tied_weights_are_refused():
         EKFAC(nn.Sequential(first, nn.Tanh(), second), lr=0.1)
 
 
+class EmbeddingTiedToHead(nn.Module):
+    def __init__(self, head_first: bool) -> None:
+        super().__init__()
+        modules = [("head", nn.Linear(3, 5, bias=False)), ("tokens", nn.Embedding(5, 3))]
+        for name, module in modules if head_first else modules[::-1]:
+            self.add_module(name, module)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.tokens(t)))
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_a_weight_tied_to_a_layer_ekfac_does_not_precondition_is_refused(head_first):
+    # the embedding takes plain SGD steps, its tied output layer EKFAC's: one parameter, two
+    # updates' worth of curvature that neither describes
+    with pytest.raises(ValueError, match="Linear 'head' shares a parameter with Embedding"):
+        EKFAC(EmbeddingTiedToHead(head_first), lr=0.1)
+
+
 def test_a_linear_applied_twice_is_one_layer_with_more_positions():
     # the two calls are stacked like positions: statistics over both, one update of the weight
     torch.manual_seed(0)

@@ -332,6 +332,50 @@ def test_padding_row_gets_no_gradient():
     assert torch.count_nonzero(pe.grads["layer.weight"][:, 0]) == 0
 
 
+class TiedLM(nn.Module):
+    """An embedding whose matrix is also the output layer's weight (weight tying, as in GPT-2)."""
+
+    def __init__(self, head_first: bool = False) -> None:
+        super().__init__()
+        if head_first:  # the modules registered the other way round
+            self.head = nn.Linear(D, V, bias=False)
+            self.tokens = nn.Embedding(V, D)
+        else:
+            self.tokens = nn.Embedding(V, D)
+            self.head = nn.Linear(D, V, bias=False)
+        self.norm = nn.LayerNorm(D)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.tokens(t)))  # (n, T, V)
+
+
+def _tied_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("head_first", [False, True], ids=["embedding-first", "head-first"])
+def test_a_tied_embedding_adds_both_parts_and_the_factored_form_refuses_it(head_first):
+    # each layer's factors hold one part of the tied gradient: norms from them would miss the
+    # cross term (they did, silently); the materialized gradients add the parts
+    model = TiedLM(head_first).double()
+    t, targets = tokens(), tokens()
+    names = [name for name, _ in model.named_parameters()]
+    expected = dict(zip(names, torch_func_per_example_grads(model, _tied_loss, t, targets)))
+    with PerExampleGradients(model, "sum") as pe:
+        _tied_loss(model(t), targets).backward()
+        for name in names:
+            torch.testing.assert_close(pe.grads[name], expected[name], **F64, msg=name)
+        flat = torch.cat([g.flatten(1) for g in expected.values()], dim=1)
+        torch.testing.assert_close(gradient_norms(pe.grads), flat.norm(dim=1), **F64)
+        later, first = ("'tokens'", "'head'") if head_first else ("'head'", "'tokens'")
+        message = f"{later} shares its weight with {first}.*use recorder.grads"
+        with pytest.raises(ValueError, match=message):
+            recorded_factors(pe)
+        with pytest.raises(ValueError, match=message):
+            pe.backward_with_norms(_tied_loss(model(t), targets))
+
+
 def test_out_proj_is_claimed_by_the_attention_rule_not_recorded_alone():
     _, pe, expected = setup(CASES[14], "sum")
     assert "layer.out_proj" not in pe.layers and "layer" in pe.layers
