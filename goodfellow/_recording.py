@@ -160,17 +160,20 @@ def register_layer_hooks(
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """The module hooks of one recorded module: its forward hook, and its capture's if any.
 
-    The capture's forward hook is registered first, so that it has left the capture when
+    Both forward hooks go in front of the module's other forward hooks (``prepend``): a hook of
+    the user's that returns a changed output (a mask, a scale) then runs after the recorder has
+    hooked the module's own output :math:`Z`, whose gradient is what the rule needs. The
+    capture's forward hook runs first, so that it has left the capture when
     :func:`on_layer_forward` runs, and with ``always_call``, so that a forward that raises
     leaves it too.
     """
     module, handles = record.module, []
+    layer_hook = ModuleHook(pe, on_layer_forward, name)
+    handles.append(module.register_forward_hook(layer_hook, with_kwargs=True, prepend=True))
     if record.captures:
         handles.append(module.register_forward_pre_hook(ModuleHook(pe, start_capture, name)))
         end = ModuleHook(pe, end_capture, name)
-        handles.append(module.register_forward_hook(end, always_call=True))
-    layer_hook = ModuleHook(pe, on_layer_forward, name)
-    handles.append(module.register_forward_hook(layer_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(end, always_call=True, prepend=True))
     return handles
 
 

@@ -627,6 +627,50 @@ def test_calls_of_a_rerun_module_under_two_autocast_settings_are_refused():
 # ----------------------------------------------------------------------------- hooks and batches
 
 
+class AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
+def _scale_output(module: nn.Module, args: tuple, output: object) -> object:
+    """A user's forward hook that changes what the module returns (a mask, a scale)."""
+    if isinstance(output, tuple):
+        return (output[0] * 3.0, *output[1:])
+    return output * 3.0
+
+
+@pytest.mark.parametrize("when", ["before attach", "after attach"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)), AttentionBlock],
+    ids=["linear", "attention"],
+)
+def test_a_forward_hook_that_changes_the_output_leaves_the_gradients_right(make, when):
+    # the recorder's hooks run before the user's, on the module's own output Z
+    torch.manual_seed(0)
+    model = make().double()
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention)))
+    x, y = torch.randn(5, 2, 4, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction="sum")
+    pe = PerExampleGradients(model, "sum")
+    if when == "before attach":
+        first.register_forward_hook(_scale_output)
+        pe.attach()
+    else:
+        pe.attach()
+        first.register_forward_hook(_scale_output)
+    expected = reference(model, x, y, loss_fn)  # torch.func runs the user's hook too
+    loss_fn(model(x), y).backward()
+    for name, want in expected.items():
+        torch.testing.assert_close(pe.grads[name], want, **F64, msg=name)
+    pe.detach()
+
+
 def test_no_hook_remains_after_the_context():
     model = ResidualShared()
     with PerExampleGradients(model) as pe:
