@@ -84,7 +84,7 @@ def on_parameter_gradient(pe: PerExampleGradients, p_name: str, grad: Tensor) ->
     """
     if pe._attached and p_name not in pe._totals:
         pe._totals[p_name] = grad
-        setting = autocast_setting(grad)
+        setting = autocast_setting(grad) if accounting_due(pe) else None
         if setting is not None and setting[1] is not None:
             pe._totals_autocast = setting[1]
         if pe._stream is not None:
