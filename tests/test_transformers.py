@@ -419,12 +419,31 @@ class AttentionWeightsInLoss(nn.Module):
     [
         (nn.Embedding(V, D, max_norm=1.0), r"max_norm=1.0.*renormalizes.*max_norm=None"),
         (nn.Embedding(V, D, sparse=True), r"sparse=True.*sparse=False"),
+        (nn.Embedding(V, D, scale_grad_by_freq=True), r"scale_grad_by_freq=True.*mixes the"),
     ],
-    ids=["max-norm", "sparse"],
+    ids=["max-norm", "sparse", "scale-grad-by-freq"],
 )
 def test_embedding_settings_are_refused_on_enter(module, message):
     with pytest.raises(ValueError, match=message), PerExampleGradients(Pool(module)):
         pass
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.RNN(D, D, batch_first=True), nn.Linear(D, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0].mean(dim=1))
+
+
+def test_a_module_the_fallback_cannot_vmap_is_named_with_what_to_do():
+    # nn.RNN has no rule; torch.func has no batching for its forward, and says so obscurely
+    model = Recurrent()
+    with PerExampleGradients(model, "sum") as pe:
+        model(torch.randn(N, T, D)).sum().backward()
+        with pytest.raises(RuntimeError, match=r"RNN has no rule of its own.*vmap.*register_rule"):
+            pe.grads  # noqa: B018
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,11 @@ class EmbeddingRule(LayerRule):
     """``nn.Embedding``: rows of the output gradients added at the looked-up indices."""
 
     def check(self, name: str, module: nn.Module) -> None:
-        """Refuse ``max_norm`` (rewrites the weight in the forward), ``sparse`` and subclasses."""
+        """Refuse ``max_norm``, ``sparse``, ``scale_grad_by_freq`` and subclasses.
+
+        ``max_norm`` rewrites the weight in the forward; ``scale_grad_by_freq`` mixes the
+        examples.
+        """
         who = f"module {display_name(name)} ({type(module).__name__})"
         if type(module).forward is not nn.Embedding.forward:
             raise ValueError(
@@ -201,6 +205,13 @@ class EmbeddingRule(LayerRule):
             raise ValueError(
                 f"{who} has sparse=True; per-example gradients are dense tensors here: "
                 "construct it with sparse=False."
+            )
+        if module.scale_grad_by_freq:
+            raise ValueError(
+                f"{who} has scale_grad_by_freq=True: each row's gradient is divided by how "
+                "often its token occurs in the whole batch, which mixes the examples, so "
+                "there are no per-example gradients to record; construct it with "
+                "scale_grad_by_freq=False."
             )
 
     def min_input_dim(self, module: nn.Module) -> int:

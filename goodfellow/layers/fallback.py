@@ -107,10 +107,18 @@ class FallbackRule(LayerRule):
         total: list[Tensor] | None = None
         for (args, kwargs), g in zip(calls, grad_outputs):
             n = g.shape[bd]
-            per_call = _per_example(
-                module, params, args, kwargs, g, bd, lambda k, v, n=n: self.in_dim(module, k, v, n),
-                differentiable,
-            )
+            try:
+                per_call = _per_example(
+                    module, params, args, kwargs, g, bd,
+                    lambda k, v, n=n: self.in_dim(module, k, v, n), differentiable,
+                )  # fmt: skip
+            except RuntimeError as error:  # an operation torch.func cannot batch (nn.RNN's)
+                raise RuntimeError(
+                    f"{type(module).__name__} has no rule of its own, and the fallback rule's "
+                    f"torch.func.vmap over its examples failed ({error}). Register a rule for it "
+                    "(goodfellow.layers.register_rule), freeze its parameters, or compute the "
+                    "model's per-example gradients by goodfellow.naive_per_example_grads."
+                ) from error
             grads = [per_call[p] for p in names]
             total = grads if total is None else [t + u for t, u in zip(total, grads)]
         return MaterializedGradients(total, names)
