@@ -185,15 +185,23 @@ def check_call_batch(
         )
     n = a.shape[record.batch_dim]
     if model_batch_size is not None and n != model_batch_size:
+        sequence_first = record.batch_dim == 0 and a.dim() > 2 and a.shape[1] == model_batch_size
         raise ValueError(
             f"{describe(record.name, module)} got {n} examples on dimension "
             f"{record.batch_dim} (input of shape {tuple(a.shape)}), but the model's "
-            f"input has {model_batch_size}: the module runs on a tensor without the batch "
-            "dimension (a position embedding looked up on arange(T) and broadcast over "
-            "the batch) or with the batch merged into another dimension (a reshape of "
-            "(n, T, d) to (n * T, d)), which hides each example's share from its hooks. "
-            "Expand positions to (n, T) (positions.expand(n, T)) and keep the batch as "
-            "its own dimension."
+            f"input has {model_batch_size}: "
+            + (
+                "the batch is on dimension 1, a sequence-first (T, n, d) layout, which the "
+                "rules of this layer do not read; run the model batch-first (batch_first=True "
+                "for nn.TransformerEncoderLayer and nn.MultiheadAttention) to keep the batch "
+                "on dimension 0."
+                if sequence_first
+                else "the module runs on a tensor without the batch dimension (a position "
+                "embedding looked up on arange(T) and broadcast over the batch) or with the "
+                "batch merged into another dimension (a reshape of (n, T, d) to (n * T, d)), "
+                "which hides each example's share from its hooks. Expand positions to (n, T) "
+                "(positions.expand(n, T)) and keep the batch as its own dimension."
+            )
         )
     if batch_size is not None and n != batch_size:
         raise ValueError(

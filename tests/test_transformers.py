@@ -428,6 +428,26 @@ def test_embedding_settings_are_refused_on_enter(module, message):
         pass
 
 
+class SequenceFirstEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer`` in its default sequence-first layout, fed ``(T, n, d)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(D, 2, 8, dropout=0.0)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (n, T, D)
+        return self.head(self.encoder(x.transpose(0, 1)).mean(dim=0))
+
+
+def test_a_sequence_first_layout_is_refused_with_the_batch_first_fix():
+    model = SequenceFirstEncoder()
+    with PerExampleGradients(model, "sum"), pytest.raises(
+        ValueError, match=r"got 5 examples.*input has 4: the batch is on dimension 1.*batch_first"
+    ):  # fmt: skip
+        model(torch.randn(N, T, D))
+
+
 class Recurrent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
