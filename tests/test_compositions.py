@@ -6,9 +6,10 @@ linear layers, one input read by several layers, a layer called twice, attention
 layouts, normalizations, convolutions over a sequence or an image, a module holding a bare
 parameter for the fallback rule, frozen parameters) and a loss reduction, and every route of
 the recorder must give the numbers of ``vmap(grad(...))`` of one example's loss: the
-materialized gradients (twice, the second batch written into the first one's kept buffers), the
-factored norms, clipped mean and variance, the norms taken during the backward, and the clipped
-mean of two backwards.
+materialized gradients (twice, the second batch written into the first one's kept buffers),
+the factored norms, clipped mean, variance, second moment and noise-scale parts, the norms
+taken during the backward, and the clipped mean of two backwards. Second derivatives through
+the results (a gradient penalty) are checked against the naive loop.
 
 A parameter followed by a normalization over what it shifts (a bias before a LayerNorm) has
 the gradient zero exactly, which both sides give as rounding noise: the tolerance is relative
@@ -28,7 +29,9 @@ from goodfellow import (
     clipped_mean,
     ghost_clipped_mean,
     gradient_norms,
+    gradient_second_moment,
     gradient_variance,
+    noise_scale_parts,
     recorded_factors,
     torch_func_per_example_grads,
 )
@@ -213,6 +216,9 @@ def test_every_route_matches_torch_func(family, seed):
     factors = torch.clamp(max_norm / norms, max=1.0)
     clipped = {k: torch.tensordot(factors, g, dims=1) / n for k, g in expected.items()}
     variance = {k: g.var(dim=0, unbiased=False) for k, g in expected.items()}
+    second_moment = {k: g.square().mean(dim=0) for k, g in expected.items()}
+    trace = flat.var(dim=0, unbiased=True).sum()  # tr of the covariance, n - 1
+    squared_mean_norm = flat.mean(dim=0).square().sum() - trace / n  # |G|^2, unbiased
 
     def per_example_losses(output: Tensor) -> Tensor:  # (n,): L_i of each example
         squares = (output - y).square().reshape(n, -1)
@@ -229,6 +235,11 @@ def test_every_route_matches_torch_func(family, seed):
             assert_close(t, clipped[k], scale, f"clipped_mean[{k!r}]")
         for k, t in gradient_variance(recorded).items():
             assert_close(t, variance[k], scale**2, f"gradient_variance[{k!r}]")
+        for k, t in gradient_second_moment(recorded).items():
+            assert_close(t, second_moment[k], scale**2, f"gradient_second_moment[{k!r}]")
+        parts = noise_scale_parts(recorded)
+        assert_close(parts[0], trace, float(trace), "noise_scale_parts: trace")
+        assert_close(parts[1], squared_mean_norm, float(trace), "noise_scale_parts: |G|^2")
         streamed = pe.backward_with_norms(loss_fn(model(x), y))
         assert_close(streamed, norms, scale, "backward_with_norms")
         ghost = ghost_clipped_mean(pe, per_example_losses(model(x)), max_norm)
