@@ -35,8 +35,11 @@ formed. Where the pairs come from:
   (the core never mixes examples).
 
 The extras that send a module to the ``vmap`` route instead: ``add_bias_kv``,
-``add_zero_attn`` and a frozen part of a projection. Dropout in training mode is refused on
-either route: its masks, drawn in the forward, cannot be drawn again.
+``add_zero_attn`` and a frozen part of a projection; and a backward with
+``create_graph=True``, whose results must stay differentiable while the captured pairs carry
+no graph (a gradient penalty through attention needs ``need_weights=True``: torch's fused
+attention kernel, used otherwise, has no second derivative). Dropout in training mode is
+refused on either route: its masks, drawn in the forward, cannot be drawn again.
 """
 
 from __future__ import annotations
