@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from goodfellow._accounting import check_accounted
+from goodfellow._accounting import accounting_due, check_accounted
 from goodfellow._assembly import require_backward
 from goodfellow._autocast import autocast_off
 from goodfellow._checks import describe
@@ -172,8 +172,9 @@ class LayerRecord:
             extra["captures"] = captures
         with self._as_recorded(settings):
             layer = self.rule.gradients(self.module, inputs, deltas, **extra)
-        with autocast_off():
-            check_accounted(self._owner, self, layer, scale)
+        if accounting_due(self._owner):
+            with autocast_off():
+                check_accounted(self._owner, self, layer, scale)
         return layer
 
     def _as_recorded(self, settings: set) -> contextlib.AbstractContextManager:
