@@ -32,6 +32,7 @@ from goodfellow import (
     gradient_second_moment,
     gradient_variance,
     noise_scale_parts,
+    private_mean,
     recorded_factors,
     torch_func_per_example_grads,
 )
@@ -287,6 +288,38 @@ def test_the_results_of_a_create_graph_backward_differentiate_like_the_naive_loo
     scale = max(float(g.abs().max()) for g in expected.values())
     for (name, want), g in zip(expected.items(), got):
         assert_close(g, want, scale, f"d penalty / d {name}")
+
+
+def _runs_empty(family: str, seed: int) -> bool:
+    """Whether the model itself runs an empty batch (an InstanceNorm of one position does not)."""
+    model, x, *_ = draw(seed, family)
+    try:
+        model(x[:0]).sum().backward()
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    return True
+
+
+EMPTY_CASES = [case for case in CASES if _runs_empty(*case)]
+
+
+@pytest.mark.parametrize(("family", "seed"), EMPTY_CASES, ids=[f"{f}-{s}" for f, s in EMPTY_CASES])
+def test_an_empty_batch_gives_empty_gradients_and_a_private_mean_of_noise(family, seed):
+    """Poisson sampling draws empty batches; DP-SGD releases the noise alone for them."""
+    model, x, y, reduction = draw(seed, family)
+    x, y = x[:0], y[:0]
+    loss_fn = nn.MSELoss(reduction="sum")
+    with PerExampleGradients(model, loss_reduction="sum") as pe:
+        loss_fn(model(x), y).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert pe.grads[name].shape == (0, *p.shape)
+        recorded = recorded_factors(pe)
+        silent = private_mean(recorded, 1.0, 0.0, expected_batch_size=4.0)
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in silent.values())
+        noisy = private_mean(recorded, 1.0, 1.0, expected_batch_size=4.0)
+        assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in noisy.values())
+        assert pe.backward_with_norms(loss_fn(model(x), y)).shape == (0,)
 
 
 def test_the_compositions_cover_every_kind_of_block():

@@ -275,7 +275,8 @@ def _captured_blocks(
     ]
     length, n = capture.inputs[0].shape[:2]
     G = grad_output.detach() if module.batch_first else batch_first(grad_output.detach())
-    core = batch_first(capture.core_output.view(length, n, -1).to(G.dtype))  # (n, L, E)
+    embed = capture.core_output.shape[-1]  # explicit: -1 is ambiguous when n = 0
+    core = batch_first(capture.core_output.view(length, n, embed).to(G.dtype))  # (n, L, E)
     out_proj = LinearFactors(core, G, out_bias is not None)
     return [*blocks, (out_proj, "out_proj.weight", out_bias)]
 

@@ -224,7 +224,7 @@ def captured_attention(
             if attn_mask.size(0) == 1:
                 attn_mask = attn_mask.unsqueeze(0)  # (1, 1, L, S)
             else:
-                attn_mask = attn_mask.view(n, heads, -1, src_len)  # (n, h, L, S)
+                attn_mask = attn_mask.view(n, heads, attn_mask.shape[-2], src_len)  # (n, h, L, S)
         q = q.view(n, heads, tgt_len, head_dim)
         k = k.view(n, heads, src_len, head_dim)
         v = v.view(n, heads, src_len, head_dim)

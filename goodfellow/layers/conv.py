@@ -200,7 +200,8 @@ class ConvFactors:
         r""":math:`\sum_t G_t A_t^\top` per example and group, a chunk of examples at a time."""
         n, g = x.shape[0], self.groups
         result = delta.new_empty((n, *self.weight_shape)) if out is None else out
-        rows = result.view(n * g, self.weight_shape[0] // g, -1)  # (n g, o, i)
+        i = math.prod(self.weight_shape[1:])  # sizes explicit: -1 is ambiguous when n = 0
+        rows = result.view(n * g, self.weight_shape[0] // g, i)  # (n g, o, i)
         single = ConvFactors([(x, delta)], self.module, bias=False)
         for start, stop in single._chunks():
             A, G, _ = single._linear_rows(start, stop)  # (c g, L, i), (c g, L, o)
@@ -318,10 +319,11 @@ class ConvFactors:
             n = x.shape[0]
             projected = conv(pad_like(x, module), kernel, None, module.stride, 0,
                              module.dilation, g)  # fmt: skip
-            au.append(projected.reshape(n, g, -1))
+            au.append(projected.flatten(2))  # (n, g, t)
             # v^T G per group and position, "ngot,o->ngt"; matmul reads G in place, 10x faster
             # than einsum, which copied it into another layout first
-            gv.append(torch.matmul(v, delta.reshape(n, g, v.shape[0], -1)))  # (n, g, t)
+            positions = math.prod(delta.shape[2:])  # explicit: -1 is ambiguous when n = 0
+            gv.append(torch.matmul(v, delta.reshape(n, g, v.shape[0], positions)))  # (n, g, t)
         return _compare_projections(
             torch.cat(gv, dim=2), torch.cat(au, dim=2), u, v, totals, scale, g
         )

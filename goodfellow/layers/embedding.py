@@ -28,6 +28,7 @@ Index letters: ``n`` example, ``t`` and ``s`` position, ``v`` vocabulary row, ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -225,8 +226,11 @@ class EmbeddingRule(LayerRule):
         n = inputs[0].shape[0]
         d = module.embedding_dim
         dtype = module.weight.dtype
-        tokens = _end_to_end([x.reshape(n, -1) for x in inputs])  # (n, T)
-        G = _end_to_end([g.to(dtype).reshape(n, -1, d) for g in grad_outputs])  # (n, T, d)
+        # sizes explicit: -1 is ambiguous when n = 0 (an empty Poisson-sampled batch)
+        tokens = _end_to_end([x.reshape(n, math.prod(x.shape[1:])) for x in inputs])  # (n, T)
+        G = _end_to_end(
+            [g.to(dtype).reshape(n, math.prod(g.shape[1:-1]), d) for g in grad_outputs]
+        )  # (n, T, d)
         if module.padding_idx is not None:  # the padding row receives no gradient
             G = G * (tokens != module.padding_idx).unsqueeze(-1).to(dtype)  # (n, T, d)
         return EmbeddingGradients(tokens, G, module.num_embeddings)

@@ -28,6 +28,8 @@ The results are ``(n, C)``-sized, as small as the parameters, so they are materi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,8 +121,9 @@ def _sum_positions(module: nn.Module, value: Tensor) -> Tensor:
     n = value.shape[0]
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         k = len(module.normalized_shape)
-        return value.reshape(n, -1, *value.shape[value.dim() - k :]).sum(dim=1)
-    return value.reshape(n, value.shape[1], -1).sum(dim=2)  # (n, C)
+        shape = value.shape[value.dim() - k :]  # sizes explicit: -1 is ambiguous when n = 0
+        return value.reshape(n, math.prod(value.shape[1 : value.dim() - k]), *shape).sum(dim=1)
+    return value.reshape(n, value.shape[1], math.prod(value.shape[2:])).sum(dim=2)  # (n, C)
 
 
 for _kind in _KINDS:
