@@ -97,12 +97,55 @@ def sequence_source(part: slice) -> dict:
     return gf.recorded_factors(pe)
 
 
+def conv_source(part: slice) -> dict:
+    # a grouped convolution with circular padding: its rule's sums and norms, not a Linear's
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular", groups=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 6, 3),
+    ).double()  # fmt: skip
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(N, 2, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    with gf.PerExampleGradients(model, loss_reduction="mean") as pe:
+        F.cross_entropy(model(x[part]), y[part]).backward()
+    return gf.recorded_factors(pe)
+
+
+class TinyTransformer(nn.Module):
+    """An embedding with padding, a LayerNorm, attention and a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(5, 4, padding_idx=0)
+        self.norm = nn.LayerNorm(4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (n, T) -> (n, T, 5)
+        x = self.norm(self.tokens(t))
+        return self.head(x + self.attention(x, x, x, need_weights=False)[0])
+
+
+def transformer_source(part: slice) -> dict:
+    torch.manual_seed(9)
+    model = TinyTransformer().double()
+    g = torch.Generator().manual_seed(10)
+    t = torch.randint(0, 5, (N, 6), generator=g)
+    with gf.PerExampleGradients(model, loss_reduction="sum") as pe:
+        logits = model(t[part])  # (n, 6, 5): next-token logits of a sequence of 6
+        F.cross_entropy(logits.flatten(0, 1), t[part].flatten(), reduction="sum").backward()
+    return gf.recorded_factors(pe)
+
+
 SOURCES: dict[str, Callable[[slice], object]] = {
     "list": materialized_list,
     "dict": materialized_dict,
     "mlp_factors": mlp_source,
     "recorded_factors": recorded_source,
     "sequence_factors": sequence_source,
+    "conv_factors": conv_source,
+    "transformer_factors": transformer_source,
 }
 
 STATISTICS: dict[str, Callable[..., object]] = {
