@@ -349,3 +349,63 @@ def test_a_nonzero_difference_is_caught():
     expected = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(AssertionError, match="grads"):
         assert_close(expected * (1 + 1e-6), expected, float(expected.abs().max()), "grads")
+
+
+class Temperature(nn.Module):
+    """A scalar parameter of a module's own: the fallback rule's, shape ``()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / self.t
+
+
+class SelfBilinear(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(d, d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bilinear(x, torch.tanh(x))
+
+
+FALLBACK_MODELS = {
+    "conv-transpose-2d": (
+        lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
+                              nn.Flatten(), nn.LazyLinear(2)),
+        (4, 2, 4, 4),
+    ),
+    "conv-transpose-1d-groups": (
+        lambda: nn.Sequential(nn.ConvTranspose1d(4, 4, 3, groups=2, dilation=2), nn.Flatten(),
+                              nn.LazyLinear(2)),
+        (4, 4, 5),
+    ),
+    "bilinear": (lambda: nn.Sequential(SelfBilinear(3), nn.Linear(3, 2)), (4, 3)),
+    "prelu-and-temperature": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2), Temperature()),
+        (4, 3),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FALLBACK_MODELS))
+def test_modules_without_a_rule_go_through_the_fallback_rule(name):
+    """Transposed convolutions, nn.Bilinear, nn.PReLU, a scalar parameter: torch.func's numbers."""
+    make, shape = FALLBACK_MODELS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    model(x)  # sizes the lazy head
+    y = torch.randn_like(model(x))
+    loss_fn = nn.MSELoss(reduction="sum")
+    names = [k for k, _ in model.named_parameters()]
+    expected = dict(zip(names, torch_func_per_example_grads(model, loss_fn, x, y)))
+    flat = torch.cat([g.reshape(x.shape[0], -1) for g in expected.values()], dim=1)
+    scale = float(flat.abs().max())
+    with PerExampleGradients(model, loss_reduction="sum") as pe:
+        loss_fn(model(x), y).backward()
+        for k in names:
+            assert_close(pe.grads[k], expected[k], scale, f"grads[{k!r}]")
+        assert_close(gradient_norms(recorded_factors(pe)), flat.norm(dim=1), scale, "norms")
